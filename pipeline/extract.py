@@ -1,0 +1,170 @@
+"""extract stage: the embedding matrix of one model as ``artifacts/<name>/embeddings.parquet``.
+
+Reads ``models/<name>/manifest.json`` (written by ``fetch``), opens the weights once with
+the format's reader, loads the tokenizer, checks that they fit each other, and writes:
+
+* ``embeddings.parquet``: ``token_id int32``, ``token string`` (the piece as readable text,
+  null for padding rows beyond the tokenizer), ``token_bytes binary`` (the raw bytes of
+  pieces that are not valid UTF-8 on their own, else null), ``vector
+  fixed_size_list<float32>[dim]``; provenance in the file metadata (:mod:`pipeline.parquet`);
+* ``tokenizer.json``: the tokenizer in Hugging Face's format, so later stages load it fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import DissectError
+from pipeline.formats import Embedding, read_embedding
+from pipeline.hashing import matrix_sha256
+from pipeline.io import write_bytes_atomic
+from pipeline.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
+from pipeline.params import load_params, model_config
+from pipeline.progress import progress_bar
+
+ARTIFACTS_DIR = Path("artifacts")
+MODELS_DIR = Path("models")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The tokenizer's view of the matrix rows: readable text and raw bytes per token id."""
+
+    texts: list[str | None]  # [rows]; None for padding rows the tokenizer never produces
+    raw_bytes: list[bytes | None]  # [rows]; set only where the piece is not valid UTF-8 alone
+    tokenizer_size: int
+
+    @property
+    def padded_rows(self) -> int:
+        return len(self.texts) - self.tokenizer_size
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("token_id", pa.int32(), nullable=False),
+            pa.field("token", pa.string()),
+            pa.field("token_bytes", pa.binary()),
+            pa.field("vector", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False),
+        ]
+    )
+
+
+def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
+    """Align the tokenizer's pieces with ``rows`` matrix rows.
+
+    More rows than tokens is a padded vocabulary (common: sizes rounded up for GPU
+    efficiency) and is recorded; more tokens than rows means the tokenizer belongs to
+    another model.
+    """
+    from pipeline.tokenizer import token_pieces
+
+    pieces = token_pieces(tokenizer)
+    if len(pieces) > rows:
+        raise DissectError(
+            f"the tokenizer of {model} has {len(pieces)} tokens but the embedding has only {rows} rows; "
+            f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own"
+        )
+    padding = rows - len(pieces)
+    texts = [piece.text for piece in pieces] + [None] * padding
+    raw = [piece.raw for piece in pieces] + [None] * padding
+    return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces))
+
+
+def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of the table, converted chunk by chunk so memory stays flat."""
+    with progress_bar(total=matrix.shape[0], desc="write embeddings.parquet", unit="rows") as bar:
+        for start in range(0, matrix.shape[0], rows_per_batch):
+            stop = min(start + rows_per_batch, matrix.shape[0])
+            columns = [
+                pa.array(np.arange(start, stop, dtype=np.int32)),
+                pa.array(vocab.texts[start:stop], type=pa.string()),
+                pa.array(vocab.raw_bytes[start:stop], type=pa.binary()),
+                vector_array(matrix[start:stop]).cast(schema.field("vector").type),
+            ]
+            yield pa.RecordBatch.from_arrays(columns, schema=schema)
+            bar.update(stop - start)
+
+
+def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabulary, matrix_hash: str, params: dict) -> dict:
+    source_paths = {str(p) for p in embedding.source.files}
+    files_by_path = {f["path"]: f for f in manifest["files"]}
+    source_files = [f for f in manifest["files"] if _matches_any(f["path"], source_paths)] or manifest["files"]
+    tokenizer = manifest["tokenizer"]
+    return {
+        "stage": "extract",
+        "model": name,
+        "format": manifest["format"],
+        "source_files": source_files,
+        "tensor_key": embedding.source.tensor_key,
+        "source_dtype": embedding.source.source_dtype,
+        "shape": list(embedding.source.shape),
+        "matrix_sha256": matrix_hash,
+        "tokenizer": {
+            "kind": tokenizer["kind"],
+            "path": tokenizer["path"],
+            "sha256": files_by_path.get(tokenizer["path"], {}).get("sha256"),
+            "vocab_size": vocab.tokenizer_size,
+            "padded_rows": vocab.padded_rows,
+        },
+        "params": params,
+        "package": package_record(),
+    }
+
+
+def _matches_any(path: str, absolute_paths: set[str]) -> bool:
+    resolved = str(Path(path).resolve())
+    return resolved in absolute_paths or path in absolute_paths
+
+
+def read_manifest(name: str, models_dir: Path = MODELS_DIR) -> dict:
+    path = models_dir / name / "manifest.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DissectError(f"{path} is missing; run the fetch stage first (`dvc repro fetch@{name}`)") from None
+
+
+def extract(name: str, params: dict, models_dir: Path = MODELS_DIR, artifacts_dir: Path = ARTIFACTS_DIR) -> dict:
+    """Run the stage for model ``name``; returns the provenance written."""
+    from pipeline.tokenizer import load_tokenizer
+
+    cfg = model_config(params, name)
+    settings = params.get("extract") or {}
+    manifest = read_manifest(name, models_dir)
+    tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
+    embedding = read_embedding(manifest["format"], Path(manifest["weights"]), cfg.tensor)
+    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], name)
+    stage_params = {"model": params["models"][name], "extract": settings}
+    record = provenance(name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
+
+    out = artifacts_dir / name
+    schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
+    rows_per_group = int(settings.get("row_group_size", DEFAULT_ROW_GROUP_SIZE))
+    write_batches(
+        out / "embeddings.parquet",
+        schema,
+        embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
+        row_group_size=rows_per_group,
+        compression_level=int(settings.get("compression_level", 3)),
+    )
+    write_bytes_atomic(out / "tokenizer.json", tokenizer.to_str(pretty=False).encode("utf-8"))
+    return record
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.extract MODEL_NAME")
+    extract(argv[0], load_params())
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)

