@@ -1,0 +1,112 @@
+"""extract: weights + tokenizer -> embeddings.parquet, on hand-made and real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from pipeline.errors import DissectError
+from pipeline.extract import extract
+from pipeline.fetch import fetch
+from pipeline.hashing import matrix_sha256
+from pipeline.params import model_config
+from pipeline.parquet import read_provenance, read_vectors
+from tests.conftest import model_conf
+
+WORDPIECE = {
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [{"id": 0, "content": "[UNK]", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+    "normalizer": None,
+    "pre_tokenizer": {"type": "Whitespace"},
+    "post_processor": None,
+    "decoder": None,
+    "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+              "vocab": {"[UNK]": 0, "hello": 1, "world": 2, "##ing": 3}},
+}
+
+
+def run_extract(tmp_path: Path, entry: dict, name: str = "m") -> dict:
+    params = {"models": {name: entry}, "extract": {"row_group_size": 2, "compression_level": 3}}
+    fetch(model_config(params, name), models_dir=tmp_path / "models")
+    return extract(name, params, models_dir=tmp_path / "models", artifacts_dir=tmp_path / "artifacts")
+
+
+@pytest.fixture
+def tiny_hf_model(tmp_path) -> Path:
+    """A 6x3 safetensors embedding with a 4-token WordPiece tokenizer: 2 padding rows."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    matrix = np.arange(18, dtype=np.float32).reshape(6, 3)  # [vocab=6, dim=3]
+    save_file({"embeddings.word_embeddings.weight": matrix}, folder / "model.safetensors")
+    (folder / "tokenizer.json").write_text(json.dumps(WORDPIECE))
+    return folder
+
+
+def test_padded_vocabulary_rows_have_no_token(tmp_path, tiny_hf_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = run_extract(tmp_path, {"format": "safetensors", "source": {"path": str(tiny_hf_model)}})
+    parquet = tmp_path / "artifacts" / "m" / "embeddings.parquet"
+    table = pq.read_table(parquet)
+    assert table.column("token").to_pylist() == ["[UNK]", "hello", "world", "##ing", None, None]
+    assert table.column("token_bytes").null_count == 6
+    _, matrix = read_vectors(parquet)
+    assert np.array_equal(matrix, np.arange(18, dtype=np.float32).reshape(6, 3))
+    assert record["tokenizer"]["padded_rows"] == 2
+    assert record["tokenizer"]["vocab_size"] == 4
+    assert read_provenance(parquet) == record
+    assert pq.ParquetFile(parquet).metadata.num_row_groups == 3
+    assert json.loads((tmp_path / "artifacts" / "m" / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+
+
+def test_tokenizer_larger_than_matrix_is_an_error_and_writes_nothing(tmp_path, tiny_hf_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_file({"embeddings.word_embeddings.weight": np.ones((3, 3), np.float32)}, tiny_hf_model / "model.safetensors")
+    with pytest.raises(DissectError, match="has 4 tokens but the embedding has only 3 rows"):
+        run_extract(tmp_path, {"format": "safetensors", "source": {"path": str(tiny_hf_model)}})
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.parquet"))
+
+
+def test_two_runs_give_byte_identical_files(tmp_path, tiny_hf_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    entry = {"format": "safetensors", "source": {"path": str(tiny_hf_model)}}
+    run_extract(tmp_path, entry)
+    first = (tmp_path / "artifacts" / "m" / "embeddings.parquet").read_bytes()
+    run_extract(tmp_path, entry)
+    assert (tmp_path / "artifacts" / "m" / "embeddings.parquet").read_bytes() == first
+
+
+def test_synthetic_llama_shape_with_the_real_tokenizer(tmp_path, monkeypatch):
+    """The generator at small size: vocab 128256 like Llama 3.2, with its real tokenizer."""
+    monkeypatch.chdir(tmp_path)
+    entry = {**model_conf("llama-3-2-1b-synthetic"), "source": {"synthetic": "llama-3.2-1b-small", "seed": 0}}
+    record = run_extract(tmp_path, entry, name="llama-small")
+    parquet = tmp_path / "artifacts" / "llama-small" / "embeddings.parquet"
+    assert record["shape"] == [128256, 64]
+    assert record["source_dtype"] == "bfloat16"
+    assert record["tokenizer"]["kind"] == "tiktoken"
+    assert record["tokenizer"]["vocab_size"] == 128256
+    tokens = pq.read_table(parquet, columns=["token"]).column("token")
+    assert tokens[9906].as_py() == "Hello"
+    assert tokens[128000].as_py() == "<|begin_of_text|>"
+    # The Parquet holds exactly the checkpoint's bf16 values, widened to float32.
+    checkpoint = torch.load(tmp_path / "models" / "llama-small" / "checkpoint" / "consolidated.00.pth", weights_only=True, mmap=True)
+    expected = checkpoint["tok_embeddings.weight"].float().numpy()
+    _, matrix = read_vectors(parquet)
+    assert matrix_sha256(matrix) == matrix_sha256(expected) == record["matrix_sha256"]
+
+
+def test_minilm_extract(tmp_path, minilm_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = run_extract(tmp_path, {"format": "safetensors", "source": {"path": str(minilm_dir)}}, name="minilm")
+    assert record["shape"] == [30522, 384]
+    assert record["tokenizer"]["padded_rows"] == 0
+    tokens = pq.read_table(tmp_path / "artifacts" / "minilm" / "embeddings.parquet", columns=["token"]).column("token").to_pylist()
+    assert tokens[101] == "[CLS]" and "##ing" in tokens and "hello" in tokens
