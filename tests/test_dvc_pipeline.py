@@ -85,3 +85,20 @@ def test_output_reads_in_pandas_polars_and_duckdb(project):
     assert list(frame["vector"].iloc[42]) == expected
     assert polars_frame["vector"][42].to_list() == expected
     assert duck.execute(f"SELECT vector FROM '{parquet}' WHERE token_id = 42").fetchone()[0] == expected
+
+
+def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
+    import re
+
+    import duckdb
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    queries = [query for query in block.split(";") if "SELECT" in query]
+    monkeypatch.chdir(project)
+    duck = duckdb.connect()
+    hello_rows = duck.execute(queries[0]).fetchall()
+    assert sorted(row[1] for row in hello_rows) == [" Hello", "Hello"]
+    assert all(len(row[2]) == 10 for row in hello_rows)
+    norms = [row[2] for row in duck.execute(queries[1]).fetchall()]
+    assert len(norms) == 10 and norms == sorted(norms, reverse=True)
