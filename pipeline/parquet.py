@@ -26,6 +26,11 @@ Layout (see DESIGN.md, "Parquet conventions"):
   ``package``        ``{"name": "embedding-dissect", "version"}``
   =================  ==========================================================
 
+Files derived from ``embeddings.parquet`` by later stages carry ``stage``, ``model``,
+``params`` and ``package`` as above, plus ``input``: ``{"path", "matrix_sha256"}`` of the
+embeddings they were computed from (:func:`derived_provenance`), so any table can be traced
+back to the exact matrix and, through its provenance, to the weight files.
+
 Writes go through :func:`pipeline.io.atomic_path`: a killed stage leaves the old file or
 none, never half of one.
 """
@@ -50,6 +55,18 @@ DEFAULT_ROW_GROUP_SIZE = 4096
 
 def package_record() -> dict[str, str]:
     return {"name": "embedding-dissect", "version": __version__}
+
+
+def derived_provenance(stage: str, model: str, embeddings_path: Path | str, params: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of a table computed from ``embeddings_path`` by ``stage``."""
+    source = read_provenance(embeddings_path)
+    return {
+        "stage": stage,
+        "model": model,
+        "input": {"path": str(embeddings_path), "matrix_sha256": source.get("matrix_sha256")},
+        "params": params,
+        "package": package_record(),
+    }
 
 
 def vector_array(matrix: np.ndarray) -> pa.FixedSizeListArray:

