@@ -304,36 +304,20 @@ def tokenizer_from_gguf(path: Path) -> tokenizers.Tokenizer:
 
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` key/values as plain Python values."""
-    import gguf  # only GGUF inputs pay for this import
+    """The ``tokenizer.ggml.*`` key/values as plain Python values.
+
+    The header parser is shared with the embedding reader and caches per file, so a run
+    that reads both the matrix and the tokenizer of one GGUF parses its header once.
+    """
+    from pipeline.formats.gguf_file import read_gguf
 
     _require_file(path, GGUF_FIX)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # a damaged or foreign file surfaces as any of several numpy/struct errors
-        raise DissectError(
-            f"{path} is not a readable GGUF file ({_first_line(error)}); check the file is complete, or {GGUF_FIX}"
-        ) from error
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml."):
-            meta[key] = _gguf_value(field, gguf.GGUFValueType, path)
-    return meta
-
-
-def _gguf_value(field: Any, value_type: Any, path: Path) -> Any:
-    """Read a field from its parts directly, which works across gguf package versions."""
-    types = field.types
-    try:
-        if types[0] == value_type.ARRAY:
-            if len(types) > 1 and types[1] == value_type.STRING:
-                return [bytes(field.parts[index]).decode("utf-8") for index in field.data]
-            return [field.parts[index][0].item() for index in field.data]
-        if types[0] == value_type.STRING:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
-        return field.parts[field.data[0]][0].item()
-    except UnicodeDecodeError:
-        raise DissectError(f"{path} has a {field.name} value that is not UTF-8; {GGUF_FIX}") from None
+    metadata = read_gguf(path).metadata
+    return {
+        key: value.tolist() if hasattr(value, "tolist") else value
+        for key, value in metadata.items()
+        if key.startswith("tokenizer.ggml.")
+    }
 
 
 def _gguf_tokens(meta: dict[str, Any], path: Path) -> list[str]:
