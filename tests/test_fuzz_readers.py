@@ -1,0 +1,87 @@
+"""Hostile safetensors headers and Meta checkpoints: only DissectError comes out (hypothesis).
+
+A longer run: EMBEDDING_DISSECT_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_readers.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import DissectError
+from pipeline.formats import read_embedding
+
+FUZZ_EXAMPLES = int(os.environ.get("EMBEDDING_DISSECT_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**66), 2**66) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+tensor_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "F64", "Q4", 3]),
+        "shape": st.lists(st.integers(-2, 2**40), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-2, 2**40), min_size=0, max_size=3) | json_values,
+    }
+)
+
+
+def expect_only_dissect_error(fmt: str, path: Path) -> None:
+    try:
+        read_embedding(fmt, path)
+    except DissectError:
+        pass
+
+
+@FUZZ
+@given(entries=st.dictionaries(st.sampled_from(["model.embed_tokens.weight", "x", "__metadata__"]), tensor_entries | json_values, max_size=3),
+       data=st.binary(max_size=64), length_delta=st.integers(-4, 4))
+def test_fuzzed_safetensors_headers(tmp_path, entries, data, length_delta):
+    encoded = json.dumps(entries).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", max(0, len(encoded) + length_delta)) + encoded + data)
+    expect_only_dissect_error("safetensors", path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"tok_embeddings.weight": torch.arange(12, dtype=torch.float32).reshape(4, 3), "norm.weight": torch.ones(3)}, buffer)
+    return buffer.getvalue()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_meta_checkpoints(tmp_path, checkpoint_bytes, data):
+    blob = bytearray(checkpoint_bytes)
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.just(len(blob)), st.integers(0, len(blob))))
+    folder = tmp_path / "ckpt"
+    folder.mkdir(exist_ok=True)
+    (folder / "consolidated.00.pth").write_bytes(bytes(blob[:cut]))
+    expect_only_dissect_error("meta", folder)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.3, 0.5, 0.9, 0.999])
+def test_truncated_files_of_each_format(tmp_path, checkpoint_bytes, fraction):
+    from safetensors.numpy import save
+
+    safetensors_bytes = save({"model.embed_tokens.weight": np.ones((64, 8), np.float32)})
+    for name, fmt, whole in [("consolidated.00.pth", "meta", checkpoint_bytes), ("model.safetensors", "safetensors", safetensors_bytes)]:
+        folder = tmp_path / fmt
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(whole[: int(len(whole) * fraction)])
+        with pytest.raises(DissectError):
+            read_embedding(fmt, folder)
