@@ -29,6 +29,10 @@ from pipeline.params import load_params, model_config
 from pipeline.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
+# Vocabularies are padded to a multiple of 64 or 128 rows, sometimes to the next 1024
+# (Qwen2.5: 151665 tokens, 151936 rows): more rows without a token than this means the
+# tokenizer is not the model's.
+MAX_PADDING_ROWS = 1024
 MODELS_DIR = Path("models")
 
 
@@ -72,6 +76,12 @@ def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
             f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own"
         )
     padding = rows - len(pieces)
+    if padding > max(MAX_PADDING_ROWS, rows // 64):
+        raise DissectError(
+            f"the tokenizer of {model} has {len(pieces)} tokens for {rows} embedding rows, leaving {padding} rows "
+            f"without a token, far more than a padded vocabulary has; the tokenizer belongs to another model: "
+            f"set models.{model}.tokenizer to the model's own"
+        )
     texts = [piece.text for piece in pieces] + [None] * padding
     raw = [piece.raw for piece in pieces] + [None] * padding
     return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces))

@@ -20,6 +20,7 @@ def atomic_path(destination: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; rename it over ``destination`` on success."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(destination)
     # Same folder as the destination, so the final rename never crosses file systems.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     os.close(fd)
@@ -33,6 +34,13 @@ def atomic_path(destination: Path | str) -> Iterator[Path]:
         os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(destination: Path) -> None:
+    """Temporaries a killed run left behind (no ``finally`` runs on SIGKILL) are removed
+    by the next write of the same output."""
+    for stale in destination.parent.glob(f".{destination.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _current_umask() -> int:

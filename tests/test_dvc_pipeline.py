@@ -102,3 +102,15 @@ def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
     assert all(len(row[2]) == 10 for row in hello_rows)
     norms = [row[2] for row in duck.execute(queries[1]).fetchall()]
     assert len(norms) == 10 and norms == sorted(norms, reverse=True)
+
+
+def test_forced_rerun_gives_the_same_dvc_hashes(project):
+    import yaml
+
+    def output_hashes() -> dict:
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+        return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+    before = output_hashes()
+    run(["dvc", "repro", "--force", "extract@smollm2-135m"], project)
+    assert output_hashes() == before
