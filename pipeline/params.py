@@ -70,6 +70,14 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor)
 
 
+def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
+    """The ``section`` of params.yaml that configures one stage."""
+    settings = params.get(section)
+    if not isinstance(settings, dict):
+        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.params`")
+    return settings
+
+
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
     """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one)."""
     if not isinstance(source, dict):

@@ -149,9 +149,23 @@ def write_table(
 
 
 def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """``(token_ids [rows] int32, matrix [rows, dim] float32)`` from a vector Parquet file."""
+    """``(token_ids [rows] int32, matrix [rows, dim] float32)`` from a vector Parquet file.
+
+    Filled row group by row group into one array, so the peak is the matrix plus one group
+    (reading the whole table first would hold the Arrow copy and the numpy copy at once).
+    """
     try:
-        table = pq.read_table(path, columns=["token_id", "vector"])
+        file = pq.ParquetFile(path)
     except FileNotFoundError:
         raise DissectError(f"{path} does not exist; run `dvc repro` to build it") from None
-    return table.column("token_id").to_numpy(), vectors_to_numpy(table.column("vector"))
+    rows = file.metadata.num_rows
+    token_ids = np.empty(rows, np.int32)  # [rows]
+    matrix = np.empty((rows, file.schema_arrow.field("vector").type.list_size), np.float32)  # [rows, dim]
+    start = 0
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=["token_id", "vector"])
+        stop = start + table.num_rows
+        token_ids[start:stop] = table.column("token_id").to_numpy()
+        matrix[start:stop] = vectors_to_numpy(table.column("vector"))
+        start = stop
+    return token_ids, matrix

@@ -1,0 +1,371 @@
+"""stats stage: what the embedding matrix of one model looks like, as numbers.
+
+Reads ``artifacts/<name>/embeddings.parquet`` and writes beside it:
+
+* ``stats.json`` (DVC metrics): the whole matrix (``values``: count, mean, std, min, max,
+  max_abs, nan_count, inf_count), the L2 norms of its rows (``row_norm``: mean, std, min,
+  max, p01, p50, p99), anisotropy (``anisotropy``: the norm of the mean row and the mean
+  cosine of the rows to it) and row counts (``rows``: total, nonfinite, zero, duplicate);
+* ``dims.parquet``: one row per dimension: ``dim int32``, ``mean``, ``std`` (float64),
+  ``min``, ``max`` (float32, values of the matrix);
+* ``tokens.parquet``: one row per token: ``token_id int32``, ``token string``,
+  ``l2_norm float64``, ``max_abs float32``, ``cos_to_mean float64`` and ``duplicate_of
+  int32`` (the lowest other token id whose row is identical, null if none);
+* ``norm_hist.json`` (DVC plot data): the histogram of row norms as a list of
+  ``{"norm": bin centre, "bin_start", "bin_end", "count"}``.
+
+Conventions, so every number means one thing:
+
+* Means and standard deviations are accumulated in float64, chunk by chunk, in two passes
+  (sums, then squared deviations from the exact mean), so they match numpy's float64
+  result on the whole matrix; stds are population stds (ddof = 0), as numpy's.
+* NaN and ±Inf are counted (``values.nan_count``, ``values.inf_count``). The value
+  statistics (global and per dimension) cover the finite values only. The row statistics
+  (norms, the mean row, cosines, histogram) cover the rows whose values are all finite;
+  a row holding NaN or Inf gets null ``l2_norm``, ``max_abs`` and ``cos_to_mean`` in
+  tokens.parquet and is counted in ``rows.nonfinite``.
+* A cosine needs two non-zero vectors: rows of norm 0 (often the padding rows) get a null
+  ``cos_to_mean`` and are left out of ``anisotropy.mean_cos_to_mean``; if the mean row
+  itself is 0, that mean is null.
+* JSON has no NaN: a statistic over no values at all (a matrix with no finite value, a
+  dimension with none) is written as null, for exactly that reason and no other.
+* ``rows.duplicate`` counts the rows that have a bit-identical row elsewhere (all members
+  of every group, so three equal rows count 3; -0.0 and 0.0 count as equal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DissectError
+from pipeline.io import write_json_atomic
+from pipeline.parquet import derived_provenance, read_vectors, write_table
+from pipeline.progress import progress_bar
+
+ARTIFACTS_DIR = Path("artifacts")
+ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
+PERCENTILES = (1, 50, 99)
+
+
+@dataclass(frozen=True)
+class ValueMoments:
+    """Per-dimension sums over the finite values, from the first pass."""
+
+    count: np.ndarray  # [dim] int64: finite values per dimension
+    total: np.ndarray  # [dim] float64
+    minimum: np.ndarray  # [dim] float32; +inf where a dimension has no finite value
+    maximum: np.ndarray  # [dim] float32; -inf likewise
+    nan_count: int
+    inf_count: int
+
+    @property
+    def dim_mean(self) -> np.ndarray:  # [dim] float64; 0 where undefined, so deviations stay finite
+        return np.divide(self.total, self.count, out=np.zeros_like(self.total), where=self.count > 0)
+
+
+@dataclass(frozen=True)
+class RowMeasures:
+    """Per-row measures from the first pass."""
+
+    finite: np.ndarray  # [vocab] bool: every value of the row is finite
+    l2_norm: np.ndarray  # [vocab] float64
+    max_abs: np.ndarray  # [vocab] float32
+    finite_row_sum: np.ndarray  # [dim] float64: sum of the finite rows
+
+
+@dataclass(frozen=True)
+class MatrixStats:
+    """Everything the stage writes, computed from the matrix alone."""
+
+    summary: dict[str, Any]  # stats.json
+    dims: pa.Table  # dims.parquet
+    l2_norm: np.ndarray  # [vocab] float64, NaN for non-finite rows
+    max_abs: np.ndarray  # [vocab] float32, NaN for non-finite rows
+    cos_to_mean: np.ndarray  # [vocab] float64, NaN where undefined
+    duplicate_of: np.ndarray  # [vocab] int64, -1 for unique rows
+    histogram: list[dict[str, float | int]]  # norm_hist.json
+
+
+def row_chunks(rows: int, rows_per_chunk: int) -> Iterator[slice]:
+    for start in range(0, rows, rows_per_chunk):
+        yield slice(start, min(start + rows_per_chunk, rows))
+
+
+def _finite_part(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(finite mask [rows, dim], float64 copy [rows, dim] with the non-finite values set to 0)."""
+    finite = np.isfinite(block)
+    wide = block.astype(np.float64)
+    if not finite.all():
+        wide[~finite] = 0.0
+    return finite, wide
+
+
+def first_pass(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[ValueMoments, RowMeasures]:
+    """Sums, extremes and non-finite counts per dimension; norms and max |x| per row."""
+    rows, dim = matrix.shape
+    count = np.zeros(dim, np.int64)
+    total = np.zeros(dim, np.float64)
+    minimum = np.full(dim, np.inf, np.float32)
+    maximum = np.full(dim, -np.inf, np.float32)
+    finite_rows = np.zeros(rows, bool)
+    l2_norm = np.zeros(rows, np.float64)
+    max_abs = np.zeros(rows, np.float32)
+    finite_row_sum = np.zeros(dim, np.float64)
+    nan_count = inf_count = 0
+    with progress_bar(total=rows, desc="stats: sums and norms", unit="rows") as bar:
+        for chunk in row_chunks(rows, rows_per_chunk):
+            block = matrix[chunk]  # [rows_per_chunk, dim] float32
+            finite, wide = _finite_part(block)
+            chunk_sum = wide.sum(axis=0)  # [dim]
+            total += chunk_sum
+            # Norms of rows with a non-finite value are discarded later, so zeros there do no harm.
+            l2_norm[chunk] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+            max_abs[chunk] = np.abs(block).max(axis=1)
+            row_ok = finite.all(axis=1)
+            finite_rows[chunk] = row_ok
+            if row_ok.all():
+                count += block.shape[0]
+                np.minimum(minimum, block.min(axis=0), out=minimum)
+                np.maximum(maximum, block.max(axis=0), out=maximum)
+                finite_row_sum += chunk_sum
+            else:
+                count += finite.sum(axis=0, dtype=np.int64)
+                np.minimum(minimum, np.where(finite, block, np.float32(np.inf)).min(axis=0), out=minimum)
+                np.maximum(maximum, np.where(finite, block, np.float32(-np.inf)).max(axis=0), out=maximum)
+                finite_row_sum += wide[row_ok].sum(axis=0)
+                nan_count += int(np.isnan(block).sum())
+                inf_count += int(np.isinf(block).sum())
+            bar.update(chunk.stop - chunk.start)
+    values = ValueMoments(count, total, minimum, maximum, nan_count, inf_count)
+    return values, RowMeasures(finite_rows, l2_norm, max_abs, finite_row_sum)
+
+
+def second_pass(
+    matrix: np.ndarray, dim_mean: np.ndarray, mean_row: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-dim sum of squared deviations from ``dim_mean`` over finite values [dim],
+    dot product of each row with ``mean_row`` [vocab]), both float64."""
+    rows, dim = matrix.shape
+    squares = np.zeros(dim, np.float64)
+    dots = np.zeros(rows, np.float64)
+    with progress_bar(total=rows, desc="stats: deviations and cosines", unit="rows") as bar:
+        for chunk in row_chunks(rows, rows_per_chunk):
+            finite, wide = _finite_part(matrix[chunk])  # [rows_per_chunk, dim] float64
+            dots[chunk] = wide @ mean_row  # rows with a non-finite value are discarded later
+            wide -= dim_mean
+            if not finite.all():
+                wide[~finite] = 0.0
+            squares += np.einsum("ij,ij->j", wide, wide)
+            bar.update(chunk.stop - chunk.start)
+    return squares, dots
+
+
+def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np.ndarray:
+    """For each row, the lowest other row index holding the identical row, else -1 [vocab] int64.
+
+    Rows are hashed by their bytes (after folding -0.0 into 0.0), one chunk at a time, and a
+    hash match is confirmed on the bytes, so the answer is exact without sorting the matrix.
+    """
+    rows = matrix.shape[0]
+    first = np.arange(rows, dtype=np.int64)  # [vocab]: lowest row with the same content
+    seen: dict[bytes, list[int]] = {}
+    with progress_bar(total=rows, desc="stats: duplicate rows", unit="rows") as bar:
+        for chunk in row_chunks(rows, rows_per_chunk):
+            block = np.ascontiguousarray(matrix[chunk], dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
+            bits = block.view(np.uint32)  # [rows_per_chunk, dim]: compared as bits, so NaN rows match too
+            for offset, row in enumerate(bits):
+                index = chunk.start + offset
+                candidates = seen.setdefault(hashlib.blake2b(row, digest_size=16).digest(), [])
+                match = next((c for c in candidates if np.array_equal(_row_bits(matrix, c), row)), None)
+                if match is None:
+                    candidates.append(index)
+                else:
+                    first[index] = match
+            bar.update(chunk.stop - chunk.start)
+    return _lowest_other(first)
+
+
+def _row_bits(matrix: np.ndarray, index: int) -> np.ndarray:
+    return (np.asarray(matrix[index], dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+
+
+def _lowest_other(first: np.ndarray) -> np.ndarray:
+    """From each row's group leader (lowest index of its group) to its lowest *other* member."""
+    rows = first.shape[0]
+    later = first != np.arange(rows)
+    second = np.full(rows, rows, np.int64)  # [vocab]: second-lowest member, indexed by leader
+    np.minimum.at(second, first[later], np.flatnonzero(later))
+    result = np.where(later, first, second)
+    return np.where(result == rows, -1, result)
+
+
+def norm_histogram(norms: np.ndarray, bins: int) -> list[dict[str, float | int]]:
+    """Histogram records of ``norms`` (finite values) that DVC plots render with x=norm, y=count."""
+    if norms.size == 0:
+        return []
+    counts, edges = np.histogram(norms, bins=bins)
+    return [
+        {"norm": float((low + high) / 2), "bin_start": float(low), "bin_end": float(high), "count": int(n)}
+        for low, high, n in zip(edges[:-1], edges[1:], counts)
+    ]
+
+
+def _number(value: float) -> float | None:
+    """A JSON-safe float: None (null) for a statistic over no values."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _value_summary(values: ValueMoments, squares: np.ndarray) -> dict[str, Any]:
+    n = int(values.count.sum())
+    mean = float(values.total.sum() / n) if n else float("nan")
+    # Between-dimension term: exact regrouping of the squared deviations from the global mean.
+    spread = float((values.count * (values.dim_mean - mean) ** 2).sum()) if n else float("nan")
+    std = float(np.sqrt((squares.sum() + spread) / n)) if n else float("nan")
+    low = float(values.minimum.min()) if values.minimum.size else float("nan")
+    high = float(values.maximum.max()) if values.maximum.size else float("nan")
+    return {
+        "count": n,
+        "mean": _number(mean),
+        "std": _number(std),
+        "min": _number(low),
+        "max": _number(high),
+        "max_abs": _number(max(abs(low), abs(high))),
+        "nan_count": values.nan_count,
+        "inf_count": values.inf_count,
+    }
+
+
+def _norm_summary(norms: np.ndarray) -> dict[str, float | None]:
+    if norms.size == 0:
+        return {key: None for key in ("mean", "std", "min", "max", *(f"p{p:02d}" for p in PERCENTILES))}
+    percentiles = np.percentile(norms, PERCENTILES)
+    summary = {"mean": float(norms.mean()), "std": float(norms.std()), "min": float(norms.min()), "max": float(norms.max())}
+    summary.update({f"p{p:02d}": float(v) for p, v in zip(PERCENTILES, percentiles)})
+    return summary
+
+
+def dims_table(values: ValueMoments, squares: np.ndarray) -> pa.Table:
+    defined = values.count > 0  # [dim]
+    std = np.sqrt(np.divide(squares, values.count, out=np.zeros_like(squares), where=defined))
+    return pa.table(
+        {
+            "dim": pa.array(np.arange(values.count.size, dtype=np.int32)),
+            "mean": pa.array(values.dim_mean, mask=~defined),
+            "std": pa.array(std, mask=~defined),
+            "min": pa.array(values.minimum, mask=~defined),
+            "max": pa.array(values.maximum, mask=~defined),
+        }
+    )
+
+
+def matrix_stats(matrix: np.ndarray, histogram_bins: int = 50, rows_per_chunk: int = ROWS_PER_CHUNK) -> MatrixStats:
+    """All statistics of ``matrix`` [vocab, dim] float32, in two passes plus one for duplicates."""
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a [vocab, dim] matrix, got shape {matrix.shape}")
+    values, rows = first_pass(matrix, rows_per_chunk)
+    n_finite_rows = int(rows.finite.sum())
+    mean_row = rows.finite_row_sum / max(n_finite_rows, 1)  # [dim] float64
+    squares, dots = second_pass(matrix, values.dim_mean, mean_row, rows_per_chunk)
+
+    l2_norm = np.where(rows.finite, rows.l2_norm, np.nan)  # [vocab]
+    max_abs = np.where(rows.finite, rows.max_abs, np.float32(np.nan))  # [vocab]
+    mean_vector_norm = float(np.sqrt(mean_row @ mean_row)) if n_finite_rows else float("nan")
+    cos = cosines(dots, l2_norm, mean_vector_norm)
+    finite_norms = l2_norm[rows.finite]
+    defined_cos = cos[np.isfinite(cos)]
+    duplicates = duplicate_of(matrix, rows_per_chunk)
+
+    summary = {
+        "vocab_size": int(matrix.shape[0]),
+        "dim": int(matrix.shape[1]),
+        "values": _value_summary(values, squares),
+        "row_norm": _norm_summary(finite_norms),
+        "anisotropy": {
+            "mean_vector_norm": _number(mean_vector_norm),
+            "mean_cos_to_mean": _number(defined_cos.mean()) if defined_cos.size else None,
+        },
+        "rows": {
+            "total": int(matrix.shape[0]),
+            "nonfinite": int(matrix.shape[0] - n_finite_rows),
+            "zero": int((rows.finite & (rows.l2_norm == 0)).sum()),
+            "duplicate": int((duplicates >= 0).sum()),
+        },
+    }
+    return MatrixStats(
+        summary=summary,
+        dims=dims_table(values, squares),
+        l2_norm=l2_norm,
+        max_abs=max_abs,
+        cos_to_mean=cos,
+        duplicate_of=duplicates,
+        histogram=norm_histogram(finite_norms, histogram_bins),
+    )
+
+
+def cosines(dots: np.ndarray, norms: np.ndarray, mean_vector_norm: float) -> np.ndarray:
+    """Cosine of each row to the mean row [vocab] float64; NaN where a norm is 0 or undefined."""
+    cos = np.full(dots.shape, np.nan)
+    if not mean_vector_norm > 0:
+        return cos
+    usable = np.isfinite(norms) & (norms > 0)
+    cos[usable] = dots[usable] / (norms[usable] * mean_vector_norm)
+    return cos
+
+
+def tokens_table(token_ids: np.ndarray, tokens: pa.Array | pa.ChunkedArray, stats: MatrixStats) -> pa.Table:
+    """One row per token; NaN measures (undefined, see the module notes) become nulls."""
+    return pa.table(
+        {
+            "token_id": pa.array(token_ids.astype(np.int32, copy=False)),
+            "token": tokens,
+            "l2_norm": pa.array(stats.l2_norm, from_pandas=True),
+            "max_abs": pa.array(stats.max_abs, from_pandas=True),
+            "cos_to_mean": pa.array(stats.cos_to_mean, from_pandas=True),
+            "duplicate_of": pa.array(stats.duplicate_of.astype(np.int32), mask=stats.duplicate_of < 0),
+        }
+    )
+
+
+def histogram_bins(settings: dict[str, Any]) -> int:
+    bins = settings.get("norm_histogram_bins")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise DissectError(f"stats.norm_histogram_bins is {bins!r}; set it to a whole number of bins, at least 1 (e.g. 50)")
+    return bins
+
+
+def run(model_dir: Path, settings: dict[str, Any], rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, Any]:
+    """The stage on ``model_dir`` (``artifacts/<name>``); returns the stats.json content."""
+    model_dir = Path(model_dir)
+    bins = histogram_bins(settings)
+    embeddings = model_dir / "embeddings.parquet"
+    token_ids, matrix = read_vectors(embeddings)
+    tokens = pq.read_table(embeddings, columns=["token"]).column("token")
+    stats = matrix_stats(matrix, bins, rows_per_chunk)
+    provenance = derived_provenance("stats", model_dir.name, embeddings, {"stats": settings})
+    write_table(model_dir / "dims.parquet", stats.dims, provenance)
+    write_table(model_dir / "tokens.parquet", tokens_table(token_ids, tokens, stats), provenance)
+    write_json_atomic(model_dir / "norm_hist.json", stats.histogram)
+    write_json_atomic(model_dir / "stats.json", stats.summary)
+    return stats.summary
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.params import load_params, stage_settings
+
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.stats MODEL_NAME")
+    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), "stats"))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)
