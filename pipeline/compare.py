@@ -1,0 +1,148 @@
+"""compare stage: ``reports/index.md``, one table over every model in params.yaml.
+
+A row per model (vocabulary, dimension, statistics, anisotropy, the first word's nearest
+tokens, each quantization scheme's error), links to each model's report, and a short
+paragraph on the largest differences. Read from the artifacts only; correct for any
+number of models, one included.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline import markdown as md
+from pipeline.errors import DissectError
+from pipeline.io import write_bytes_atomic
+from pipeline.parquet import read_provenance
+from pipeline.params import load_params
+
+ARTIFACTS_DIR = Path("artifacts")
+REPORTS_DIR = Path("reports")
+NEIGHBOURS_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    source_dtype: str
+    vocab: int
+    dim: int
+    stats: dict[str, Any]
+    first_word: str
+    first_word_neighbours: list[tuple[str, float]]
+    quant: dict[str, dict[str, Any]]
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DissectError(f"{path} is missing; run the stage that writes it (`dvc repro`)") from None
+
+
+def load_summary(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> ModelSummary:
+    model_dir = artifacts_dir / name
+    provenance = read_provenance(model_dir / "embeddings.parquet")
+    words = pq.read_table(model_dir / "words.parquet", columns=["word", "variant"]).to_pylist()
+    first = words[0]
+    neighbours = [
+        row for row in pq.read_table(model_dir / "neighbors.parquet", columns=["variant", "rank", "token", "cosine"]).to_pylist()
+        if row["variant"] == first["variant"]
+    ]
+    neighbours.sort(key=lambda row: row["rank"])
+    quant_path = model_dir / "quant.json"
+    return ModelSummary(
+        name=name,
+        source_dtype=provenance["source_dtype"],
+        vocab=provenance["shape"][0],
+        dim=provenance["shape"][1],
+        stats=_json(model_dir / "stats.json"),
+        first_word=first["variant"],
+        first_word_neighbours=[(row["token"], row["cosine"]) for row in neighbours[:NEIGHBOURS_SHOWN]],
+        quant=_json(quant_path) if quant_path.exists() else {},
+    )
+
+
+def models_table(summaries: list[ModelSummary]) -> str:
+    headers = ["model", "source dtype", "vocab", "dim", "mean", "std", "max \\|x\\|", "row norm median",
+               "mean cos to mean", "duplicate rows", "nearest to the first word"]
+    rows = [[
+        f"[{s.name}]({s.name}/report.md)", s.source_dtype, md.number(s.vocab), md.number(s.dim),
+        md.number(s.stats["values"]["mean"]), md.number(s.stats["values"]["std"]), md.number(s.stats["values"]["max_abs"]),
+        md.number(s.stats["row_norm"]["p50"]), md.number(s.stats["anisotropy"]["mean_cos_to_mean"]),
+        md.number(s.stats["rows"]["duplicate"]),
+        f"{md.token(s.first_word)}: " + ", ".join(f"{md.token(t)} ({c:.2f})" for t, c in s.first_word_neighbours),
+    ] for s in summaries]
+    return md.table(headers, rows, "llrrrrrrrrl")
+
+
+def quant_table(summaries: list[ModelSummary]) -> str:
+    schemes = sorted({scheme for s in summaries for scheme in s.quant})
+    if not schemes:
+        return "No model has quantization results."
+    rows = [[f"`{scheme}`", *(
+        f"{md.number(s.quant[scheme]['rmse'], 3)} / {md.number(s.quant[scheme]['tokens_recall_at_k'], 3)}"
+        if scheme in s.quant else "–" for s in summaries
+    )] for scheme in schemes]
+    return md.table(["scheme", *(s.name for s in summaries)], rows, "l" + "r" * len(summaries))
+
+
+def differences(summaries: list[ModelSummary]) -> str:
+    """The largest differences between the models, as sentences citing the values."""
+    if len(summaries) == 1:
+        return f"Only one model is configured ({summaries[0].name}); add another with `dvc exp run -S '+model@models.NAME=NAME'` to compare."
+    by_vocab = sorted(summaries, key=lambda s: s.vocab)
+    by_dim = sorted(summaries, key=lambda s: s.dim)
+    by_aniso = sorted(summaries, key=lambda s: s.stats["anisotropy"]["mean_cos_to_mean"] or 0.0)
+    by_norm = sorted(summaries, key=lambda s: s.stats["row_norm"]["p50"] or 0.0)
+    sentences = [
+        f"Vocabularies range from {md.number(by_vocab[0].vocab)} tokens ({by_vocab[0].name}) to "
+        f"{md.number(by_vocab[-1].vocab)} ({by_vocab[-1].name}), dimensions from {by_dim[0].dim} ({by_dim[0].name}) "
+        f"to {by_dim[-1].dim} ({by_dim[-1].name}).",
+        f"{by_aniso[-1].name} is the most anisotropic (mean cosine to the mean vector "
+        f"{md.number(by_aniso[-1].stats['anisotropy']['mean_cos_to_mean'], 3)}), {by_aniso[0].name} the least "
+        f"({md.number(by_aniso[0].stats['anisotropy']['mean_cos_to_mean'], 3)}).",
+        f"Median row norms go from {md.number(by_norm[0].stats['row_norm']['p50'], 3)} ({by_norm[0].name}) to "
+        f"{md.number(by_norm[-1].stats['row_norm']['p50'], 3)} ({by_norm[-1].name}), so absolute quantization errors "
+        "are comparable only relative to that scale (SNR and recall are scale-free).",
+    ]
+    return " ".join(sentences)
+
+
+def render(summaries: list[ModelSummary]) -> str:
+    parts = [
+        "# Token-embedding layers compared",
+        f"{len(summaries)} model{'s' if len(summaries) != 1 else ''} from params.yaml. Each name links to its report.",
+        models_table(summaries),
+        "## Quantization: RMSE / recall@k of nearest neighbours (sampled tokens)",
+        quant_table(summaries),
+        "## The largest differences",
+        differences(summaries),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def run(model_names: list[str], artifacts_dir: Path = ARTIFACTS_DIR, reports_dir: Path = REPORTS_DIR) -> Path:
+    if not model_names:
+        raise DissectError("params.yaml lists no models; add one with -S '+model@models.NAME=NAME'")
+    summaries = [load_summary(name, artifacts_dir) for name in model_names]
+    out = reports_dir / "index.md"
+    write_bytes_atomic(out, render(summaries).encode("utf-8"))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if argv:
+        raise DissectError("usage: python -m pipeline.compare (models are read from params.yaml)")
+    run(list((load_params().get("models") or {}).keys()))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)
