@@ -1,0 +1,311 @@
+"""pca stage: the embedding matrix seen from its two main directions.
+
+Reads ``artifacts/<name>/embeddings.parquet`` and ``words.parquet`` and writes beside them:
+
+* ``pca.parquet``: ``token_id int32``, ``token string``, ``pc1``, ``pc2`` (float32): every
+  token's coordinates on the first two principal axes of the whole vocabulary;
+* ``pca_variance.json`` (DVC plot data): ``[{"component": i, "explained_variance_ratio":
+  r, "cumulative": c}]`` for the first ``pca.n_components`` components (all of them when
+  the model has fewer dimensions);
+* ``pca_words.parquet``: ``word``, ``variant``, ``vocab_pc1``, ``vocab_pc2`` (the word
+  vector in the whole-vocabulary basis above) and ``words_pc1``, ``words_pc2`` (in a PCA
+  fitted on the word vectors alone, as the tutorial did; only their relative layout means
+  anything there), float32;
+* ``figures/pca_words.png``: the words, labelled, in both bases side by side;
+  ``figures/pca_vocab.png``: the whole vocabulary as a density (hexbin) with the words
+  marked.
+
+The fit is exact and deterministic, so the same matrix gives the same bytes every run:
+the rows are centred on their mean, the dim x dim covariance is accumulated in float64
+block by block (X^T X of the centred rows, never more than one block in memory) and
+eigendecomposed with ``numpy.linalg.eigh``. That costs one pass over the matrix plus an
+eigensolve of size dim, far less than an SVD of the whole [vocab, dim] matrix. Nothing is
+random, so the fit needs no seed. Fits on fewer rows than dimensions (the word vectors) use an SVD of the centred rows
+instead, which is exact and cheaper there.
+
+An axis's sign is arbitrary in any PCA; here each component is flipped so that its
+largest-|loading| element is positive (the first such element if several tie).
+Explained variance uses n - 1 (as scikit-learn); a matrix whose rows are all equal has
+no variance to explain, and its ratios are 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DissectError
+from pipeline.hashing import file_sha256
+from pipeline.figures import label_points, label_text, new_figure, save_png, style
+from pipeline.io import write_json_atomic
+from pipeline.knn import iter_blocks
+from pipeline.parquet import derived_provenance, write_table
+from pipeline.progress import progress_bar
+from pipeline.similarity import WordVectors, read_matrix, read_words
+
+ARTIFACTS_DIR = Path("artifacts")
+STAGE = "pca"
+BLOCK_ROWS = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
+
+
+@dataclass(frozen=True)
+class PcaSettings:
+    n_components: int
+
+
+def pca_settings(settings: dict[str, Any]) -> PcaSettings:
+    """The ``pca`` params, checked; each mistake is a DissectError naming the fix."""
+    n = settings.get("n_components", 50)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DissectError(f"pca.n_components is {n!r}; set it to a positive integer")
+    return PcaSettings(n_components=n)
+
+
+@dataclass(frozen=True)
+class Pca:
+    """A fitted PCA: all components, largest variance first."""
+
+    mean: np.ndarray  # [dim] float64
+    components: np.ndarray  # [n_axes, dim] float64, unit rows
+    explained_variance: np.ndarray  # [n_axes] float64, ddof = 1
+    explained_variance_ratio: np.ndarray  # [n_axes] float64
+
+    def transform(self, rows: np.ndarray, n: int = 2, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+        """Coordinates of ``rows`` [m, dim] on the first ``n`` axes: (rows - mean) @ components[:n].T.
+
+        Axes the fit does not have (fewer rows than n + 1) give coordinate 0.
+        """
+        axes = self.components[:n]  # [<=n, dim]
+        out = np.zeros((rows.shape[0], n), dtype=np.float64)  # [m, n]
+        for start, block in iter_blocks(rows, block_rows):
+            out[start : start + len(block), : len(axes)] = (block.astype(np.float64) - self.mean) @ axes.T
+        return out
+
+
+def fix_signs(components: np.ndarray) -> np.ndarray:
+    """Flip each row so its largest-|loading| element (the first, on ties) is positive."""
+    pivot = np.argmax(np.abs(components), axis=1)  # [n_axes]
+    signs = np.where(components[np.arange(len(components)), pivot] < 0, -1.0, 1.0)
+    return components * signs[:, None]
+
+
+def fit_pca(matrix: np.ndarray, block_rows: int = BLOCK_ROWS, progress: Callable[[int], object] | None = None) -> Pca:
+    """Exact PCA of the rows of ``matrix`` [n, dim], centred on their mean.
+
+    One row has no variance: its fit has a single axis of variance 0.
+    """
+    n, dim = matrix.shape
+    if n == 0:
+        raise DissectError("PCA needs at least one row and the matrix has none; check the embeddings")
+    if n < dim:
+        return _fit_by_svd(matrix)
+    mean = _column_mean(matrix, block_rows)
+    scatter = np.zeros((dim, dim), dtype=np.float64)  # [dim, dim], sum of centred x x^T
+    for _, block in iter_blocks(matrix, block_rows):
+        centred = block.astype(np.float64) - mean  # [block, dim]
+        scatter += centred.T @ centred  # numpy runs this as a symmetric rank-k update (syrk)
+        if progress is not None:
+            progress(len(block))
+    eigenvalues, eigenvectors = _eigh(scatter / (n - 1))  # ascending
+    variance = np.clip(eigenvalues[::-1], 0.0, None)  # rounding can leave tiny negatives
+    return _pca(mean, fix_signs(eigenvectors[:, ::-1].T), variance)
+
+
+def _eigh(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.linalg.eigh`` on one BLAS thread.
+
+    Its tridiagonal reduction is a long run of small matrix-vector steps that OpenBLAS
+    threads badly: for dim 2048 on 2 busy cores, one thread took 1.3 s and two took 13 s.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return np.linalg.eigh(symmetric)
+
+
+def _fit_by_svd(matrix: np.ndarray) -> Pca:
+    wide = np.asarray(matrix, dtype=np.float64)
+    _check_finite(wide, 0)
+    mean = wide.mean(axis=0)
+    _, singular, vt = np.linalg.svd(wide - mean, full_matrices=False)  # vt [n, dim]
+    return _pca(mean, fix_signs(vt), singular**2 / max(len(wide) - 1, 1))
+
+
+def _pca(mean: np.ndarray, components: np.ndarray, variance: np.ndarray) -> Pca:
+    total = variance.sum()
+    ratio = variance / total if total > 0 else np.zeros_like(variance)
+    return Pca(mean=mean, components=components, explained_variance=variance, explained_variance_ratio=ratio)
+
+
+def _column_mean(matrix: np.ndarray, block_rows: int) -> np.ndarray:
+    total = np.zeros(matrix.shape[1], dtype=np.float64)  # [dim]
+    for start, block in iter_blocks(matrix, block_rows):
+        wide = block.astype(np.float64)
+        _check_finite(wide, start)
+        total += wide.sum(axis=0)
+    return total / matrix.shape[0]
+
+
+def _check_finite(block: np.ndarray, start: int) -> None:
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        row = start + int(np.flatnonzero(~finite)[0])
+        raise DissectError(f"the matrix has NaN or Inf in row {row}; PCA is undefined: re-extract it from intact weights")
+
+
+def variance_plot_data(pca: Pca, n_components: int) -> list[dict[str, float | int]]:
+    """DVC plot data: explained variance ratio of the first ``n_components`` axes, and its running sum."""
+    ratios = pca.explained_variance_ratio[:n_components]
+    cumulative = np.cumsum(ratios)
+    return [
+        {"component": i + 1, "explained_variance_ratio": float(r), "cumulative": float(c)}
+        for i, (r, c) in enumerate(zip(ratios, cumulative))
+    ]
+
+
+def pca_table(coordinates: np.ndarray, tokens: pa.Array) -> pa.Table:
+    """token_id, token, pc1, pc2 for every row; ``coordinates`` [vocab, 2]."""
+    return pa.table(
+        {
+            "token_id": pa.array(np.arange(len(coordinates), dtype=np.int32)),
+            "token": tokens,
+            "pc1": pa.array(coordinates[:, 0].astype(np.float32)),
+            "pc2": pa.array(coordinates[:, 1].astype(np.float32)),
+        }
+    )
+
+
+def pca_words_table(words: WordVectors, vocab_xy: np.ndarray, words_xy: np.ndarray) -> pa.Table:
+    """Each word variant in the whole-vocabulary basis and in the words-only basis; [w, 2] each."""
+    return pa.table(
+        {
+            "word": words.word,
+            "variant": words.variant,
+            "vocab_pc1": pa.array(vocab_xy[:, 0].astype(np.float32)),
+            "vocab_pc2": pa.array(vocab_xy[:, 1].astype(np.float32)),
+            "words_pc1": pa.array(words_xy[:, 0].astype(np.float32)),
+            "words_pc2": pa.array(words_xy[:, 1].astype(np.float32)),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+
+
+def _axis_label(pca: Pca, axis: int) -> str:
+    ratio = pca.explained_variance_ratio[axis] if axis < len(pca.explained_variance_ratio) else 0.0
+    return f"PC{axis + 1} ({100 * ratio:.1f}% of variance)"
+
+
+def words_figure(
+    path: Path, model: str, labels: list[str], vocab_xy: np.ndarray, vocab_pca: Pca, words_xy: np.ndarray, words_pca: Pca
+) -> None:
+    """The word variants in the whole-vocabulary basis (left) and the words-only basis (right)."""
+    with style():
+        figure = new_figure(12, 5.5)
+        panels = figure.subplots(1, 2)
+        for ax, xy, pca, title in (
+            (panels[0], vocab_xy, vocab_pca, "PCA of the whole vocabulary"),
+            (panels[1], words_xy, words_pca, "PCA of these word vectors only"),
+        ):
+            ax.scatter(xy[:, 0], xy[:, 1], s=18, color="tab:red")
+            ax.set_title(title)
+            ax.set_xlabel(_axis_label(pca, 0))
+            ax.set_ylabel(_axis_label(pca, 1))
+            ax.margins(0.15)
+        figure.suptitle(f"{model}: word variants in two PCA bases")
+        for ax, xy in zip(panels, (vocab_xy, words_xy)):
+            label_points(figure, ax, xy, labels)
+        save_png(figure, path)
+
+
+VIEW_PERCENTILES = (0.1, 99.9)  # a handful of outlier tokens must not shrink the bulk to a dot
+
+
+def view_box(coordinates: np.ndarray, words_xy: np.ndarray) -> np.ndarray:
+    """[[x_lo, y_lo], [x_hi, y_hi]]: the central 99.8% of tokens per axis, widened to every word."""
+    lo, hi = np.percentile(coordinates, VIEW_PERCENTILES, axis=0)  # [2] each
+    lo, hi = np.minimum(lo, words_xy.min(axis=0)), np.maximum(hi, words_xy.max(axis=0))
+    pad = (hi - lo) * 0.03
+    return np.stack([lo - pad, hi + pad])
+
+
+def vocab_figure(path: Path, model: str, coordinates: np.ndarray, pca: Pca, labels: list[str], words_xy: np.ndarray) -> None:
+    """Every token as a density (log-scaled hexbin), the words marked on top.
+
+    The view covers the central 99.8% of tokens on each axis (and every word); the title
+    says how many outlying tokens fall outside it.
+    """
+    box = view_box(coordinates, words_xy)
+    inside = ((coordinates >= box[0]) & (coordinates <= box[1])).all(axis=1)  # [vocab]
+    outside = int((~inside).sum())
+    with style():
+        figure = new_figure(8, 6.5)
+        ax = figure.subplots()
+        shown = coordinates[inside]
+        extent = (box[0, 0], box[1, 0], box[0, 1], box[1, 1])
+        cells = ax.hexbin(shown[:, 0], shown[:, 1], gridsize=90, bins="log", mincnt=1, cmap="viridis", extent=extent)
+        figure.colorbar(cells, ax=ax, label="tokens per cell")
+        ax.scatter(words_xy[:, 0], words_xy[:, 1], s=22, color="tab:red", edgecolors="white", linewidths=0.6)
+        ax.set_xlim(box[0, 0], box[1, 0])
+        ax.set_ylim(box[0, 1], box[1, 1])
+        note = f" ({outside} outliers outside the view)" if outside else ""
+        ax.set_title(f"{model}: all {len(coordinates)} tokens{note}, words in red")
+        ax.set_xlabel(_axis_label(pca, 0))
+        ax.set_ylabel(_axis_label(pca, 1))
+        label_points(figure, ax, words_xy, labels, boxed=True)
+        save_png(figure, path)
+
+
+# --------------------------------------------------------------------------------------
+# Stage
+
+
+def run(model_dir: Path, settings: dict[str, Any]) -> None:
+    """The stage on ``model_dir`` (``artifacts/<name>``)."""
+    model_dir = Path(model_dir)
+    checked = pca_settings(settings)
+    embeddings = model_dir / "embeddings.parquet"
+    words_path = model_dir / "words.parquet"
+    matrix = read_matrix(embeddings)  # [vocab, dim]
+    if matrix.shape[1] < 2:
+        raise DissectError(f"{embeddings} has {matrix.shape[1]} dimension; a 2-D projection needs at least 2")
+    words = read_words(words_path, matrix.shape[1], matrix.shape[0], model_dir.name)
+    tokens = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
+
+    with progress_bar(total=matrix.shape[0], desc="PCA covariance", unit="rows") as bar:
+        vocab_pca = fit_pca(matrix, progress=bar.update)
+    coordinates = vocab_pca.transform(matrix)  # [vocab, 2]
+    vocab_xy = vocab_pca.transform(words.vectors)  # [w, 2]
+    words_pca = fit_pca(words.vectors)
+    words_xy = words_pca.transform(words.vectors)  # [w, 2]
+    labels = [label_text(text or "") for text in words.variant.to_pylist()]
+
+    provenance = derived_provenance(STAGE, model_dir.name, embeddings, {"pca": asdict(checked)})
+    write_table(model_dir / "pca.parquet", pca_table(coordinates, tokens), provenance)
+    write_json_atomic(model_dir / "pca_variance.json", variance_plot_data(vocab_pca, checked.n_components))
+    provenance["words"] = {"path": str(words_path), "sha256": file_sha256(words_path)}
+    write_table(model_dir / "pca_words.parquet", pca_words_table(words, vocab_xy, words_xy), provenance)
+    figures = model_dir / "figures"
+    words_figure(figures / "pca_words.png", model_dir.name, labels, vocab_xy, vocab_pca, words_xy, words_pca)
+    vocab_figure(figures / "pca_vocab.png", model_dir.name, coordinates, vocab_pca, labels, vocab_xy)
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.params import load_params, stage_settings
+
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.pca MODEL_NAME")
+    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), STAGE))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,160 @@
+"""Exact blocked cosine top-k: hand-checked cases and the brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline.errors import DissectError
+from pipeline.knn import _nonzero, brute_force_neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
+
+# Rows 0..3 of a 4x3 matrix, worked out by hand:
+#   r0 = (1, 0, 0)  unit (1, 0, 0)
+#   r1 = (0, 2, 0)  unit (0, 1, 0)
+#   r2 = (3, 3, 0)  unit (1/sqrt2, 1/sqrt2, 0)
+#   r3 = (0, 0, 0)  norm 0: no direction, cosine 0 with everything
+# cos(r0, r1) = 0, cos(r0, r2) = cos(r1, r2) = 1/sqrt2 = 0.70710677 (the same float32,
+# since both are 1 * 0.70710677), cos(r3, *) = 0.
+# Nearest 2 (self excluded; equal cosines go to the lower id):
+#   r0: r2 (0.7071), then r1 and r3 tie at 0 -> r1
+#   r1: r2 (0.7071), then r0 and r3 tie at 0 -> r0
+#   r2: r0 and r1 tie at 0.7071 -> r0, r1
+#   r3: all tie at 0 -> r0, r1
+HAND = np.array([[1, 0, 0], [0, 2, 0], [3, 3, 0], [0, 0, 0]], dtype=np.float32)
+S = np.float32(1 / np.sqrt(2))
+HAND_IDS = [[2, 1], [2, 0], [0, 1], [0, 1]]
+HAND_COS = [[S, 0], [S, 0], [S, S], [0, 0]]
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 3, 4, 4096])
+def test_hand_matrix_graph(block_rows):
+    result = knn_graph(unit_rows(HAND), k=2, block_rows=block_rows)
+    assert result.ids.tolist() == HAND_IDS
+    assert np.array_equal(result.cosines, np.array(HAND_COS, dtype=np.float32))
+
+
+def test_hand_matrix_word_query_excludes_own_tokens():
+    # The query (2, 2, 0) points like r2; excluding r2 (its "own token") leaves r0 and r1 at
+    # 1/sqrt2 each, lower id first, then the zero row r3 at 0.
+    query = unit_rows(np.array([[2, 2, 0]], dtype=np.float32))
+    result = nearest_keys(query, unit_rows(HAND), k=3, block_rows=2, exclude=[np.array([2])])
+    assert result.ids.tolist() == [[0, 1, 3]]
+    assert np.array_equal(result.cosines, np.array([[S, S, 0]], dtype=np.float32))
+
+
+def test_unit_rows_keeps_zero_rows_and_handles_extremes():
+    matrix = np.array([[3, 4], [0, 0], [1e-42, 0], [3e38, 3e38]], dtype=np.float32)
+    unit = unit_rows(matrix)
+    assert np.allclose(unit, [[0.6, 0.8], [0, 0], [1, 0], [S, S]])
+    assert not np.isnan(unit).any()
+
+
+def test_unit_rows_in_place_reuses_the_matrix():
+    matrix = np.array([[3, 4], [0, 5]], dtype=np.float32)
+    unit = unit_rows(matrix, inplace=True)
+    assert np.shares_memory(unit, matrix)
+    assert np.allclose(matrix, [[0.6, 0.8], [0, 1]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_rows_are_refused(bad):
+    matrix = np.ones((5, 3), dtype=np.float32)
+    matrix[3, 1] = bad
+    with pytest.raises(DissectError, match="row 3"):
+        unit_rows(matrix, block_rows=2, what="embeddings.parquet")
+
+
+@pytest.mark.parametrize("k, block_rows", [(0, 4), (3, 0), ("3", 4), (True, 4), (2.5, 4)])
+def test_search_params_are_checked(k, block_rows):
+    with pytest.raises(DissectError, match="positive integer"):
+        check_search_params(k, block_rows)
+
+
+# --------------------------------------------------------------------------------------
+# The brute-force reference
+
+
+@st.composite
+def exact_matrices(draw, max_rows: int = 40):
+    """Rows whose cosines float32 computes exactly, in any summation order.
+
+    Each row has 0, 1 or 4 entries of +-1 (times a power of two), so its unit row holds
+    0, +-1 or +-0.5 and every dot product is a multiple of 1/4. Exact ties are everywhere,
+    which is the hard case for a blocked top-k.
+    """
+    rows = draw(st.integers(1, max_rows))
+    dim = draw(st.integers(4, 8))
+    matrix = np.zeros((rows, dim), dtype=np.float32)
+    for row in range(rows):
+        count = draw(st.sampled_from([0, 1, 4]))
+        places = draw(st.permutations(range(dim)))[:count]
+        signs = draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=count, max_size=count))
+        scale = draw(st.sampled_from([0.25, 1.0, 8.0]))
+        matrix[row, places] = np.array(signs, dtype=np.float32) * scale
+    return matrix
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=exact_matrices(), k=st.integers(1, 12), block_rows=st.sampled_from([1, 2, 3, 5, 16, 64]))
+def test_graph_equals_brute_force_exactly(matrix, k, block_rows):
+    unit = unit_rows(matrix)
+    expected = brute_force_neighbors(unit, k)
+    got = knn_graph(unit, k, block_rows)
+    width = expected.ids.shape[1]  # fewer than k when the matrix has <= k rows
+    assert np.array_equal(got.ids[:, :width], expected.ids)
+    assert np.array_equal(got.cosines[:, :width], expected.cosines)
+    assert (got.ids[:, width:] == -1).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    matrix=arrays(np.float32, st.tuples(st.integers(2, 50), st.integers(1, 6)), elements=st.floats(-4, 4, width=32)),
+    k=st.integers(1, 8),
+    block_rows=st.sampled_from([1, 3, 7, 32]),
+)
+def test_graph_matches_brute_force_on_arbitrary_floats(matrix, k, block_rows):
+    """On arbitrary floats BLAS may round a cosine differently per block shape (1 ulp): the
+    neighbours must then be as good as the reference's, rank by rank, and truly that close."""
+    unit = unit_rows(matrix)
+    exact = np.clip(unit.astype(np.float64) @ unit.T.astype(np.float64), -1, 1)  # [n, n]
+    expected = brute_force_neighbors(unit, k)
+    got = knn_graph(unit, k, block_rows)
+    width = expected.ids.shape[1]
+    ids, cosines = got.ids[:, :width], got.cosines[:, :width]
+    assert (ids != np.arange(len(unit))[:, None]).all()
+    assert np.allclose(cosines, expected.cosines, atol=1e-6)
+    assert np.allclose(np.take_along_axis(exact, ids, axis=1), cosines, atol=1e-6)
+    assert (np.diff(cosines, axis=1) <= 0).all()  # nearest first
+    assert all(len(set(row)) == width for row in ids.tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=exact_matrices(max_rows=45), k=st.integers(1, 10), block_rows=st.sampled_from([1, 2, 7, 64]), data=st.data())
+def test_word_queries_equal_brute_force(matrix, k, block_rows, data):
+    n_queries = data.draw(st.integers(0, min(5, len(matrix) - 1)))
+    keys, queries = matrix[n_queries:], matrix[:n_queries]  # the same exact family, same dim
+    n = len(keys)
+    exclude = [np.array(data.draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True)), dtype=np.int64) for _ in queries]
+    unit_keys, unit_queries = unit_rows(keys), unit_rows(queries)
+    got = nearest_keys(unit_queries, unit_keys, k, block_rows, exclude)
+    cosines = np.clip(unit_queries @ unit_keys.T, -1, 1)  # [q, n]
+    assert got.ids.shape == (n_queries, k)
+    for q in range(n_queries):
+        allowed = np.setdiff1d(np.arange(n), exclude[q])
+        expected = allowed[np.lexsort((allowed, -cosines[q, allowed]))][:k]
+        width = len(expected)
+        assert got.ids[q, :width].tolist() == expected.tolist()
+        assert np.array_equal(got.cosines[q, :width], cosines[q, expected] + np.float32(0))
+        assert (got.ids[q, width:] == -1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 30))))
+def test_fast_nonzero_equals_numpy(mask):
+    rows, cols = _nonzero(mask)
+    expected_rows, expected_cols = np.nonzero(mask)
+    assert rows.tolist() == expected_rows.tolist()
+    assert cols.tolist() == expected_cols.tolist()
