@@ -171,7 +171,8 @@ def variance_figure(variance: list[dict[str, Any]], path: Path) -> None:
 def model_section(a: Artifacts) -> str:
     p = a.provenance
     tokenizer = p["tokenizer"]
-    files = "\n".join(f"  - `{f['path']}` ({md.number(f['bytes'])} bytes), sha256 `{f['sha256']}`" for f in p["source_files"])
+    # Four spaces: every markdown renderer nests that, not only GitHub's.
+    files = "\n".join(f"    - `{f['path']}` ({md.number(f['bytes'])} bytes), sha256 `{f['sha256']}`" for f in p["source_files"])
     padded = tokenizer.get("padded_rows", 0)
     padding_note = f"; {md.number(padded)} rows beyond it are padding (no token)" if padded else ""
     lines = [
@@ -398,7 +399,6 @@ def usage_section(a: Artifacts) -> str:
     batch = len(a.words)
     seq = max(row["n_tokens"] for row in a.words)
     dim = a.provenance["shape"][1]
-    words = [row["variant"] for row in a.words]
     return "\n".join([
         "## 7. Using the artifacts",
         "",
@@ -406,13 +406,15 @@ def usage_section(a: Artifacts) -> str:
         "(batch, longest tokenization, dimension) and a mask that marks the padding:",
         "",
         "```python",
+        "import pyarrow.parquet as pq",
         "from pipeline.lookup import batch_lookup, load_embedding_layer",
         "from pipeline.parquet import read_vectors",
         "from pipeline.tokenizer import tokenizer_from_json",
         "",
         f'_, matrix = read_vectors("{path}")',
         f'tokenizer = tokenizer_from_json("artifacts/{a.name}/tokenizer.json")',
-        f"vectors, mask, ids = batch_lookup(matrix, tokenizer, {json.dumps(words, ensure_ascii=False)})",
+        f'words = pq.read_table("artifacts/{a.name}/words.parquet").column("variant").to_pylist()',
+        "vectors, mask, ids = batch_lookup(matrix, tokenizer, words)",
         f"vectors.shape  # ({batch}, {seq}, {dim})",
         "",
         f'layer = load_embedding_layer("{path}")  # a frozen torch.nn.Embedding',
