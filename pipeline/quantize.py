@@ -1,0 +1,389 @@
+"""quantize stage: each scheme of ``quantize.schemes`` as its own Parquet, and what it loses.
+
+For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` (and ``tokenizer.json``
+for the configured words) and writes:
+
+* ``artifacts/<name>/quant/<scheme>.parquet``: ``token_id int32``, ``codes`` (int8 in a
+  ``fixed_size_list``, 4-bit codes packed two a byte as uint8, or the rounded values as
+  float32 for the fp16/bf16 references) and, for per-row and per-block schemes, ``scales``
+  (``fixed_size_list<float32>``; fp16 scales are stored exactly as float32). The provenance
+  in the file metadata carries a ``dequantize`` recipe (:mod:`pipeline.quant.base`), enough
+  to rebuild the float matrix with pyarrow and numpy alone::
+
+      import json, numpy as np, pyarrow.parquet as pq
+      path = "artifacts/smollm2-135m/quant/q4_0.parquet"
+      recipe = json.loads(pq.read_schema(path).metadata[b"embedding_dissect"])["dequantize"]
+      table = pq.read_table(path)
+      n = table.num_rows
+      rows = lambda name: table.column(name).combine_chunks().flatten().to_numpy().reshape(n, -1)
+      codes = rows("codes")
+      if recipe["code_bits"] == 4:  # two codes a byte: a run of `nibble_span` codes per nibble
+          nibbles = (codes & 15, codes >> 4)[:: 1 if recipe["low_nibble_first"] else -1]
+          codes = np.stack([half.reshape(n, -1, recipe["nibble_span"]) for half in nibbles], axis=2)
+      values = np.asarray(recipe["lookup"], np.float32)[codes] if recipe["lookup"] else codes.astype(np.float32) - recipe["offset"]
+      scales = rows("scales") if recipe["scale"] is None else np.full((n, 1), recipe["scale"], np.float32)
+      matrix = (values.reshape(n, scales.shape[1], -1) * scales[:, :, None]).reshape(n, -1)  # [vocab, dim] float32
+
+* ``artifacts/<name>/quant.json`` (DVC metrics), per scheme: ``bits_per_weight`` (scales
+  counted), ``bytes_on_disk``, ``compression_vs_float32`` and ``compression_vs_source``
+  (ratios of bits per weight), ``rmse``, ``max_abs_error``, ``snr_db`` (null when nothing
+  was lost), ``row_cosine_mean`` / ``row_cosine_min`` (each row against its dequantized
+  self), ``clipped_values`` / ``clipped_fraction`` (values outside the range the codes
+  span), ``words_recall_at_k`` / ``tokens_recall_at_k`` (overlap of the exact top-k
+  neighbours by cosine over the whole vocabulary, original vs dequantized matrix, for the
+  configured words and for a seeded sample of tokens, self excluded) and
+  ``words_similarity_max_change`` (largest change in the words' cosine table).
+
+Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
+near one float32 copy of the matrix.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import DissectError
+from pipeline.io import write_json_atomic
+from pipeline.parquet import derived_provenance, read_provenance, read_vectors, with_provenance, write_batches
+from pipeline.progress import progress_bar
+from pipeline.quant import Encoded, Scheme, schemes_for
+from pipeline.quant.measure import ErrorStats, TopK, inverse_norms, recall, similarity_table, unit_rows
+
+ARTIFACTS_DIR = Path("artifacts")
+ROWS_PER_CHUNK = 4096
+FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64": 64, "F32": 32, "F16": 16, "BF16": 16}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    schemes: list[str]
+    sample_tokens: int
+    recall_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class WordQuery:
+    text: str  # as looked up: "Hello" or " Hello"
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The rows whose neighbours are compared: sampled tokens, then the words."""
+
+    token_rows: np.ndarray  # [t] int64, sorted
+    words: list[WordQuery]
+
+    def vectors(self, rows_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(token vectors [t, dim], word vectors [w, dim]) from ``rows_of(row indices) -> rows``."""
+        tokens = rows_of(self.token_rows)
+        words = [rows_of(np.array(word.token_ids, dtype=np.int64)).mean(axis=0) for word in self.words]
+        dim = tokens.shape[1]
+        return tokens, np.array(words, dtype=np.float32).reshape(len(words), dim)
+
+    @property
+    def self_rows(self) -> np.ndarray:
+        """[t + w]: the row each query is, never its own neighbour; -1 for words."""
+        return np.concatenate([self.token_rows, np.full(len(self.words), -1, dtype=np.int64)])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the original matrix gives, computed once and compared with every scheme."""
+
+    neighbours: np.ndarray  # [t + w, k] row ids
+    word_similarity: np.ndarray  # [w, w]
+    source_bits: float | None
+
+
+def quantize_settings(settings: dict[str, Any]) -> QuantizeSettings:
+    """The ``quantize`` params, checked; each mistake is a DissectError naming the fix."""
+    schemes = settings.get("schemes")
+    if not isinstance(schemes, list) or not schemes:
+        raise DissectError("quantize.schemes is empty or missing; list at least one scheme, e.g. schemes: [q8_0]")
+    whole = {}
+    for key, default, least in (("sample_tokens", 1000, 0), ("recall_k", 10, 1), ("seed", 0, 0)):
+        value = settings.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DissectError(f"quantize.{key} is {value!r}; set it to a whole number, at least {least}")
+        whole[key] = value
+    return QuantizeSettings(schemes=list(schemes), **whole)
+
+
+def word_texts(settings: dict[str, Any]) -> list[str]:
+    """The texts looked up for ``words.list``: each word, then with a space before it."""
+    words = settings.get("list") or []
+    if not isinstance(words, list) or not all(isinstance(word, str) and word.strip() for word in words):
+        raise DissectError(f"words.list must be a list of non-empty words, not {words!r}; fix it in conf/config.yaml")
+    leading_space = settings.get("leading_space", True)
+    if not isinstance(leading_space, bool):
+        raise DissectError(f"words.leading_space is {leading_space!r}; set it to true or false")
+    return [text for word in words for text in ([word, " " + word] if leading_space else [word])]
+
+
+def word_queries(model_dir: Path, texts: list[str], vocab: int) -> list[WordQuery]:
+    """The token ids of each text, from the model's tokenizer.
+
+    The one place that knows how words become rows; the words stage's table can take its
+    place once every model has one.
+    """
+    from pipeline.tokenizer import tokenizer_from_json, word_token_ids
+
+    if not texts:
+        return []
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise DissectError(f"{tokenizer_file} is missing; run the extract stage first (`dvc repro extract@{model_dir.name}`)")
+    tokenizer = tokenizer_from_json(tokenizer_file)
+    queries = []
+    for text in texts:
+        ids = tuple(word_token_ids(tokenizer, text))
+        if not ids:
+            raise DissectError(f"the word {text!r} encodes to no tokens for {model_dir.name}; remove it from words.list")
+        if max(ids) >= vocab:
+            raise DissectError(
+                f"{text!r} encodes to id {max(ids)}, beyond the {vocab} rows of the matrix; rebuild with the extract stage"
+            )
+        queries.append(WordQuery(text, ids))
+    return queries
+
+
+def sample_token_rows(norms_inverse: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """[min(size, nonzero rows)] sorted row indices, drawn without replacement.
+
+    Zero rows (padding, unused tokens) are left out: every row is equally near them, so they
+    have no neighbours to recall.
+    """
+    candidates = np.flatnonzero(norms_inverse > 0)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(candidates, size=min(size, len(candidates)), replace=False)).astype(np.int64)
+
+
+def row_chunks(rows: int, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, int]]:
+    for start in range(0, rows, rows_per_chunk):
+        yield start, min(start + rows_per_chunk, rows)
+
+
+def nearest_neighbours(matrix: np.ndarray, queries: np.ndarray, self_rows: np.ndarray, k: int, desc: str) -> np.ndarray:
+    """[q, k] row ids of the exact top-k rows of ``matrix`` by cosine with each of ``queries`` [q, dim]."""
+    top = TopK(unit_rows(queries), self_rows, k)
+    with progress_bar(total=matrix.shape[0], desc=desc, unit="rows") as bar:
+        for start, stop in row_chunks(matrix.shape[0]):
+            top.add(start, matrix[start:stop])
+            bar.update(stop - start)
+    return top.ids
+
+
+def reference(matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None) -> Reference:
+    tokens, words = queries.vectors(lambda rows: matrix[rows])
+    neighbours = nearest_neighbours(matrix, np.concatenate([tokens, words]), queries.self_rows, k, "neighbours (original)")
+    return Reference(neighbours=neighbours, word_similarity=similarity_table(words), source_bits=source_bits(source_dtype))
+
+
+def source_bits(dtype: str | None) -> float | None:
+    """Bits per weight of the source dtype (torch or GGML names); None when unknown."""
+    if dtype in FLOAT_BITS:
+        return float(FLOAT_BITS[dtype])
+    import gguf
+
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype]]
+    except KeyError:
+        return None
+    return type_size * 8 / block
+
+
+def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
+    codes_type = pa.from_numpy_dtype(scheme.codes_dtype)
+    fields = [
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("codes", pa.list_(pa.field("element", codes_type, nullable=False), scheme.code_width(dim)), nullable=False),
+    ]
+    block = scheme.block_for(dim)
+    if scheme.tensor_scale is None and block:
+        fields.append(pa.field("scales", pa.list_(pa.field("element", pa.float32(), nullable=False), dim // block), nullable=False))
+    return pa.schema(fields)
+
+
+def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema) -> pa.RecordBatch:
+    columns = [pa.array(token_ids, type=pa.int32()), _list_array(encoded.codes)]
+    if "scales" in schema.names:
+        columns.append(_list_array(encoded.scales))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+@dataclass
+class SchemeRun:
+    """One scheme over the whole matrix: codes to Parquet, error and neighbours measured on the way."""
+
+    scheme: Scheme
+    matrix: np.ndarray
+    queries: Queries
+    k: int
+
+    def __post_init__(self) -> None:
+        self.errors = ErrorStats()
+        tokens, self.words = self.queries.vectors(self.restore)
+        self.top = TopK(unit_rows(np.concatenate([tokens, self.words])), self.queries.self_rows, self.k)
+
+    def restore(self, rows: np.ndarray) -> np.ndarray:
+        """The dequantized rows at indices ``rows``."""
+        if not len(rows):
+            return np.empty((0, self.matrix.shape[1]), dtype=np.float32)
+        return self.scheme.decode(self.scheme.encode(self.matrix[rows]))
+
+    def batches(self, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        vocab = self.matrix.shape[0]
+        with progress_bar(total=vocab, desc=f"quantize {self.scheme.name}", unit="rows") as bar:
+            for start, stop in row_chunks(vocab):
+                rows = self.matrix[start:stop]  # [n, dim]
+                encoded = self.scheme.encode(rows)
+                restored = self.scheme.decode(encoded)
+                self.errors.add(rows, restored, encoded.clipped)
+                self.top.add(start, restored)
+                yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
+                bar.update(stop - start)
+
+    def metrics(self, ref: Reference, bytes_on_disk: int) -> dict[str, Any]:
+        shape = self.matrix.shape
+        bits = self.scheme.bits_per_weight(shape)
+        tokens = len(self.queries.token_rows)
+        words_change = np.abs(similarity_table(self.words) - ref.word_similarity).max() if len(self.words) else None
+        return {
+            "bits_per_weight": bits,
+            "bytes_on_disk": bytes_on_disk,
+            "compression_vs_float32": 32 / bits,
+            "compression_vs_source": ref.source_bits / bits if ref.source_bits else None,
+            **self.errors.summary(),
+            "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.top.ids[:tokens]),
+            "words_recall_at_k": recall(ref.neighbours[tokens:], self.top.ids[tokens:]),
+            "words_similarity_max_change": float(words_change) if words_change is not None else None,
+        }
+
+
+def quantize_scheme(
+    scheme: Scheme, matrix: np.ndarray, queries: Queries, ref: Reference, k: int, path: Path, provenance: dict
+) -> dict[str, Any]:
+    """Write ``path`` for ``scheme`` (already fitted) and return its metrics."""
+    dim = matrix.shape[1]
+    record = {**provenance, "scheme": scheme.name, "shape": list(matrix.shape), "dequantize": scheme.recipe(dim)}
+    schema = with_provenance(quant_schema(scheme, dim), record)
+    run = SchemeRun(scheme, matrix, queries, k)
+    write_in_background(path, schema, run.batches(schema))
+    return run.metrics(ref, path.stat().st_size)
+
+
+class _Abandoned(Exception):
+    """Raised inside the writer when the producer failed, so the file is not completed."""
+
+
+def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    """:func:`write_batches` in a second thread while this one computes the next batches.
+
+    Encoding ``fixed_size_list`` columns into Parquet runs at about 50 M values/s, as slow as
+    the work that produces them; pyarrow releases the GIL while it writes, so the two overlap.
+    If producing fails, the writer abandons its temporary file and the error is raised here.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=2)  # bounded: at most two chunks wait in memory
+    finished, failed = object(), object()
+    ended = threading.Event()
+    errors: list[BaseException] = []
+
+    def is_end(item: Any) -> bool:
+        return item is finished or item is failed
+
+    def received() -> Iterator[pa.RecordBatch]:
+        while not is_end(item := handoff.get()):
+            yield item
+        ended.set()
+        if item is failed:
+            raise _Abandoned()
+
+    def write() -> None:
+        try:
+            write_batches(path, schema, received(), row_group_size=ROWS_PER_CHUNK)
+        except BaseException as error:  # raised in the producer's thread below
+            errors.append(error)
+            while not ended.is_set():  # keep taking batches so a waiting producer can finish
+                if is_end(handoff.get()):
+                    ended.set()
+
+    writer = threading.Thread(target=write, name=f"write {path.name}", daemon=True)
+    writer.start()
+    end = failed
+    try:
+        for batch in batches:
+            if errors:
+                break
+            handoff.put(batch)
+        end = finished
+    finally:
+        handoff.put(end)
+        writer.join()
+    if errors:
+        raise errors[0]
+
+
+def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dict[str, Any]:
+    """The stage on ``model_dir`` (``artifacts/<name>``); returns the quant.json content."""
+    model_dir = Path(model_dir)
+    checked = quantize_settings(settings)
+    texts = word_texts(words)
+    embeddings = model_dir / "embeddings.parquet"
+    token_ids, matrix = read_vectors(embeddings)
+    vocab, dim = matrix.shape
+    if not np.array_equal(token_ids, np.arange(vocab)):
+        raise DissectError(f"the rows of {embeddings} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    if checked.recall_k >= vocab:
+        raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
+    schemes = schemes_for(checked.schemes, dim)  # every mistake is found before anything is written
+    sample = sample_token_rows(inverse_norms_by_chunks(matrix), checked.sample_tokens, checked.seed)
+    queries = Queries(sample, word_queries(model_dir, texts, vocab))
+    ref = reference(matrix, queries, checked.recall_k, read_provenance(embeddings).get("source_dtype"))
+    provenance = derived_provenance("quantize", model_dir.name, embeddings, {"quantize": settings, "words": words})
+    metrics = {}
+    for scheme in schemes:
+        path = model_dir / "quant" / f"{scheme.name}.parquet"
+        metrics[scheme.name] = quantize_scheme(scheme.fit(matrix), matrix, queries, ref, checked.recall_k, path, provenance)
+    write_json_atomic(model_dir / "quant.json", metrics)
+    return metrics
+
+
+def inverse_norms_by_chunks(matrix: np.ndarray) -> np.ndarray:
+    """float32 [vocab]: 1 / L2 norm per row (0 for zero rows)."""
+    return np.concatenate([inverse_norms(matrix[start:stop]) for start, stop in row_chunks(matrix.shape[0])])
+
+
+def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
+    settings = params.get(section)
+    if not isinstance(settings, dict):
+        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.params`")
+    return settings
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.params import load_params
+
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.quantize MODEL_NAME")
+    params = load_params()
+    run(ARTIFACTS_DIR / argv[0], stage_settings(params, "quantize"), params.get("words") or {})
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)

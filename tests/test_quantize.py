@@ -1,0 +1,302 @@
+"""quantize stage: metrics, nearest-neighbour recall, the Parquet layout and its recipe, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import quantize
+from pipeline.cli import run_stage
+from pipeline.errors import DissectError
+from pipeline.hashing import matrix_sha256
+from pipeline.parquet import read_provenance, read_vectors, vector_array, write_table
+from pipeline.quant import SCHEMES, Encoded
+from pipeline.quant.ggml import ggml_blocks
+from pipeline.quant.measure import ErrorStats, TopK, recall, unit_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_SCHEMES = list(SCHEMES)
+METRIC_KEYS = {
+    "bits_per_weight",
+    "bytes_on_disk",
+    "compression_vs_float32",
+    "compression_vs_source",
+    "rmse",
+    "max_abs_error",
+    "snr_db",
+    "row_cosine_mean",
+    "row_cosine_min",
+    "clipped_values",
+    "clipped_fraction",
+    "tokens_recall_at_k",
+    "words_recall_at_k",
+    "words_similarity_max_change",
+}
+
+
+def readme_snippet() -> str:
+    """The pyarrow + numpy dequantization snippet, exactly as documented (module docstring)."""
+    block = quantize.__doc__.split("pyarrow and numpy alone::\n\n", 1)[1].split("\n\n", 1)[0]
+    return textwrap.dedent(block)
+
+
+def run_snippet(path: Path) -> np.ndarray:
+    code = readme_snippet().replace('"artifacts/smollm2-135m/quant/q4_0.parquet"', repr(str(path)))
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the documented snippet, run as a reader would
+    return namespace["matrix"]
+
+
+def settings(schemes=None, sample_tokens=50, recall_k=5, seed=0) -> dict:
+    return {"schemes": ALL_SCHEMES if schemes is None else schemes, "sample_tokens": sample_tokens, "recall_k": recall_k, "seed": seed}
+
+
+def synthetic_model(root: Path, matrix: np.ndarray, source_dtype: str = "float32") -> Path:
+    """``artifacts/<name>/embeddings.parquet`` as extract writes it (no tokenizer needed without words)."""
+    model_dir = root / "artifacts" / "tiny"
+    table = pa.table({"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)), "vector": vector_array(matrix)})
+    provenance = {"stage": "extract", "model": "tiny", "source_dtype": source_dtype, "matrix_sha256": matrix_sha256(matrix)}
+    write_table(model_dir / "embeddings.parquet", table, provenance)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, np.ndarray, dict]:
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((300, 128)) * 0.6).astype(np.float32)  # some values beyond 1.27
+    matrix[7] = 0.0  # a zero row: never sampled, cosine 1 with its (zero) copy
+    model_dir = synthetic_model(tmp_path_factory.mktemp("tiny"), matrix)
+    metrics = quantize.run(model_dir, settings(), {"list": []})
+    return model_dir, matrix, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Measures on hand-checkable numbers.
+
+
+def test_error_stats_by_hand():
+    # original (3, 4), restored (3, 3): error (0, -1); rmse sqrt(1/2); SNR 10 log10(25 / 1);
+    # cosine 21 / (5 * sqrt(18)).
+    stats = ErrorStats()
+    stats.add(np.array([[3.0, 4.0]], np.float32), np.array([[3.0, 3.0]], np.float32), clipped=1)
+    summary = stats.summary()
+    assert summary["rmse"] == pytest.approx(math.sqrt(0.5))
+    assert summary["max_abs_error"] == 1.0
+    assert summary["snr_db"] == pytest.approx(10 * math.log10(25))
+    assert summary["row_cosine_min"] == pytest.approx(21 / (5 * math.sqrt(18)))
+    assert summary["clipped_fraction"] == 0.5
+
+
+def test_error_stats_lossless_has_no_snr():
+    stats = ErrorStats()
+    stats.add(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), clipped=0)
+    assert stats.summary()["snr_db"] is None and stats.summary()["rmse"] == 0.0
+
+
+def test_topk_equals_brute_force_across_chunks_and_excludes_self():
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((1000, 16)).astype(np.float32)
+    matrix[3] = 0.0
+    query_rows = np.array([0, 5, 999, 500])
+    queries = np.concatenate([matrix[query_rows], rng.standard_normal((2, 16)).astype(np.float32)])
+    self_rows = np.r_[query_rows, -1, -1]
+    top = TopK(unit_rows(queries), self_rows, k=7)
+    for start in range(0, 1000, 128):
+        top.add(start, matrix[start : start + 128])
+    cosines = unit_rows(queries).astype(np.float64) @ unit_rows(matrix).astype(np.float64).T  # [q, vocab]
+    cosines[np.arange(4), query_rows] = -np.inf
+    expected = np.argsort(-cosines, axis=1)[:, :7]
+    assert [set(row) for row in top.ids] == [set(row) for row in expected]
+
+
+def test_recall_by_hand():
+    # query 0 keeps 2 of its 4 neighbours, query 1 all 4: (2/4 + 4/4) / 2 = 0.75
+    assert recall(np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([[1, 2, 9, 10], [8, 7, 6, 5]])) == 0.75
+    assert recall(np.empty((0, 4), int), np.empty((0, 4), int)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# The stage on a small synthetic matrix.
+
+
+def test_snippet_rebuilds_every_scheme_bit_for_bit(tiny):
+    model_dir, matrix, _ = tiny
+    for name in ALL_SCHEMES:
+        scheme = SCHEMES[name]().fit(matrix)
+        expected = scheme.decode(scheme.encode(matrix))
+        rebuilt = run_snippet(model_dir / "quant" / f"{name}.parquet")
+        assert rebuilt.dtype == np.float32 and rebuilt.shape == matrix.shape, name
+        assert np.array_equal(rebuilt, expected), name
+
+
+def test_readme_carries_the_tested_snippet():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme_snippet() in readme
+
+
+def test_layout_and_provenance(tiny):
+    model_dir, matrix, metrics = tiny
+    assert sorted(metrics) == sorted(ALL_SCHEMES)
+    assert json.loads((model_dir / "quant.json").read_text()) == json.loads(json.dumps(metrics))
+    q4 = pq.read_table(model_dir / "quant" / "q4_0.parquet")
+    assert q4.schema.field("codes").type == pa.list_(pa.field("element", pa.uint8(), nullable=False), 64)
+    assert q4.schema.field("scales").type.list_size == 4
+    int8 = pq.read_schema(model_dir / "quant" / "int8_row.parquet")
+    assert int8.field("codes").type.value_type == pa.int8() and int8.field("scales").type.list_size == 1
+    assert pq.read_schema(model_dir / "quant" / "int8_tensor.parquet").names == ["token_id", "codes"]
+    record = read_provenance(model_dir / "quant" / "nf4.parquet")
+    assert record["stage"] == "quantize" and record["scheme"] == "nf4" and record["shape"] == [300, 128]
+    assert record["input"]["matrix_sha256"] == matrix_sha256(matrix)
+    assert record["dequantize"]["lookup"][0] == -1.0 and record["dequantize"]["block"] == 64
+    assert record["params"]["quantize"]["schemes"] == ALL_SCHEMES
+    for name, values in metrics.items():
+        assert set(values) == METRIC_KEYS, name
+        assert values["bytes_on_disk"] == (model_dir / "quant" / f"{name}.parquet").stat().st_size
+
+
+def test_metrics_on_the_synthetic_matrix(tiny):
+    _, matrix, metrics = tiny
+    beyond = np.count_nonzero((matrix.astype(np.float64) > 1.27) | (matrix.astype(np.float64) < -1.28))
+    assert beyond > 0 and metrics["int8_tensor_fixed"]["clipped_values"] == beyond
+    assert metrics["int8_tensor_fixed"]["clipped_fraction"] == beyond / matrix.size
+    assert metrics["q4_0"]["clipped_values"] > 0
+    assert all(metrics[name]["clipped_values"] == 0 for name in ("int8_tensor", "int8_row", "q8_0", "nf4", "fp16", "bf16"))
+    rmse = {name: values["rmse"] for name, values in metrics.items()}
+    assert rmse["fp16"] < rmse["bf16"] < rmse["int8_row"] < rmse["q4_0"]
+    assert metrics["fp16"]["compression_vs_float32"] == 2.0 and metrics["q4_0"]["compression_vs_source"] == 32 / 4.5
+    assert metrics["fp16"]["tokens_recall_at_k"] > 0.95
+    assert metrics["nf4"]["words_recall_at_k"] is None  # no words configured
+    scheme = SCHEMES["q4_0"]()
+    restored = scheme.decode(scheme.encode(matrix))
+    assert metrics["q4_0"]["max_abs_error"] == float(np.abs(restored - matrix).max())
+    assert metrics["q4_0"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((restored.astype(np.float64) - matrix) ** 2))))
+
+
+def test_duckdb_and_polars_read_the_codes(tiny):
+    duckdb = pytest.importorskip("duckdb")
+    polars = pytest.importorskip("polars")
+    path = str(tiny[0] / "quant" / "q8_0.parquet")
+    assert duckdb.sql(f"SELECT count(*), max(len(codes)), max(len(scales)) FROM '{path}'").fetchall() == [(300, 128, 4)]
+    assert polars.read_parquet(path).shape == (300, 3)
+
+
+def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path):
+    matrix = np.ones((40, 48), np.float32)
+    model_dir = synthetic_model(tmp_path, matrix)
+    cases = [
+        (settings(["int8_row", "q4_0"]), "q4_0 quantizes blocks of 32.*dim is 48"),
+        (settings(["int8_row", "q9"]), "unknown quantization scheme 'q9'"),
+        (settings([]), "quantize.schemes is empty"),
+        (settings(["int8_row"], recall_k=40), "recall_k is 40 but tiny has only 40 tokens"),
+        (settings(["int8_row"], sample_tokens=-1), "quantize.sample_tokens is -1"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(DissectError, match=message):
+            quantize.run(model_dir, bad, {"list": []})
+    assert not (model_dir / "quant").exists() and not (model_dir / "quant.json").exists()
+
+
+def test_main_reads_params_and_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    synthetic_model(tmp_path, np.ones((40, 48), np.float32))
+    params = {"quantize": settings(["q8_0"]), "words": {"list": [], "leading_space": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(quantize.main, ["tiny"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: q8_0 quantizes blocks of 32 values along each row, but the embedding dim is 48 (not a multiple of 32); "
+        "remove q8_0 from quantize.schemes for this model"
+    ]
+    params["quantize"]["schemes"] = ["int8_row", "fp16"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(quantize.main, ["tiny"])
+    assert sorted(json.loads((tmp_path / "artifacts/tiny/quant.json").read_text())) == ["fp16", "int8_row"]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end on SmolLM2-135M (Q8_0 source).
+
+
+@pytest.fixture(scope="module")
+def smollm2_quant(smollm2_artifacts) -> dict:
+    words = {"list": ["Hello", "Hi", "Greetings", "Apple", "Banana", "Computer", "Science"], "leading_space": True}
+    return quantize.run(smollm2_artifacts, settings(sample_tokens=200, recall_k=10), words)
+
+
+def test_smollm2_q8_0_requantization_is_lossless(smollm2_quant):
+    # The matrix is Q8_0 dequantized: every block's absmax is 127 * its fp16 scale, so the
+    # same scales and codes come back.
+    q8 = smollm2_quant["q8_0"]
+    assert q8["rmse"] == 0.0 and q8["max_abs_error"] == 0.0 and q8["snr_db"] is None
+    assert q8["tokens_recall_at_k"] == 1.0 and q8["words_recall_at_k"] == 1.0 and q8["words_similarity_max_change"] == 0.0
+    assert q8["compression_vs_source"] == 1.0 and q8["bits_per_weight"] == 8.5
+
+
+def test_smollm2_q8_0_file_holds_the_gguf_tensor_bytes(smollm2_quant, smollm2_artifacts, smollm2_gguf):
+    table = pq.read_table(smollm2_artifacts / "quant" / "q8_0.parquet")
+    n = table.num_rows
+    codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    scales = table.column("scales").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    blocks = ggml_blocks(Encoded(codes=codes, scales=scales, clipped=0), SCHEMES["q8_0"]())
+    reader = gguf.GGUFReader(smollm2_gguf)
+    (tensor,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    assert blocks.tobytes() == np.asarray(tensor.data).tobytes()
+
+
+def test_smollm2_metrics(smollm2_quant, smollm2_artifacts):
+    _, matrix = read_vectors(smollm2_artifacts / "embeddings.parquet")
+    metrics = smollm2_quant
+    assert sorted(metrics) == sorted(ALL_SCHEMES)
+    beyond = np.count_nonzero((matrix.astype(np.float64) > 1.27) | (matrix.astype(np.float64) < -1.28))
+    assert metrics["int8_tensor_fixed"]["clipped_values"] == beyond > 0  # SmolLM2's range exceeds 1.27
+    assert metrics["fp16"]["tokens_recall_at_k"] > 0.98 and metrics["fp16"]["words_recall_at_k"] == 1.0
+    assert metrics["int8_row"]["rmse"] < metrics["int8_tensor"]["rmse"] < metrics["q4_0"]["rmse"]
+    assert 0.5 < metrics["q4_0"]["tokens_recall_at_k"] < 1.0
+    assert metrics["nf4"]["row_cosine_min"] > 0.95
+    rebuilt = run_snippet(smollm2_artifacts / "quant" / "nf4.parquet")
+    scheme = SCHEMES["nf4"]()
+    assert np.array_equal(rebuilt, scheme.decode(scheme.encode(matrix)))
+
+
+# ---------------------------------------------------------------------------------------
+# Writing in a second thread keeps writes atomic.
+
+
+def int_batches(count: int, fail_after: int | None = None, schema: pa.Schema | None = None):
+    schema = schema or pa.schema([pa.field("x", pa.int32())])
+    for index in range(count):
+        if index == fail_after:
+            raise ValueError("producing failed")
+        yield pa.record_batch([pa.array([index, index], pa.int32())], schema=schema)
+
+
+def test_background_writer_writes_every_batch(tmp_path):
+    path = tmp_path / "out.parquet"
+    quantize.write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9))
+    assert pq.read_table(path).column("x").to_pylist() == [i for i in range(9) for _ in range(2)]
+
+
+def test_background_writer_abandons_the_file_when_producing_fails(tmp_path):
+    path = tmp_path / "out.parquet"
+    path.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="producing failed"):
+        quantize.write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9, fail_after=5))
+    assert path.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [path]
+
+
+def test_background_writer_raises_write_errors_without_hanging(tmp_path):
+    path = tmp_path / "out.parquet"
+    other = pa.schema([pa.field("y", pa.int32())])  # batches that do not fit the file's schema
+    with pytest.raises(pa.ArrowInvalid):
+        quantize.write_in_background(path, pa.schema([pa.field("x", pa.int64())]), int_batches(20, schema=other))
+    assert list(tmp_path.iterdir()) == []
