@@ -1,4 +1,5 @@
-"""`dvc repro` end to end in a fresh git repository, on the default real model."""
+"""`dvc repro` end to end in a fresh git repository on the default real model, then an
+experiment that adds a second model, compared with DVC's own tools."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import pytest
 from pipeline.parquet import read_provenance, read_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -38,9 +40,11 @@ def project(tmp_path_factory) -> Path:
         else:
             shutil.copy2(source, target)
     run(["git", "init", "-q"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
     run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "repro"], repo)
     return repo
 
 
@@ -114,3 +118,71 @@ def test_forced_rerun_gives_the_same_dvc_hashes(project):
     before = output_hashes()
     run(["dvc", "repro", "--force", "extract@smollm2-135m"], project)
     assert output_hashes() == before
+
+
+def test_report_tells_the_walkthrough_from_the_artifacts(project):
+    import json
+    import re
+
+    report = (project / "reports" / "smollm2-135m" / "report.md").read_text(encoding="utf-8")
+    for heading in ("## 1. The model", "## 2. The matrix", '## 3. `"Hello"` from text to vector', "## 4. Similarity",
+                    "## 5. PCA", "## 6. Quantization", "## 7. Using the artifacts"):
+        assert heading in report
+    for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
+        assert (project / "reports" / "smollm2-135m" / image).is_file(), image
+    words = pq.read_table(project / "artifacts" / "smollm2-135m" / "words.parquet").to_pylist()
+    assert f"**L2 norm:** {words[0]['l2_norm']:.4g}" in report
+    stats = json.loads((project / "artifacts" / "smollm2-135m" / "stats.json").read_text())
+    assert f"{stats['values']['count']:,}" in report
+    assert '`"Greetings"`†' in report  # a split word is marked
+
+    # The usage snippet runs as printed and gives the shape the report states.
+    (snippet,) = re.findall(r"```python\n(.*?)```", report, flags=re.S)
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        exec(snippet, namespace)  # noqa: S102 - the project's own generated snippet
+    finally:
+        os.chdir(cwd)
+    stated = re.search(r"vectors.shape  # \((\d+), (\d+), (\d+)\)", snippet).groups()
+    assert namespace["vectors"].shape == tuple(int(n) for n in stated)
+
+
+def test_report_is_byte_identical_when_rendered_again(project):
+    import hashlib
+
+    def digests() -> dict:
+        folder = project / "reports" / "smollm2-135m"
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digests()
+    run(["dvc", "repro", "--force", "report@smollm2-135m"], project)
+    assert digests() == before
+
+
+def test_experiment_adding_a_model_runs_only_its_stages(project):
+    import json
+
+    result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-l6=minilm-l6"], project)
+    for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "report"):
+        assert f"Running stage '{stage}@minilm-l6'" in result.stdout, stage
+        assert f"Running stage '{stage}@smollm2-135m'" not in result.stdout, stage
+    assert "Running stage 'compare'" in result.stdout
+
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    files = {path for workspace in metrics.values() for path in workspace.get("data", {})}
+    assert {"artifacts/smollm2-135m/stats.json", "artifacts/minilm-l6/stats.json",
+            "artifacts/smollm2-135m/quant.json", "artifacts/minilm-l6/quant.json"} <= files
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    assert "artifacts/minilm-l6/stats.json" in diff
+    assert diff["artifacts/minilm-l6/stats.json"]["vocab_size"]["new"] == 30522
+
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "artifacts/minilm-l6/stats.json" in shown  # the experiment's metrics, beside the baseline's
+    run(["dvc", "plots", "diff", "--json"], project)
+
+    index = (project / "reports" / "index.md").read_text(encoding="utf-8")
+    assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-l6](minilm-l6/report.md)" in index
+    assert "2 models from params.yaml" in index
