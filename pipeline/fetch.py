@@ -189,12 +189,17 @@ def resolve_tokenizer(cfg: ModelConfig, weights: Path, dest: Path) -> dict[str, 
     return {"kind": kind, "path": str(path)}
 
 
+TOKENIZER_KINDS_BY_SUFFIX = {".json": "tokenizer.json", ".gguf": "gguf", ".model": "tiktoken"}
+
+
 def _kind_of_file(path: Path) -> str:
-    if path.suffix == ".json":
-        return "tokenizer.json"
-    if path.suffix == ".gguf":
-        return "gguf"
-    return "tiktoken"
+    kind = TOKENIZER_KINDS_BY_SUFFIX.get(path.suffix)
+    if kind is None:
+        raise DissectError(
+            f"{path} is not a tokenizer file; point `tokenizer` at a tokenizer.json, a Llama 3 tokenizer.model, "
+            "a .gguf, or a folder holding one"
+        )
+    return kind
 
 
 def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str]) -> dict[str, Any]:

@@ -79,10 +79,9 @@ def _load_state(shard: Path) -> dict[str, Any]:
     try:
         state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported object"
         raise DissectError(
-            f"{shard} was refused: it holds more than tensors ({first_line[:160]}); only plain state dicts are loaded, "
-            "re-save it with torch.save(model.state_dict())"
+            f"{shard} was refused: it holds more than tensors ({_refusal_reason(error)}); only plain state dicts are "
+            "loaded, never code: re-save it with torch.save(model.state_dict()) from a source you trust"
         ) from None
     except Exception as error:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
         # torch surfaces a damaged archive or pickle as any of RuntimeError, EOFError,
@@ -93,6 +92,17 @@ def _load_state(shard: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise DissectError(f"{shard} holds a {type(state).__name__}, not a state dict of tensors; re-save it with torch.save(state_dict)")
     return state
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that names what the pickle wanted to load.
+
+    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
+    what must not be done with an untrusted file, so only the specific line is kept.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return (specific or lines[-1:] or ["not a plain state dict"])[0][:200]
 
 
 def _tensor_bits(tensor: Any, key: str, shard: Path) -> tuple[np.ndarray, str]:
