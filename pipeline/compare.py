@@ -20,6 +20,7 @@ from pipeline.errors import DissectError
 from pipeline.io import write_bytes_atomic
 from pipeline.parquet import read_provenance
 from pipeline.params import load_params
+from pipeline.report_sections import drift_section, export_section
 
 ARTIFACTS_DIR = Path("artifacts")
 REPORTS_DIR = Path("reports")
@@ -114,7 +115,17 @@ def differences(summaries: list[ModelSummary]) -> str:
     return " ".join(sentences)
 
 
-def render(summaries: list[ModelSummary]) -> str:
+def version_sections(summaries: list[ModelSummary], artifacts_dir: Path) -> list[str]:
+    """Drift between versions (every pair in artifacts/drift/) and the exports that exist."""
+    drift_dir = artifacts_dir / "drift"
+    pairs = sorted(p for p in drift_dir.iterdir() if p.is_dir()) if drift_dir.is_dir() else []
+    sections = [drift_section(pair) for pair in pairs]
+    exported = [s.name for s in summaries if (artifacts_dir / s.name / "atlas.parquet").is_file()]
+    sections += [export_section(artifacts_dir / name).replace("## Exports", f"## Exports: {name}", 1) for name in exported]
+    return sections
+
+
+def render(summaries: list[ModelSummary], extra_sections: list[str] | None = None) -> str:
     parts = [
         "# Token-embedding layers compared",
         f"{len(summaries)} model{'s' if len(summaries) != 1 else ''} from params.yaml. Each name links to its report.",
@@ -123,6 +134,7 @@ def render(summaries: list[ModelSummary]) -> str:
         quant_table(summaries),
         "## The largest differences",
         differences(summaries),
+        *(extra_sections or []),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -132,7 +144,7 @@ def run(model_names: list[str], artifacts_dir: Path = ARTIFACTS_DIR, reports_dir
         raise DissectError("params.yaml lists no models; add one with -S '+model@models.NAME=NAME'")
     summaries = [load_summary(name, artifacts_dir) for name in model_names]
     out = reports_dir / "index.md"
-    write_bytes_atomic(out, render(summaries).encode("utf-8"))
+    write_bytes_atomic(out, render(summaries, version_sections(summaries, artifacts_dir)).encode("utf-8"))
     return out
 
 

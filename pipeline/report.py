@@ -3,7 +3,7 @@
 Every number and every figure comes from a file an earlier stage wrote; nothing is
 computed again from the matrix. The story follows the walkthrough the project automates:
 the model, the matrix, one word ("Hello", the first configured word) from text to
-vector, similarity, PCA, quantization, and how to use the artifacts.
+vector, similarity, PCA, quantization, under-trained tokens, and how to use the artifacts.
 
 Deterministic: the same artifacts give byte-identical markdown and PNGs.
 """
@@ -24,6 +24,7 @@ from pipeline.errors import DissectError
 from pipeline.figures import drawable, new_figure, save_png, style
 from pipeline.io import atomic_path, write_bytes_atomic
 from pipeline.parquet import read_provenance
+from pipeline.report_sections import undertrained_section
 
 ARTIFACTS_DIR = Path("artifacts")
 REPORTS_DIR = Path("reports")
@@ -400,7 +401,7 @@ def usage_section(a: Artifacts) -> str:
     seq = max(row["n_tokens"] for row in a.words)
     dim = a.provenance["shape"][1]
     return "\n".join([
-        "## 7. Using the artifacts",
+        "## 8. Using the artifacts",
         "",
         f"A batch lookup of the {batch} word variants above gives an array of shape **[{batch}, {seq}, {dim}]** "
         "(batch, longest tokenization, dimension) and a mask that marks the padding:",
@@ -440,6 +441,7 @@ def render(a: Artifacts, figures: Path) -> str:
         similarity_section(a, figures),
         pca_section(a, figures),
         quant_section(a),
+        undertrained_section(a.figures_dir.parent).replace("## Under-trained tokens", "## 7. Under-trained tokens", 1),
         usage_section(a),
     ]
     return "\n\n".join(section.rstrip() for section in sections) + "\n"

@@ -127,7 +127,7 @@ def test_report_tells_the_walkthrough_from_the_artifacts(project):
 
     report = (project / "reports" / "smollm2-135m" / "report.md").read_text(encoding="utf-8")
     for heading in ("## 1. The model", "## 2. The matrix", '## 3. `"Hello"` from text to vector', "## 4. Similarity",
-                    "## 5. PCA", "## 6. Quantization", "## 7. Using the artifacts"):
+                    "## 5. PCA", "## 6. Quantization", "## 7. Under-trained tokens", "## 8. Using the artifacts"):
         assert heading in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (project / "reports" / "smollm2-135m" / image).is_file(), image
@@ -166,7 +166,7 @@ def test_experiment_adding_a_model_runs_only_its_stages(project):
     import json
 
     result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-l6=minilm-l6"], project)
-    for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "report"):
+    for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "undertrained", "report"):
         assert f"Running stage '{stage}@minilm-l6'" in result.stdout, stage
         assert f"Running stage '{stage}@smollm2-135m'" not in result.stdout, stage
     assert "Running stage 'compare'" in result.stdout

@@ -1,0 +1,375 @@
+"""drift stage: how far each token moved between two versions of an embedding matrix.
+
+A pair (``drift.pairs.<name>: {base: PATH, other: PATH}``) names two vector files: a
+model's ``artifacts/<m>/embeddings.parquet``, or one of its quantized variants
+``artifacts/<m>/quant/<scheme>.parquet`` (dequantized here with the scheme's own decode in
+:mod:`pipeline.quant`). The two must share a tokenizer's vocabulary; tokens are aligned
+by their text (the ``token`` column), so the same vocabulary with ids in another order
+still lines up. Tokens only one side has, and padding rows, are left out and counted.
+
+Per aligned token (float32):
+
+* ``cosine``: cosine of the two rows (same dim only);
+* ``l2_change`` and ``l2_change_relative`` (divided by the base row's norm);
+* ``procrustes_residual`` and ``procrustes_residual_relative``: ``|| a R - b ||`` after the
+  orthogonal Procrustes rotation R = argmin over orthogonal R of ``|| A R - B ||_F`` (the
+  SVD of A^T B, accumulated in float64 chunk by chunk). Two separately trained models have
+  arbitrary bases; the rotation removes that, so what is left is real change;
+* ``knn_jaccard``: |N_a ∩ N_b| / |N_a ∪ N_b| of the token's ``drift.k`` nearest
+  neighbours by cosine (exact, :func:`pipeline.knn.knn_graph`), each side searched among
+  the aligned tokens only. Works when the dims differ;
+* ``moved_rank``: 1 = moved most. By ``procrustes_residual_relative`` when the dims match
+  (largest first), else by ``knn_jaccard`` (smallest first); ties by base token id.
+
+Outputs in ``artifacts/drift/<pair>/``: ``drift.parquet`` (``base_id``, ``other_id``
+int32, ``token``, the columns above) and ``drift.json`` (DVC metrics: alignment counts,
+summaries of each column, Procrustes fit, the ``drift.top_moved`` tokens that moved most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DissectError
+from pipeline.io import write_json_atomic
+from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
+from pipeline.parquet import derived_provenance, read_provenance, read_vectors, write_table
+from pipeline.progress import progress_bar
+
+DRIFT_DIR = Path("artifacts/drift")
+STAGE = "drift"
+BLOCK_ROWS = 8192
+MIN_SHARED_FRACTION = 0.5  # below this the two files do not share a vocabulary
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    k: int
+    top_moved: int
+    block_rows: int
+
+
+def drift_settings(settings: dict[str, Any]) -> DriftSettings:
+    """The ``drift`` params (pairs excepted), checked."""
+    k, block_rows = check_search_params(settings.get("k", 10), settings.get("block_rows", 4096))
+    top = settings.get("top_moved", 50)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise DissectError(f"drift.top_moved is {top!r}; set it to a positive integer")
+    return DriftSettings(k=k, top_moved=top, block_rows=block_rows)
+
+
+def pair_paths(settings: dict[str, Any], name: str) -> tuple[Path, Path]:
+    """(base, other) vector files of pair ``name`` in ``drift.pairs``."""
+    pairs = settings.get("pairs") or {}
+    if not isinstance(pairs, dict) or name not in pairs:
+        known = ", ".join(sorted(pairs)) if isinstance(pairs, dict) else "none"
+        raise DissectError(f"drift pair {name!r} is not in drift.pairs (pairs: {known or 'none'}); add it to conf/config.yaml")
+    entry = pairs[name] or {}
+    if not isinstance(entry, dict) or not isinstance(entry.get("base"), str) or not isinstance(entry.get("other"), str):
+        raise DissectError(f"drift.pairs.{name} must set `base:` and `other:` to vector files (embeddings.parquet or quant/<scheme>.parquet)")
+    return Path(entry["base"]), Path(entry["other"])
+
+
+# --------------------------------------------------------------------------------------
+# Reading a side: embeddings or a dequantized variant
+
+
+@dataclass(frozen=True)
+class Side:
+    path: Path
+    tokens: list[str | None]  # [rows] text per row (row = token id)
+    matrix: np.ndarray  # [rows, dim] float32
+    matrix_sha256: str | None  # of the embeddings it comes from
+
+
+def read_side(path: Path) -> Side:
+    """A vector file as (token texts, float32 matrix); quantized files are dequantized."""
+    try:
+        provenance = read_provenance(path)
+    except FileNotFoundError:
+        raise DissectError(f"{path} does not exist; build it with `dvc repro` or fix the path in drift.pairs") from None
+    if "dequantize" in provenance:
+        embeddings = embeddings_of_variant(path, provenance)
+        matrix = dequantize_file(path, provenance["dequantize"])
+    else:
+        embeddings = path
+        token_ids, matrix = read_vectors(path)
+        if not np.array_equal(token_ids, np.arange(len(token_ids))):
+            raise DissectError(f"the rows of {path} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    tokens = pq.read_table(embeddings, columns=["token"]).column("token").to_pylist()
+    if len(tokens) != len(matrix):
+        raise DissectError(f"{path} has {len(matrix)} rows but its embeddings {embeddings} {len(tokens)}; rebuild both with `dvc repro`")
+    sha = provenance.get("matrix_sha256") or (provenance.get("input") or {}).get("matrix_sha256")
+    return Side(path=path, tokens=tokens, matrix=matrix, matrix_sha256=sha)
+
+
+def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
+    """The embeddings.parquet a quantized file was made from (its token texts are there).
+
+    The provenance holds the path as the quantize stage saw it (relative to the project);
+    ``<model>/quant/<scheme>.parquet`` beside ``<model>/embeddings.parquet`` covers a
+    folder that was moved.
+    """
+    recorded = Path((provenance.get("input") or {}).get("path", ""))
+    beside = path.parent.parent / "embeddings.parquet"
+    for candidate in (recorded, beside):
+        if candidate.is_file():
+            return candidate
+    raise DissectError(f"the embeddings {path} was quantized from ({recorded}) are missing; rebuild them with `dvc repro`")
+
+
+def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
+    """The float32 matrix [vocab, dim] a quant/<scheme>.parquet stands for, row group by row group.
+
+    Per-row and per-block schemes decode with the scheme's own :meth:`Scheme.decode`; the
+    per-tensor ones carry their one scale in the recipe (``(code - offset) * scale``, in
+    float32, exactly as their decode computes it).
+    """
+    from pipeline.quant import SCHEMES
+    from pipeline.quant.base import Encoded
+
+    name = recipe.get("scheme")
+    if name not in SCHEMES:
+        raise DissectError(f"{path} was written by an unknown quantization scheme {name!r}; rebuild it with the quantize stage")
+    scheme = SCHEMES[name]()
+    file = pq.ParquetFile(path)
+    out = np.empty((file.metadata.num_rows, recipe["dim"]), np.float32)  # [vocab, dim]
+    start = 0
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group)
+        n = table.num_rows
+        codes = _list_rows(table, "codes", n)
+        if recipe.get("scale") is None:
+            scales = _list_rows(table, "scales", n) if "scales" in table.column_names else None
+            rows = scheme.decode(Encoded(codes=codes, scales=scales, clipped=0))
+        else:
+            rows = (codes.astype(np.float32) - np.float32(recipe["offset"])) * np.float32(recipe["scale"])
+        out[start : start + n] = rows
+        start += n
+    return out
+
+
+def _list_rows(table: pa.Table, column: str, n: int) -> np.ndarray:
+    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+
+
+# --------------------------------------------------------------------------------------
+# Alignment
+
+
+@dataclass(frozen=True)
+class Alignment:
+    base_rows: np.ndarray  # [n] int64
+    other_rows: np.ndarray  # [n] int64
+    only_base: int
+    only_other: int
+    ids_differ: int  # aligned tokens whose ids differ
+
+
+def align_by_text(base: list[str | None], other: list[str | None]) -> Alignment:
+    """Rows of the tokens both vocabularies have, matched by text, in base id order."""
+    other_index = {text: row for row, text in enumerate(other) if text is not None}
+    pairs = [(row, other_index[text]) for row, text in enumerate(base) if text is not None and text in other_index]
+    base_rows = np.asarray([a for a, _ in pairs], np.int64)
+    other_rows = np.asarray([b for _, b in pairs], np.int64)
+    base_texts = sum(text is not None for text in base)
+    if len(pairs) < MIN_SHARED_FRACTION * max(base_texts, len(other_index), 1):
+        raise DissectError(
+            f"the two vocabularies share only {len(pairs)} of {base_texts} / {len(other_index)} token texts; "
+            "drift compares versions with one tokenizer: pick a pair that shares it"
+        )
+    return Alignment(base_rows, other_rows, base_texts - len(pairs), len(other_index) - len(pairs),
+                     int((base_rows != other_rows).sum()))
+
+
+def take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]`` as a contiguous float32 array, without a copy when ``rows`` is 0..n-1."""
+    if len(rows) == len(matrix) and np.array_equal(rows, np.arange(len(matrix))):
+        return matrix
+    return np.ascontiguousarray(matrix[rows])
+
+
+# --------------------------------------------------------------------------------------
+# Measures (a and b are aligned: row i of each is the same token)
+
+
+def row_changes(a: np.ndarray, b: np.ndarray, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cosine, l2 change, l2 change / |a|), each [n] float32; a zero row has cosine 0."""
+    n = len(a)
+    cosine, l2, relative = (np.empty(n, np.float32) for _ in range(3))
+    for start, block in iter_blocks(a, block_rows):
+        x = block.astype(np.float64)  # [block, dim]
+        y = b[start : start + len(block)].astype(np.float64)
+        nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        dots = np.einsum("ij,ij->i", x, y)
+        cos = np.divide(dots, nx * ny, out=np.zeros_like(dots), where=nx * ny > 0)
+        diff = np.linalg.norm(x - y, axis=1)
+        stop = start + len(block)
+        cosine[start:stop] = np.clip(cos, -1.0, 1.0)
+        l2[start:stop] = diff
+        relative[start:stop] = np.divide(diff, nx, out=np.full_like(diff, np.inf), where=nx > 0)
+    return cosine, l2, relative
+
+
+def procrustes(a: np.ndarray, b: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """The orthogonal R [dim, dim] (float64) minimising ``|| a R - b ||_F``: U V^T of svd(a^T b)."""
+    cross = np.zeros((a.shape[1], b.shape[1]), np.float64)  # [dim, dim]
+    for start, block in iter_blocks(a, block_rows):
+        cross += block.astype(np.float64).T @ b[start : start + len(block)].astype(np.float64)
+    u, _, vt = np.linalg.svd(cross)
+    return u @ vt
+
+
+def procrustes_residuals(a: np.ndarray, b: np.ndarray, rotation: np.ndarray,
+                         block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """(``|| a_i R - b_i ||``, the same / ``|| b_i ||``), each [n] float32."""
+    residual = np.empty(len(a), np.float32)
+    relative = np.empty(len(a), np.float32)
+    for start, block in iter_blocks(a, block_rows):
+        y = b[start : start + len(block)].astype(np.float64)
+        diff = np.linalg.norm(block.astype(np.float64) @ rotation - y, axis=1)
+        ny = np.linalg.norm(y, axis=1)
+        residual[start : start + len(block)] = diff
+        relative[start : start + len(block)] = np.divide(diff, ny, out=np.full_like(diff, np.inf), where=ny > 0)
+    return residual, relative
+
+
+def neighbours(matrix: np.ndarray, k: int, block_rows: int, desc: str) -> np.ndarray:
+    """Ids [n, k] of each row's k nearest other rows by cosine (-1 where fewer exist)."""
+    tiles = -(-len(matrix) // block_rows)
+    with progress_bar(total=tiles * (tiles + 1) // 2, desc=desc, unit="tiles") as bar:
+        found: Neighbors = knn_graph(unit_rows(matrix), k, block_rows, progress=bar.update)
+    return found.ids
+
+
+def jaccard(ids_a: np.ndarray, ids_b: np.ndarray) -> np.ndarray:
+    """Per row, |A ∩ B| / |A ∪ B| of two neighbour id sets [n, k] (-1 entries ignored)."""
+    out = np.empty(len(ids_a), np.float32)
+    for start in range(0, len(ids_a), BLOCK_ROWS):
+        x, y = ids_a[start : start + BLOCK_ROWS], ids_b[start : start + BLOCK_ROWS]
+        # Each row's ids are distinct, so comparing all k x k pairs counts the intersection.
+        common = ((x[:, :, None] == y[:, None, :]) & (x[:, :, None] >= 0)).sum(axis=(1, 2))
+        union = (x >= 0).sum(axis=1) + (y >= 0).sum(axis=1) - common
+        out[start : start + len(x)] = np.divide(common, union, out=np.ones(len(x)), where=union > 0)
+    return out
+
+
+def moved_order(relative_residual: np.ndarray | None, knn_overlap: np.ndarray, base_ids: np.ndarray) -> np.ndarray:
+    """Row indices, moved most first (see the module docstring for the order)."""
+    if relative_residual is not None:
+        return np.lexsort((base_ids, -relative_residual.astype(np.float64)))
+    return np.lexsort((base_ids, knn_overlap))
+
+
+# --------------------------------------------------------------------------------------
+# The comparison
+
+
+@dataclass(frozen=True)
+class Drift:
+    table: pa.Table
+    metrics: dict[str, Any]
+
+
+def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
+    """Everything the stage writes, for two sides."""
+    alignment = align_by_text(base.tokens, other.tokens)
+    a = take_rows(base.matrix, alignment.base_rows)  # [n, dim_a]
+    b = take_rows(other.matrix, alignment.other_rows)  # [n, dim_b]
+    same_dim = a.shape[1] == b.shape[1]
+    n = len(a)
+    nulls = pa.nulls(n, pa.float32())
+    columns: dict[str, Any] = {
+        "base_id": pa.array(alignment.base_rows.astype(np.int32)),
+        "other_id": pa.array(alignment.other_rows.astype(np.int32)),
+        "token": pa.array([base.tokens[row] for row in alignment.base_rows], pa.string()),
+    }
+    metrics: dict[str, Any] = {
+        "aligned": n, "only_in_base": alignment.only_base, "only_in_other": alignment.only_other,
+        "ids_differ": alignment.ids_differ, "dim_base": int(a.shape[1]), "dim_other": int(b.shape[1]),
+    }
+    relative_residual = None
+    if same_dim:
+        cosine, l2, l2_relative = row_changes(a, b)
+        rotation = procrustes(a, b)
+        residual, relative_residual = procrustes_residuals(a, b, rotation)
+        columns.update(cosine=cosine, l2_change=l2, l2_change_relative=l2_relative,
+                       procrustes_residual=residual, procrustes_residual_relative=relative_residual)
+        metrics.update(cosine=describe(cosine), l2_change=describe(l2), l2_change_relative=describe(l2_relative),
+                       procrustes=procrustes_fit(a, b, residual, rotation))
+    else:
+        columns.update({name: nulls for name in ("cosine", "l2_change", "l2_change_relative",
+                                                 "procrustes_residual", "procrustes_residual_relative")})
+    overlap = jaccard(neighbours(a, settings.k, settings.block_rows, "drift: base neighbours"),
+                      neighbours(b, settings.k, settings.block_rows, "drift: other neighbours"))
+    columns["knn_jaccard"] = overlap
+    order = moved_order(relative_residual, overlap, alignment.base_rows)
+    moved_rank = np.empty(n, np.int32)
+    moved_rank[order] = np.arange(1, n + 1, dtype=np.int32)
+    columns["moved_rank"] = moved_rank
+    table = pa.table({key: value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value)
+                      for key, value in columns.items()})
+    metrics["knn_jaccard"] = {**describe(overlap), "k": settings.k, "identical_fraction": float((overlap == 1).mean()) if n else None}
+    metrics["moved_by"] = "procrustes_residual_relative" if same_dim else "knn_jaccard"
+    metrics["top_moved"] = [_jsonable(row) for row in table.take(order[: settings.top_moved]).to_pylist()]
+    return Drift(table, metrics)
+
+
+def describe(values: np.ndarray) -> dict[str, float | None]:
+    """mean, min, p01, median, p99, max of ``values`` (finite entries only)."""
+    finite = values[np.isfinite(values)].astype(np.float64)
+    if not finite.size:
+        return {key: None for key in ("mean", "min", "p01", "median", "p99", "max")}
+    p01, median, p99 = np.percentile(finite, [1, 50, 99])
+    return {"mean": float(finite.mean()), "min": float(finite.min()), "p01": float(p01), "median": float(median),
+            "p99": float(p99), "max": float(finite.max())}
+
+
+def procrustes_fit(a: np.ndarray, b: np.ndarray, residual: np.ndarray, rotation: np.ndarray) -> dict[str, float]:
+    """How well one rotation explains the change: ``||AR - B||_F / ||B||_F`` and R's distance from identity."""
+    total_b = sum(float(np.einsum("ij,ij->", blk.astype(np.float64), blk.astype(np.float64))) for _, blk in iter_blocks(b, BLOCK_ROWS))
+    relative = float(np.sqrt(np.square(residual.astype(np.float64)).sum() / total_b)) if total_b > 0 else 0.0
+    return {"relative_residual": relative, "rotation_distance_from_identity": float(np.linalg.norm(rotation - np.eye(len(rotation))))}
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: (round(value, 6) if isinstance(value, float) and np.isfinite(value) else value) for key, value in row.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Stage
+
+
+def run(name: str, settings: dict[str, Any], out_dir: Path = DRIFT_DIR) -> dict[str, Any]:
+    """Pair ``name`` of ``drift.pairs``: write ``out_dir/<name>/drift.parquet`` and ``drift.json``."""
+    checked = drift_settings(settings)
+    base_path, other_path = pair_paths(settings, name)
+    base, other = read_side(base_path), read_side(other_path)
+    result = compare(base, other, checked)
+    metrics = {"pair": name, "base": str(base_path), "other": str(other_path), **result.metrics}
+    provenance = derived_provenance(STAGE, name, base_path, {"drift": {**asdict(checked), "pair": name}})
+    provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in (base, other)]
+    target = Path(out_dir) / name
+    write_table(target / "drift.parquet", result.table, provenance)
+    write_json_atomic(target / "drift.json", metrics)
+    return metrics
+
+
+def main(argv: list[str]) -> None:
+    from pipeline.params import load_params, stage_settings
+
+    if len(argv) != 1:
+        raise DissectError("usage: python -m pipeline.drift PAIR_NAME (a key of drift.pairs)")
+    run(argv[0], stage_settings(load_params(), STAGE))
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,151 @@
+"""drift stage: Procrustes, neighbour Jaccard, alignment by text, dequantized variants, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.drift import (
+    align_by_text,
+    compare,
+    dequantize_file,
+    drift_settings,
+    jaccard,
+    procrustes,
+    procrustes_residuals,
+    read_side,
+    run,
+)
+from pipeline.errors import DissectError
+from pipeline.parquet import read_vectors, vector_array, write_table
+from pipeline.quant import SCHEMES
+from pipeline.report_sections import drift_section
+
+
+def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+def write_embeddings(path, matrix: np.ndarray, tokens: list[str | None]) -> None:
+    table = pa.table({"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)), "token": pa.array(tokens, pa.string()),
+                      "vector": vector_array(matrix)})
+    write_table(path, table, {"stage": "extract", "model": path.parent.name, "matrix_sha256": "x"})
+
+
+def write_quantized(path, embeddings, matrix: np.ndarray, name: str) -> None:
+    """quant/<scheme>.parquet in the quantize stage's layout (codes, scales, recipe in the provenance)."""
+    scheme = SCHEMES[name]().fit(matrix)
+    encoded = scheme.encode(matrix)
+    columns = {"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)),
+               "codes": pa.FixedSizeListArray.from_arrays(pa.array(encoded.codes.reshape(-1)), encoded.codes.shape[1])}
+    if encoded.scales is not None:
+        columns["scales"] = pa.FixedSizeListArray.from_arrays(pa.array(encoded.scales.reshape(-1)), encoded.scales.shape[1])
+    provenance = {"stage": "quantize", "input": {"path": str(embeddings), "matrix_sha256": "x"},
+                  "dequantize": scheme.recipe(matrix.shape[1])}
+    write_table(path, pa.table(columns), provenance)
+    return scheme.decode(encoded)
+
+
+def test_procrustes_recovers_a_known_rotation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16)).astype(np.float32)
+    rotation = random_rotation(16, rng)
+    b = (a @ rotation).astype(np.float32)
+    found = procrustes(a, b, block_rows=64)
+    assert np.allclose(found, rotation, atol=1e-5)
+    residual, relative = procrustes_residuals(a, b, found)
+    assert residual.max() < 1e-5 and relative.max() < 1e-5
+
+
+def test_jaccard_by_hand():
+    a = np.array([[1, 2, 3], [1, 2, 3], [5, 6, -1], [7, 8, 9]])
+    b = np.array([[2, 3, 4], [3, 2, 1], [5, -1, -1], [1, 2, 3]])
+    # {1,2,3} vs {2,3,4}: 2 / 4; same set in another order: 1; {5,6} vs {5}: 1 / 2; disjoint: 0
+    assert jaccard(a, b).tolist() == [0.5, 1.0, 0.5, 0.0]
+
+
+def test_alignment_by_text_with_permuted_ids():
+    base = ["a", "b", "c", None, "d"]
+    other = ["d", "c", "a", "e", "b"]
+    found = align_by_text(base, other)
+    assert found.base_rows.tolist() == [0, 1, 2, 4] and found.other_rows.tolist() == [2, 4, 1, 0]
+    assert (found.only_base, found.only_other, found.ids_differ) == (0, 1, 4)
+    with pytest.raises(DissectError, match="share only"):
+        align_by_text(["a", "b", "c"], ["x", "y", "c"])
+
+
+def test_synthetic_pair_rotated_noised_and_permuted(tmp_path):
+    """Two 'models' with one vocabulary in different id orders: the second is the first rotated plus noise."""
+    rng = np.random.default_rng(1)
+    n, dim = 600, 24
+    base = rng.normal(size=(n, dim)).astype(np.float32)
+    tokens = [f"tok{i}" for i in range(n)]
+    order = rng.permutation(n)  # other's row j is base's token order[j]
+    moved = 17
+    other = base @ random_rotation(dim, rng) + rng.normal(size=(n, dim)) * 0.01
+    other[moved] += rng.normal(size=dim) * 3  # one token really changed
+    write_embeddings(tmp_path / "a" / "embeddings.parquet", base, tokens)
+    write_embeddings(tmp_path / "b" / "embeddings.parquet", other[order].astype(np.float32), [tokens[i] for i in order])
+    result = compare(read_side(tmp_path / "a" / "embeddings.parquet"), read_side(tmp_path / "b" / "embeddings.parquet"),
+                     drift_settings({"k": 5, "top_moved": 3, "block_rows": 128}))
+    m = result.metrics
+    assert m["aligned"] == n and m["ids_differ"] == int((order != np.arange(n)).sum())
+    assert m["cosine"]["mean"] < 0.5  # raw rows point elsewhere: the bases differ ...
+    assert m["procrustes"]["relative_residual"] < 0.1  # ... but one rotation explains nearly all of it
+    assert m["top_moved"][0]["token"] == f"tok{moved}" and m["top_moved"][0]["moved_rank"] == 1
+    assert m["knn_jaccard"]["median"] == 1.0  # rotation keeps cosines, so the neighbours
+    table = result.table
+    other_ids = table.column("other_id").to_numpy()
+    assert np.array_equal(order[other_ids], table.column("base_id").to_numpy())
+
+
+def test_different_dims_compare_neighbours_only(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(200, 8)).astype(np.float32)
+    tokens = [f"t{i}" for i in range(200)]
+    wider = np.concatenate([base, np.zeros((200, 4), np.float32)], axis=1)  # same geometry, more dims
+    write_embeddings(tmp_path / "a" / "embeddings.parquet", base, tokens)
+    write_embeddings(tmp_path / "b" / "embeddings.parquet", wider, tokens)
+    result = compare(read_side(tmp_path / "a" / "embeddings.parquet"), read_side(tmp_path / "b" / "embeddings.parquet"),
+                     drift_settings({"k": 5}))
+    assert result.table.column("cosine").null_count == 200 and "procrustes" not in result.metrics
+    assert result.metrics["moved_by"] == "knn_jaccard" and result.metrics["knn_jaccard"]["min"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["q4_0", "int8_tensor", "int8_row", "nf4", "q8_0", "bf16"])
+def test_dequantize_file_equals_scheme_decode(tmp_path, name):
+    rng = np.random.default_rng(3)
+    matrix = rng.normal(size=(300, 64)).astype(np.float32) * 0.1
+    write_embeddings(tmp_path / "m" / "embeddings.parquet", matrix, [str(i) for i in range(300)])
+    path = tmp_path / "m" / "quant" / f"{name}.parquet"
+    expected = write_quantized(path, tmp_path / "m" / "embeddings.parquet", matrix, name)
+    recipe = json.loads(pq.read_schema(path).metadata[b"embedding_dissect"])["dequantize"]
+    assert np.array_equal(dequantize_file(path, recipe), expected)
+
+
+def test_pair_names_and_paths_are_checked(tmp_path):
+    with pytest.raises(DissectError, match="not in drift.pairs"):
+        run("nope", {"pairs": {"x": {"base": "a", "other": "b"}}}, out_dir=tmp_path)
+    with pytest.raises(DissectError, match="does not exist"):
+        run("x", {"pairs": {"x": {"base": str(tmp_path / "a.parquet"), "other": str(tmp_path / "b.parquet")}}}, out_dir=tmp_path)
+
+
+def test_smollm2_against_its_own_q4_0(smollm2_artifacts, tmp_path):
+    embeddings = smollm2_artifacts / "embeddings.parquet"
+    _, matrix = read_vectors(embeddings)
+    quantized = tmp_path / "smollm2" / "quant" / "q4_0.parquet"
+    write_quantized(quantized, embeddings, matrix, "q4_0")
+    settings = {"pairs": {"smollm2-q4_0": {"base": str(embeddings), "other": str(quantized)}}, "k": 10, "top_moved": 20}
+    metrics = run("smollm2-q4_0", settings, out_dir=tmp_path / "drift")
+    assert metrics["aligned"] == 49152 and metrics["ids_differ"] == 0
+    assert 0.99 < metrics["cosine"]["mean"] < 0.999 and metrics["cosine"]["min"] > 0.98
+    assert 0.6 < metrics["knn_jaccard"]["mean"] < 0.9
+    table = pq.read_table(tmp_path / "drift" / "smollm2-q4_0" / "drift.parquet")
+    assert table.num_rows == 49152 and table.column("moved_rank").to_numpy().min() == 1
+    section = drift_section(tmp_path / "drift" / "smollm2-q4_0")
+    assert "49,152 tokens aligned" in section and "Procrustes" in section
