@@ -151,21 +151,42 @@ def write_table(
 def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """``(token_ids [rows] int32, matrix [rows, dim] float32)`` from a vector Parquet file.
 
-    Filled row group by row group into one array, so the peak is the matrix plus one group
-    (reading the whole table first would hold the Arrow copy and the numpy copy at once).
+    Filled row group by row group into one array, so the peak is the matrix plus a group
+    per thread (reading the whole table first would hold the Arrow copy and the numpy copy
+    at once). The row groups are decoded by a thread per core, each writing its own rows:
+    decompression and the copy release the GIL.
     """
+    from pipeline.formats.convert import empty_float32, reuse_freed_memory, worker_count
+
+    reuse_freed_memory()
     try:
         file = pq.ParquetFile(path)
     except FileNotFoundError:
         raise DissectError(f"{path} does not exist; run `dvc repro` to build it") from None
-    rows = file.metadata.num_rows
+    metadata = file.metadata
+    rows = metadata.num_rows
     token_ids = np.empty(rows, np.int32)  # [rows]
-    matrix = np.empty((rows, file.schema_arrow.field("vector").type.list_size), np.float32)  # [rows, dim]
-    start = 0
-    for group in range(file.num_row_groups):
-        table = file.read_row_group(group, columns=["token_id", "vector"])
-        stop = start + table.num_rows
-        token_ids[start:stop] = table.column("token_id").to_numpy()
-        matrix[start:stop] = vectors_to_numpy(table.column("vector"))
-        start = stop
+    matrix = empty_float32((rows, file.schema_arrow.field("vector").type.list_size))  # [rows, dim]
+    starts = np.concatenate([[0], np.cumsum([metadata.row_group(g).num_rows for g in range(file.num_row_groups)])])
+    workers = min(worker_count(), file.num_row_groups)
+
+    def read_groups(groups: range | list[int], handle: pq.ParquetFile) -> None:
+        for group in groups:
+            table = handle.read_row_group(group, columns=["token_id", "vector"], use_threads=workers <= 1)
+            start, stop = int(starts[group]), int(starts[group + 1])
+            token_ids[start:stop] = table.column("token_id").to_numpy()
+            matrix[start:stop] = vectors_to_numpy(table.column("vector"))
+            del table  # before the next group is read, so one group per thread is alive at a time
+
+    if workers <= 1:
+        read_groups(range(file.num_row_groups), file)
+        return token_ids, matrix
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Interleaved groups, so the threads move through the file together.
+        futures = [pool.submit(read_groups, list(range(w, file.num_row_groups, workers)), pq.ParquetFile(path))
+                   for w in range(workers)]
+        for future in futures:
+            future.result()
     return token_ids, matrix

@@ -102,6 +102,11 @@ class Reference:
     neighbours: np.ndarray  # [t + w, k] row ids
     word_similarity: np.ndarray  # [w, w]
     source_bits: float | None
+    # For the pruned recall (see SchemeRun): each query's unit vector, its CANDIDATES best
+    # rows by original cosine and those cosines (-inf for unfilled slots).
+    query_units: np.ndarray | None = None  # [t + w, dim] float32
+    candidate_ids: np.ndarray | None = None  # [t + w, CANDIDATES] int64
+    candidate_scores: np.ndarray | None = None  # [t + w, CANDIDATES] float32
 
 
 def quantize_settings(settings: dict[str, Any]) -> QuantizeSettings:
@@ -167,6 +172,54 @@ def sample_token_rows(norms_inverse: np.ndarray, size: int, seed: int) -> np.nda
     return np.sort(rng.choice(candidates, size=min(size, len(candidates)), replace=False)).astype(np.int64)
 
 
+_POOL: list = []
+MIN_ROWS_PER_THREAD = 256
+
+
+def _split_map(function: Callable[[np.ndarray], Any], rows: np.ndarray) -> list[Any]:
+    """``function`` on consecutive row slices of ``rows``, one per core, results in row order.
+
+    The schemes' kernels are numpy (and torch) calls that release the GIL, so the cores
+    share a chunk; rows are independent once a scheme is fitted, so the split changes no value.
+    """
+    from pipeline.formats.convert import worker_count
+
+    workers = worker_count()
+    if workers == 1 or len(rows) < 2 * MIN_ROWS_PER_THREAD:
+        return [function(rows)]
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize"))
+    bounds = np.linspace(0, len(rows), workers + 1).astype(int)
+    return list(_POOL[0].map(function, [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+
+
+def _joined(parts: list[Encoded]) -> Encoded:
+    if len(parts) == 1:
+        return parts[0]
+    scales = None if parts[0].scales is None else np.concatenate([p.scales for p in parts])
+    return Encoded(codes=np.concatenate([p.codes for p in parts]), scales=scales, clipped=sum(p.clipped for p in parts))
+
+
+def encode_rows(scheme: Scheme, rows: np.ndarray) -> Encoded:
+    """``scheme.encode(rows)``, spread over the cores."""
+    return _joined(_split_map(scheme.encode, rows))
+
+
+def encode_decode(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray]:
+    """(``scheme.encode(rows)``, its decoded float32 rows), spread over the cores."""
+
+    def both(part: np.ndarray) -> tuple[Encoded, np.ndarray]:
+        encoded = scheme.encode(part)
+        return encoded, scheme.decode(encoded)
+
+    parts = _split_map(both, rows)
+    if len(parts) == 1:
+        return parts[0]
+    return _joined([e for e, _ in parts]), np.concatenate([r for _, r in parts])
+
+
 def row_chunks(rows: int, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, int]]:
     for start in range(0, rows, rows_per_chunk):
         yield start, min(start + rows_per_chunk, rows)
@@ -182,10 +235,36 @@ def nearest_neighbours(matrix: np.ndarray, queries: np.ndarray, self_rows: np.nd
     return top.ids
 
 
+# The pruned recall keeps each query's best CANDIDATES rows of the original matrix; a
+# scheme whose error could move a row farther than that list reaches is measured in full.
+CANDIDATES = 512
+PRUNE_MIN_ROWS = 8 * ROWS_PER_CHUNK  # below this the full pass is cheap anyway
+SCORE_SLACK = 1e-3  # float32 rounding of the cosines, with a wide margin
+
+
 def reference(matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None) -> Reference:
     tokens, words = queries.vectors(lambda rows: matrix[rows])
-    neighbours = nearest_neighbours(matrix, np.concatenate([tokens, words]), queries.self_rows, k, "neighbours (original)")
-    return Reference(neighbours=neighbours, word_similarity=similarity_table(words), source_bits=source_bits(source_dtype))
+    all_queries = np.concatenate([tokens, words])
+    similarity, bits = similarity_table(words), source_bits(source_dtype)
+    keep = min(CANDIDATES, matrix.shape[0])
+    if matrix.shape[0] < PRUNE_MIN_ROWS or keep <= k:
+        neighbours = nearest_neighbours(matrix, all_queries, queries.self_rows, k, "neighbours (original)")
+        return Reference(neighbours=neighbours, word_similarity=similarity, source_bits=bits)
+    units = unit_rows(all_queries)
+    top = TopK(units, queries.self_rows, keep)
+    with progress_bar(total=matrix.shape[0], desc="neighbours (original)", unit="rows") as bar:
+        for start, stop in row_chunks(matrix.shape[0]):
+            top.add(start, matrix[start:stop])
+            bar.update(stop - start)
+    best = np.argpartition(top.scores, -k, axis=1)[:, -k:]  # [q, k]: the k best of the kept
+    return Reference(
+        neighbours=np.take_along_axis(top.ids, best, axis=1),
+        word_similarity=similarity,
+        source_bits=bits,
+        query_units=units,
+        candidate_ids=top.ids,
+        candidate_scores=top.scores,
+    )
 
 
 def source_bits(dtype: str | None) -> float | None:
@@ -227,17 +306,39 @@ def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
 
 @dataclass
 class SchemeRun:
-    """One scheme over the whole matrix: codes to Parquet, error and neighbours measured on the way."""
+    """One scheme over the whole matrix: codes to Parquet, error and neighbours measured on the way.
+
+    The neighbours of the dequantized matrix are exact, found one of two ways:
+
+    * in full: every chunk's dequantized rows against every query (one matmul per chunk);
+    * pruned, when ``ref`` carries candidates: a query's cosine with a row moves by at most
+      ``delta_q + eps_j`` (the distances between the original and dequantized unit vectors of
+      the query and of the row), so a row can enter the dequantized top-k only if its original
+      cosine is within ``2 (delta_q + eps_max)`` of the original k-th best. When each query's
+      candidate list reaches below that window, the top-k is found among those rows alone;
+      otherwise (a coarse scheme) the full pass runs after all. The sampled token queries
+      are themselves rows, so their deltas predict the window before the pass starts.
+    """
 
     scheme: Scheme
     matrix: np.ndarray
     queries: Queries
     k: int
+    ref: Reference | None = None
 
     def __post_init__(self) -> None:
         self.errors = ErrorStats()
         tokens, self.words = self.queries.vectors(self.restore)
-        self.top = TopK(unit_rows(np.concatenate([tokens, self.words])), self.queries.self_rows, self.k)
+        self.units = unit_rows(np.concatenate([tokens, self.words]))
+        self.top = TopK(self.units, self.queries.self_rows, self.k)
+        self.max_row_shift = 0.0  # eps_max: largest distance between a row's unit vectors
+        self.pruned = False
+        self.query_shift = None
+        if self.ref is not None and self.ref.candidate_ids is not None:
+            shift = self.units.astype(np.float64) - self.ref.query_units
+            self.query_shift = np.sqrt(np.einsum("ij,ij->i", shift, shift))  # [q] delta_q
+            predicted = float(self.query_shift.max()) if len(self.query_shift) else 0.0
+            self.pruned = self._window_covered(predicted)
 
     def restore(self, rows: np.ndarray) -> np.ndarray:
         """The dequantized rows at indices ``rows``."""
@@ -245,17 +346,71 @@ class SchemeRun:
             return np.empty((0, self.matrix.shape[1]), dtype=np.float32)
         return self.scheme.decode(self.scheme.encode(self.matrix[rows]))
 
+    def _windows(self, max_row_shift: float) -> np.ndarray:
+        return 2 * (self.query_shift + max_row_shift) + SCORE_SLACK  # [q]
+
+    def _window_covered(self, max_row_shift: float) -> bool:
+        """Every query's candidate list reaches below its k-th best original cosine minus its window."""
+        if not np.isfinite(max_row_shift) or not len(self.units):
+            return False
+        scores = self.ref.candidate_scores
+        kth = np.partition(scores, -self.k, axis=1)[:, -self.k]  # [q]
+        lowest = scores.min(axis=1)  # [q]; -inf when the list holds every row
+        return bool(np.all(lowest < kth - self._windows(max_row_shift)))
+
     def batches(self, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         vocab = self.matrix.shape[0]
         with progress_bar(total=vocab, desc=f"quantize {self.scheme.name}", unit="rows") as bar:
             for start, stop in row_chunks(vocab):
                 rows = self.matrix[start:stop]  # [n, dim]
-                encoded = self.scheme.encode(rows)
-                restored = self.scheme.decode(encoded)
-                self.errors.add(rows, restored, encoded.clipped)
-                self.top.add(start, restored)
+                encoded, restored = encode_decode(self.scheme, rows)
+                cosines = self.errors.add(rows, restored, encoded.clipped)
+                if self.pruned:
+                    # |u - v| of unit vectors is sqrt(2 - 2 cos); a zero row against a non-zero
+                    # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
+                    shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
+                    self.max_row_shift = max(self.max_row_shift, shift)
+                else:
+                    self.top.add(start, restored)
                 yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
                 bar.update(stop - start)
+        if self.pruned:
+            self._finish_neighbours()
+
+    def _finish_neighbours(self) -> None:
+        if self.errors.sum_sq_error == 0.0 and self.errors.max_abs_error == 0.0 and not np.any(self.query_shift):
+            # Nothing was lost (a Q8_0 source under q8_0, a bf16 source under bf16): the
+            # dequantized matrix is the original, so are its neighbours, ties and all.
+            self.top.ids = self.ref.neighbours.copy()
+            return
+        if not self._window_covered(self.max_row_shift):
+            self.pruned = False  # the error was larger than the sampled rows showed
+            with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
+                for start, stop in row_chunks(self.matrix.shape[0]):
+                    _, restored = encode_decode(self.scheme, self.matrix[start:stop])
+                    self.top.add(start, restored)
+                    bar.update(stop - start)
+            return
+        ids, scores = self.ref.candidate_ids, self.ref.candidate_scores
+        kth = np.partition(scores, -self.k, axis=1)[:, -self.k]
+        inside = (scores >= (kth - self._windows(self.max_row_shift))[:, None]) & (ids >= 0)  # [q, CANDIDATES]
+        rows = np.unique(ids[inside])  # [m] sorted row ids
+        restored = self.restore(rows)  # [m, dim]
+        rescored = self.units @ restored.T  # [q, m], as TopK scores a chunk
+        rescored *= inverse_norms(restored)[None, :]
+        allowed = np.zeros(rescored.shape, dtype=bool)
+        query_index = np.nonzero(inside)[0]
+        allowed[query_index, np.searchsorted(rows, ids[inside])] = True
+        own = self.queries.self_rows >= 0
+        position = np.searchsorted(rows, self.queries.self_rows[own])
+        hit = position < len(rows)
+        own_rows = np.flatnonzero(own)[hit]
+        same = rows[position[hit]] == self.queries.self_rows[own_rows]
+        allowed[own_rows[same], position[hit][same]] = False  # a query is never its own neighbour
+        rescored[~allowed] = -np.inf
+        best = np.argpartition(rescored, -self.k, axis=1)[:, -self.k :]  # [q, k]
+        self.top.ids = rows[best]
+        self.top.scores = np.take_along_axis(rescored, best, axis=1)
 
     def metrics(self, ref: Reference, bytes_on_disk: int) -> dict[str, Any]:
         shape = self.matrix.shape
@@ -281,7 +436,7 @@ def quantize_scheme(
     dim = matrix.shape[1]
     record = {**provenance, "scheme": scheme.name, "shape": list(matrix.shape), "dequantize": scheme.recipe(dim)}
     schema = with_provenance(quant_schema(scheme, dim), record)
-    run = SchemeRun(scheme, matrix, queries, k)
+    run = SchemeRun(scheme, matrix, queries, k, ref)
     write_in_background(path, schema, run.batches(schema))
     return run.metrics(ref, path.stat().st_size)
 

@@ -51,6 +51,7 @@ from pipeline.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
 ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
+CHUNK_ELEMENTS = 8192 * 2048  # wider matrices get fewer rows per chunk, so temporaries stay that size
 PERCENTILES = (1, 50, 99)
 
 
@@ -107,6 +108,65 @@ def _finite_part(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return finite, wide
 
 
+def _chunks_in_parallel(function, matrix: np.ndarray, rows_per_chunk: int) -> Iterator[tuple[slice, Any]]:
+    """``(chunk, function(matrix[chunk]))`` for every row chunk, in order, computed a thread per core.
+
+    numpy releases the GIL in these kernels, so the cores share the chunks; the caller folds
+    the per-chunk results in chunk order, so every sum is grouped exactly as in one thread.
+    At most one chunk per core is in flight, which bounds the temporaries (about 200 MiB a
+    chunk at the default size).
+    """
+    from pipeline.formats.convert import worker_count
+
+    chunks = list(row_chunks(matrix.shape[0], rows_per_chunk))
+    workers = worker_count()
+    if workers == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            yield chunk, function(matrix[chunk])
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(function, matrix[chunk])))
+            if len(pending) >= workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+def _chunk_rows(rows_per_chunk: int, dim: int) -> int:
+    """Rows per chunk, fewer for wide matrices so a float64 temporary stays near 128 MiB."""
+    return max(1, min(rows_per_chunk, CHUNK_ELEMENTS // max(dim, 1)))
+
+
+def _first_pass_chunk(block: np.ndarray) -> dict[str, Any]:
+    finite, wide = _finite_part(block)
+    out: dict[str, Any] = {"sum": wide.sum(axis=0)}  # [dim]
+    # Norms of rows with a non-finite value are discarded later, so zeros there do no harm.
+    out["l2"] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+    out["max_abs"] = np.abs(block).max(axis=1)
+    row_ok = finite.all(axis=1)
+    out["row_ok"] = row_ok
+    if row_ok.all():
+        out["count"] = block.shape[0]
+        out["min"], out["max"] = block.min(axis=0), block.max(axis=0)
+        out["finite_row_sum"] = None  # the chunk sum itself
+        out["nan"] = out["inf"] = 0
+    else:
+        out["count"] = finite.sum(axis=0, dtype=np.int64)
+        out["min"] = np.where(finite, block, np.float32(np.inf)).min(axis=0)
+        out["max"] = np.where(finite, block, np.float32(-np.inf)).max(axis=0)
+        out["finite_row_sum"] = wide[row_ok].sum(axis=0)
+        out["nan"] = int(np.isnan(block).sum())
+        out["inf"] = int(np.isinf(block).sum())
+    return out
+
+
 def first_pass(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[ValueMoments, RowMeasures]:
     """Sums, extremes and non-finite counts per dimension; norms and max |x| per row."""
     rows, dim = matrix.shape
@@ -120,28 +180,17 @@ def first_pass(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> tupl
     finite_row_sum = np.zeros(dim, np.float64)
     nan_count = inf_count = 0
     with progress_bar(total=rows, desc="stats: sums and norms", unit="rows") as bar:
-        for chunk in row_chunks(rows, rows_per_chunk):
-            block = matrix[chunk]  # [rows_per_chunk, dim] float32
-            finite, wide = _finite_part(block)
-            chunk_sum = wide.sum(axis=0)  # [dim]
-            total += chunk_sum
-            # Norms of rows with a non-finite value are discarded later, so zeros there do no harm.
-            l2_norm[chunk] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
-            max_abs[chunk] = np.abs(block).max(axis=1)
-            row_ok = finite.all(axis=1)
-            finite_rows[chunk] = row_ok
-            if row_ok.all():
-                count += block.shape[0]
-                np.minimum(minimum, block.min(axis=0), out=minimum)
-                np.maximum(maximum, block.max(axis=0), out=maximum)
-                finite_row_sum += chunk_sum
-            else:
-                count += finite.sum(axis=0, dtype=np.int64)
-                np.minimum(minimum, np.where(finite, block, np.float32(np.inf)).min(axis=0), out=minimum)
-                np.maximum(maximum, np.where(finite, block, np.float32(-np.inf)).max(axis=0), out=maximum)
-                finite_row_sum += wide[row_ok].sum(axis=0)
-                nan_count += int(np.isnan(block).sum())
-                inf_count += int(np.isinf(block).sum())
+        for chunk, part in _chunks_in_parallel(_first_pass_chunk, matrix, _chunk_rows(rows_per_chunk, dim)):
+            total += part["sum"]
+            l2_norm[chunk] = part["l2"]
+            max_abs[chunk] = part["max_abs"]
+            finite_rows[chunk] = part["row_ok"]
+            count += part["count"]
+            np.minimum(minimum, part["min"], out=minimum)
+            np.maximum(maximum, part["max"], out=maximum)
+            finite_row_sum += part["sum"] if part["finite_row_sum"] is None else part["finite_row_sum"]
+            nan_count += part["nan"]
+            inf_count += part["inf"]
             bar.update(chunk.stop - chunk.start)
     values = ValueMoments(count, total, minimum, maximum, nan_count, inf_count)
     return values, RowMeasures(finite_rows, l2_norm, max_abs, finite_row_sum)
@@ -155,14 +204,19 @@ def second_pass(
     rows, dim = matrix.shape
     squares = np.zeros(dim, np.float64)
     dots = np.zeros(rows, np.float64)
+
+    def measure(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        finite, wide = _finite_part(block)  # [rows_per_chunk, dim] float64
+        chunk_dots = wide @ mean_row  # rows with a non-finite value are discarded later
+        wide -= dim_mean
+        if not finite.all():
+            wide[~finite] = 0.0
+        return chunk_dots, np.einsum("ij,ij->j", wide, wide)
+
     with progress_bar(total=rows, desc="stats: deviations and cosines", unit="rows") as bar:
-        for chunk in row_chunks(rows, rows_per_chunk):
-            finite, wide = _finite_part(matrix[chunk])  # [rows_per_chunk, dim] float64
-            dots[chunk] = wide @ mean_row  # rows with a non-finite value are discarded later
-            wide -= dim_mean
-            if not finite.all():
-                wide[~finite] = 0.0
-            squares += np.einsum("ij,ij->j", wide, wide)
+        for chunk, (chunk_dots, chunk_squares) in _chunks_in_parallel(measure, matrix, _chunk_rows(rows_per_chunk, dim)):
+            dots[chunk] = chunk_dots
+            squares += chunk_squares
             bar.update(chunk.stop - chunk.start)
     return squares, dots
 
@@ -174,6 +228,7 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
     hash match is confirmed on the bytes, so the answer is exact without sorting the matrix.
     """
     rows = matrix.shape[0]
+    rows_per_chunk = _chunk_rows(rows_per_chunk, matrix.shape[1])
     first = np.arange(rows, dtype=np.int64)  # [vocab]: lowest row with the same content
     seen: dict[bytes, list[int]] = {}
     with progress_bar(total=rows, desc="stats: duplicate rows", unit="rows") as bar:

@@ -3,6 +3,11 @@
 The header is parsed by :mod:`pipeline.formats.gguf_file` (bounded and validated); the
 tensor's blocks are memory-mapped and dequantized with the ``gguf`` package in row chunks,
 so memory stays near one float32 copy of the matrix.
+
+The common types (F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized here, bit-identical to the
+``gguf`` package's formulas but without its temporaries: each slab of rows is written
+straight into the output, over a thread per core, and the converted source pages are
+dropped from memory as the work moves on. Every other type goes through the package.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import numpy as np
 
 from pipeline.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.gguf_file import read_gguf, tensor_blocks
+from pipeline.formats.convert import reuse_freed_memory, MappedFile, empty_float32, parallel_rows
+from pipeline.formats.gguf_file import read_gguf
 from pipeline.progress import progress_bar
 
-ROWS_PER_CHUNK = 4096
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -24,6 +29,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
+    reuse_freed_memory()
     if not path.exists():
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a .gguf file")
     file = path if path.is_file() else _single_file(path)
@@ -31,7 +37,12 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
     key = choose_tensor_key(sorted(contents.tensors), tensor, file)
     info = contents.tensors[key]
     shape = require_2d(info.shape, key, file)
-    matrix = dequantize_rows(tensor_blocks(contents, info), info.type_id, shape, key)
+    rows = 1
+    for d in info.shape[:-1]:
+        rows *= d
+    mapped = MappedFile(contents.path, info.offset, info.nbytes)
+    blocks = mapped.array("u1", (rows, info.nbytes // rows))  # [vocab, bytes per row]
+    matrix = dequantize_rows(blocks, info.type_id, shape, key, release=mapped.release)
     record = SourceRecord(files=(file,), tensor_key=key, source_dtype=_type_name(info.type_id), shape=shape)
     return Embedding(matrix=matrix, source=record)
 
@@ -42,24 +53,78 @@ def _type_name(type_id: int) -> str:
     return GGMLQuantizationType(type_id).name
 
 
-def dequantize_rows(blocks: np.ndarray, type_id: int, shape: tuple[int, int], key: str) -> np.ndarray:
-    """Float32 [vocab, dim] from the raw blocks [vocab, bytes per row], chunk by chunk."""
+def dequantize_rows(blocks: np.ndarray, type_id: int, shape: tuple[int, int], key: str, release=None) -> np.ndarray:
+    """Float32 [vocab, dim] from the raw blocks [vocab, bytes per row], chunk by chunk.
+
+    ``release(start_byte, stop_byte)``, if given, is told which source bytes are done with.
+    """
     import gguf
 
     qtype = gguf.GGMLQuantizationType(type_id)
     if qtype == gguf.GGMLQuantizationType.F32:
         return blocks.view(np.float32).reshape(shape)  # the memory map already is the matrix
-    out = np.empty(shape, dtype=np.float32)  # [vocab, dim]
+    kernel = _KERNELS.get(qtype.name)
+    out = empty_float32(shape)  # [vocab, dim]
+    row_bytes = blocks.shape[1]
     with progress_bar(total=shape[0], desc=f"dequantize {key} ({qtype.name})", unit="rows") as bar:
-        for start in range(0, shape[0], ROWS_PER_CHUNK):
-            stop = min(start + ROWS_PER_CHUNK, shape[0])
-            chunk = np.asarray(blocks[start:stop])
-            if qtype == gguf.GGMLQuantizationType.F16:
-                out[start:stop] = chunk.view(np.float16)
-            else:
-                out[start:stop] = _dequantize(gguf, chunk, qtype, key).reshape(stop - start, shape[1])
+        if kernel is None:
+            work = lambda start, stop: out.__setitem__(  # noqa: E731
+                slice(start, stop), _dequantize(gguf, np.asarray(blocks[start:stop]), qtype, key).reshape(stop - start, shape[1])
+            )
+        else:
+            work = lambda start, stop: kernel(out[start:stop], blocks[start:stop])  # noqa: E731
+
+        def done(start: int, stop: int) -> None:
+            if release is not None:
+                release(start * row_bytes, stop * row_bytes)
             bar.update(stop - start)
+
+        parallel_rows(shape[0], shape[1] * 4, work, done)
     return out
+
+
+def _scales(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte ``at`` of each block [n, block bytes], as float32 [n, 1]."""
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view(np.float16).astype(np.float32)
+
+
+def _q8_0(out: np.ndarray, raw: np.ndarray) -> None:
+    blocks = raw.reshape(-1, 34)  # [n, 2 + 32]: fp16 d, int8 codes
+    np.multiply(blocks[:, 2:].view(np.int8), _scales(blocks, 0), out=out.reshape(-1, 32), dtype=np.float32)
+
+
+def _nibbles(out: np.ndarray, codes: np.ndarray, offset: float) -> np.ndarray:
+    """[n, 32] float32 in ``out``: low nibbles of ``codes`` [n, 16] first, then the high ones, minus ``offset``."""
+    blocks = out.reshape(-1, 32)
+    np.subtract(codes & np.uint8(15), np.float32(offset), out=blocks[:, :16], dtype=np.float32)
+    np.subtract(codes >> np.uint8(4), np.float32(offset), out=blocks[:, 16:], dtype=np.float32)
+    return blocks
+
+
+def _q4_0(out: np.ndarray, raw: np.ndarray) -> None:
+    blocks = raw.reshape(-1, 18)  # fp16 d, 16 bytes of nibbles
+    values = _nibbles(out, blocks[:, 2:], 8.0)
+    np.multiply(values, _scales(blocks, 0), out=values)
+
+
+def _q4_1(out: np.ndarray, raw: np.ndarray) -> None:
+    blocks = raw.reshape(-1, 20)  # fp16 d, fp16 m, 16 bytes of nibbles
+    values = _nibbles(out, blocks[:, 4:], 0.0)
+    np.multiply(values, _scales(blocks, 0), out=values)
+    np.add(values, _scales(blocks, 2), out=values)
+
+
+def _f16(out: np.ndarray, raw: np.ndarray) -> None:
+    np.copyto(out, raw.view(np.float16).reshape(out.shape), casting="unsafe")
+
+
+def _bf16(out: np.ndarray, raw: np.ndarray) -> None:
+    wide = out.view(np.uint32)
+    np.copyto(wide, raw.view(np.uint16).reshape(out.shape), casting="unsafe")
+    np.left_shift(wide, np.uint32(16), out=wide)
+
+
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "F16": _f16, "BF16": _bf16}
 
 
 def _dequantize(gguf, chunk: np.ndarray, qtype, key: str) -> np.ndarray:

@@ -10,9 +10,14 @@ embedding: Llama 2's ``ParallelEmbedding`` splits the model dimension, Llama 3's
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import pickle
 import re
+import struct
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ import numpy as np
 
 from pipeline.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.convert import fill_float32
+from pipeline.formats.convert import reuse_freed_memory, MappedFile, empty_float32, fill_float32
 from pipeline.progress import progress_bar
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -36,20 +41,155 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
+    reuse_freed_memory()
     if not path.exists():
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a Meta checkpoint folder or .pth file")
     shards = [path] if path.is_file() else _shards(path)
     params_dim = _params_dim(path if path.is_dir() else path.parent)
-    slices, key = [], tensor
-    for shard in shards:
-        state = _load_state(shard)
-        key = choose_tensor_key(sorted(state), tensor if tensor is not None else key, shard)
-        slices.append(_tensor_bits(state[key], key, shard))
+    slices = _read_without_torch(shards, tensor)
+    if slices is None:
+        slices, key = [], tensor
+        for shard in shards:
+            state = _load_state(shard)
+            key = choose_tensor_key(sorted(state), tensor if tensor is not None else key, shard)
+            slices.append(_tensor_bits(state[key], key, shard))
+    else:
+        key = slices[0][2]
+        slices = [(array, dtype_name) for array, dtype_name, _ in slices]
     matrix, axis = _join(slices, params_dim, path)
+    for array, _ in slices:
+        _MAPS.pop(id(array), None)  # a float32 map returned as the matrix stays alive through the array itself
     dtype_name = slices[0][1]
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
     record = SourceRecord(files=tuple(weight_files(path)), tensor_key=key, source_dtype=dtype_name, shape=shape)
     return Embedding(matrix=matrix, source=record)
+
+
+# ---- the fast path: the embedding's bytes straight from the zip archive, without torch ------
+#
+# A ``torch.save`` file is a zip archive (stored, not compressed) holding ``data.pkl``, a
+# pickle of the state dict whose tensors refer to storages ``data/<key>``. The pickle is
+# read here by an unpickler that knows only the handful of names a plain state dict uses
+# (anything else, or any surprise at all, sends the shard down the torch path, which gives
+# the precise error); the tensor is then memory-mapped at its offset inside the archive.
+# This skips torch's import (seconds) and reads only the embedding's bytes.
+
+_STORAGE_DTYPES = {
+    "BFloat16Storage": ("<u2", "bfloat16"),
+    "HalfStorage": ("<f2", "float16"),
+    "FloatStorage": ("<f4", "float32"),
+    "DoubleStorage": ("<f8", "float64"),
+}
+
+
+class _Unsupported(Exception):
+    """The shard uses something the fast path does not read; torch.load takes over."""
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    kind: str
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    offset: int
+    size: tuple
+    stride: tuple
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_rest) -> _TensorRef:
+    if not isinstance(storage, _StorageRef):
+        raise _Unsupported("tensor without a storage")
+    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
+
+
+class _StateUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES):
+            raise _Unsupported("persistent id")
+        return _StorageRef(kind=pid[1], key=str(pid[2]), numel=int(pid[4]))
+
+
+def _read_without_torch(shards: list[Path], tensor: str | None) -> list[tuple[np.ndarray, str, str]] | None:
+    """(array view, dtype name, key) of the embedding in each shard, or None to use torch."""
+    slices, key = [], tensor
+    try:
+        for shard in shards:
+            state, archive_entry = _fast_state(shard)
+            key = choose_tensor_key(sorted(state), tensor if tensor is not None else key, shard)
+            slices.append((*archive_entry(state[key], key, shard), key))
+    except Exception:  # noqa: BLE001 - any surprise in an untrusted file: the torch path reads it or names the problem
+        for array, *_ in slices:
+            _MAPS.pop(id(array), None)
+        return None
+    return slices
+
+
+def _fast_state(shard: Path):
+    with zipfile.ZipFile(shard) as archive:
+        infos = {info.filename: info for info in archive.infolist()}
+        pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
+        if len(pickles) != 1:
+            raise _Unsupported("no single data.pkl")
+        prefix = pickles[0][: -len("data.pkl")]
+        order = infos.get(prefix + "byteorder")
+        if order is not None and archive.read(order).strip() != b"little":
+            raise _Unsupported("big-endian checkpoint")
+        state = _StateUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+    if not isinstance(state, dict):
+        raise _Unsupported("not a state dict")
+
+    def archive_entry(value, key: str, where: Path) -> tuple[np.ndarray, str]:
+        if not isinstance(value, _TensorRef):
+            raise _Unsupported("not a tensor")
+        rows, cols = require_2d(value.size, key, where)
+        if value.stride != (cols, 1):
+            raise _Unsupported("not a row-major tensor")
+        stored, dtype_name = _STORAGE_DTYPES[value.storage.kind]
+        itemsize = np.dtype(stored).itemsize
+        if value.offset < 0 or value.offset + rows * cols > value.storage.numel:
+            raise _Unsupported("tensor beyond its storage")
+        info = infos[f"{prefix}data/{value.storage.key}"]
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != value.storage.numel * itemsize:
+            raise _Unsupported("compressed or mis-sized storage")
+        start = _member_data_offset(where, info) + value.offset * itemsize
+        mapped = MappedFile(where, start, rows * cols * itemsize)
+        array = mapped.array(stored, (rows, cols))
+        _MAPS[id(array)] = mapped
+        return array, dtype_name
+
+    return state, archive_entry
+
+
+_MAPS: dict[int, MappedFile] = {}  # array id -> its map, so _join can drop converted pages
+
+
+def _member_data_offset(file: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored zip member's bytes begin: after its local header (whose extra field may
+    differ from the central directory's)."""
+    with open(file, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise _Unsupported("bad local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -130,17 +270,27 @@ def _join(slices: list[tuple[np.ndarray, str]], params_dim: int | None, where: P
         return arrays[0], axis
     rows = sum(a.shape[0] for a in arrays) if axis == 0 else arrays[0].shape[0]
     cols = arrays[0].shape[1] if axis == 0 else sum(a.shape[1] for a in arrays)
-    out = np.empty((rows, cols), dtype=np.float32)  # [vocab, dim]
+    out = empty_float32((rows, cols))  # [vocab, dim]
     offset = 0
     with progress_bar(total=sum(a.shape[0] for a in arrays), desc="read tok_embeddings", unit="rows") as bar:
         for array in arrays:
+            release = _releaser(array)
             if axis == 0:
-                fill_float32(out[offset : offset + array.shape[0]], array, slices[0][1], bar)
+                fill_float32(out[offset : offset + array.shape[0]], array, slices[0][1], bar, release)
                 offset += array.shape[0]
             else:
-                fill_float32(out[:, offset : offset + array.shape[1]], array, slices[0][1], bar)
+                fill_float32(out[:, offset : offset + array.shape[1]], array, slices[0][1], bar, release)
                 offset += array.shape[1]
     return out, axis
+
+
+def _releaser(array: np.ndarray):
+    """Drops a fast-path array's converted rows from memory (they stay in the page cache)."""
+    mapped = _MAPS.pop(id(array), None)
+    if mapped is None:
+        return None
+    row_bytes = array.shape[1] * array.itemsize
+    return lambda start, stop: mapped.release(start * row_bytes, stop * row_bytes)
 
 
 def _split_axis(shapes: list[tuple[int, ...]], params_dim: int | None, where: Path) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.convert import rows_to_float32
+from pipeline.formats.convert import MappedFile, reuse_freed_memory, rows_to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 # Largest JSON header we accept: the format's own limit is 100 MB.
@@ -42,6 +42,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
+    reuse_freed_memory()
     if not path.exists():
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a .safetensors file or a model folder")
     if path.is_dir() and (path / INDEX_NAME).is_file():
@@ -162,6 +163,16 @@ def _embedding_from(file: Path, header: Header, key: str, files: tuple[Path, ...
         )
     stored_dtype, dtype_name = DTYPES[entry["dtype"]]
     offset = header.data_start + entry["data_offsets"][0]
-    raw = np.memmap(file, dtype=stored_dtype, mode="r", offset=offset, shape=shape)  # [vocab, dim]
-    matrix = rows_to_float32(raw, dtype_name, desc=f"read {key}")
+    itemsize = np.dtype(stored_dtype).itemsize
+    if dtype_name == "float32":
+        raw = np.memmap(file, dtype=stored_dtype, mode="r", offset=offset, shape=shape)  # [vocab, dim], returned as is
+        matrix = rows_to_float32(raw, dtype_name, desc=f"read {key}")
+    else:
+        # Mapped so that converted rows can be dropped from memory (they stay in the page cache).
+        mapped = MappedFile(file, offset, shape[0] * shape[1] * itemsize)
+        raw = mapped.array(stored_dtype, shape)  # [vocab, dim]
+        row_bytes = shape[1] * itemsize
+        matrix = rows_to_float32(
+            raw, dtype_name, desc=f"read {key}", release=lambda start, stop: mapped.release(start * row_bytes, stop * row_bytes)
+        )
     return Embedding(matrix=matrix, source=SourceRecord(files=files, tensor_key=key, source_dtype=dtype_name, shape=shape))

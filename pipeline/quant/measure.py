@@ -24,8 +24,8 @@ class ErrorStats:
     cosine_min: float = 1.0
     rows: int = 0
 
-    def add(self, original: np.ndarray, restored: np.ndarray, clipped: int) -> None:
-        """Fold in a chunk: ``original`` and ``restored`` [n, dim] float32."""
+    def add(self, original: np.ndarray, restored: np.ndarray, clipped: int) -> np.ndarray:
+        """Fold in a chunk: ``original`` and ``restored`` [n, dim] float32; returns the row cosines [n]."""
         error = restored - original  # [n, dim]
         self.elements += original.size
         self.clipped += clipped
@@ -38,6 +38,7 @@ class ErrorStats:
         self.cosine_sum += float(cosines.sum(dtype=np.float64))
         if len(cosines):
             self.cosine_min = min(self.cosine_min, float(cosines.min()))
+        return cosines
 
     def summary(self) -> dict[str, float | int | None]:
         n = max(self.elements, 1)

@@ -1,0 +1,1 @@
+"""Benchmarks of embedding-dissect against the baselines users reach for (see README.md here)."""
