@@ -74,6 +74,7 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
 # the precise error); the tensor is then memory-mapped at its offset inside the archive.
 # This skips torch's import (seconds) and reads only the embedding's bytes.
 
+MAX_STATE_PICKLE_BYTES = 64 * 1024 * 1024
 _STORAGE_DTYPES = {
     "BFloat16Storage": ("<u2", "bfloat16"),
     "HalfStorage": ("<f2", "float16"),
@@ -147,6 +148,8 @@ def _fast_state(shard: Path):
         pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
             raise _Unsupported("no single data.pkl")
+        if infos[pickles[0]].file_size > MAX_STATE_PICKLE_BYTES:
+            raise _Unsupported("state pickle too large")  # a state dict's pickle is kilobytes; don't inflate a bomb
         prefix = pickles[0][: -len("data.pkl")]
         order = infos.get(prefix + "byteorder")
         if order is not None and archive.read(order).strip() != b"little":
