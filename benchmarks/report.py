@@ -179,7 +179,7 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
 
 
 def targets(results: dict, f32: int) -> list[str]:
-    """Issue 7's targets against this run's numbers."""
+    """The project's speed and memory targets against this run's numbers."""
     def sec(name):
         return _get(results, name)
 
@@ -190,7 +190,7 @@ def targets(results: dict, f32: int) -> list[str]:
         mark = "—" if ok is None else ("met" if ok else "**not met**")
         return f"| {label} | {figure} | {mark} |"
 
-    out = ["", "## Targets (issue 7)", "", "| target | this run | |", "|---|---|---|"]
+    out = ["", "## Targets", "", "| target | this run | |", "|---|---|---|"]
     a, b = sec("extract_meta_ours"), sec("extract_meta_tutorial")
     if a and b:
         out.append(check("extract, Meta: >= 6x the tutorial", b / a >= 6, f"{b / a:.1f}x"))
