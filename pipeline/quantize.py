@@ -75,17 +75,27 @@ class WordQuery:
     token_ids: tuple[int, ...]
 
 
+def pool_rows(rows: np.ndarray, pooling: str) -> np.ndarray:
+    """One vector [dim] from a word's token rows [n, dim], pooled like the words stage (float64 mean)."""
+    if pooling == "first":
+        return rows[0]
+    if pooling == "last":
+        return rows[-1]
+    return rows.astype(np.float64).mean(axis=0)
+
+
 @dataclass(frozen=True)
 class Queries:
     """The rows whose neighbours are compared: sampled tokens, then the words."""
 
     token_rows: np.ndarray  # [t] int64, sorted
     words: list[WordQuery]
+    pooling: str = "mean"  # as the words stage pools a word that splits: mean | first | last
 
     def vectors(self, rows_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(token vectors [t, dim], word vectors [w, dim]) from ``rows_of(row indices) -> rows``."""
         tokens = rows_of(self.token_rows)
-        words = [rows_of(np.array(word.token_ids, dtype=np.int64)).mean(axis=0) for word in self.words]
+        words = [pool_rows(rows_of(np.array(word.token_ids, dtype=np.int64)), self.pooling) for word in self.words]
         dim = tokens.shape[1]
         return tokens, np.array(words, dtype=np.float32).reshape(len(words), dim)
 
@@ -492,6 +502,13 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
         raise errors[0]
 
 
+def word_pooling(words: dict[str, Any]) -> str:
+    pooling = words.get("pooling", "mean")
+    if pooling not in ("mean", "first", "last"):
+        raise DissectError(f"words.pooling is {pooling!r}; set it to one of mean, first, last")
+    return pooling
+
+
 def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dict[str, Any]:
     """The stage on ``model_dir`` (``artifacts/<name>``); returns the quant.json content."""
     model_dir = Path(model_dir)
@@ -506,7 +523,7 @@ def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dic
         raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
     schemes = schemes_for(checked.schemes, dim)  # every mistake is found before anything is written
     sample = sample_token_rows(inverse_norms_by_chunks(matrix), checked.sample_tokens, checked.seed)
-    queries = Queries(sample, word_queries(model_dir, texts, vocab))
+    queries = Queries(sample, word_queries(model_dir, texts, vocab), pooling=word_pooling(words))
     ref = reference(matrix, queries, checked.recall_k, read_provenance(embeddings).get("source_dtype"))
     provenance = derived_provenance("quantize", model_dir.name, embeddings, {"quantize": settings, "words": words})
     metrics = {}

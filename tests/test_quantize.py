@@ -300,3 +300,18 @@ def test_background_writer_raises_write_errors_without_hanging(tmp_path):
     with pytest.raises(pa.ArrowInvalid):
         quantize.write_in_background(path, pa.schema([pa.field("x", pa.int64())]), int_batches(20, schema=other))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pooling, expected", [("first", [1.0, 2.0]), ("last", [5.0, 6.0]), ("mean", [3.0, 4.0])])
+def test_words_are_pooled_like_the_words_stage(pooling, expected):
+    from pipeline.quantize import pool_rows
+
+    rows = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)  # a word split into three tokens
+    assert pool_rows(rows, pooling).tolist() == expected
+
+
+def test_unknown_pooling_is_an_error():
+    from pipeline.quantize import word_pooling
+
+    with pytest.raises(DissectError, match="words.pooling is 'max'"):
+        word_pooling({"pooling": "max"})
