@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
 from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
-from pipeline.parquet import derived_provenance, read_provenance, read_vectors, write_table
+from pipeline.parquet import derived_provenance, read_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 
 DRIFT_DIR = Path("artifacts/drift")
@@ -99,9 +99,7 @@ def read_side(path: Path) -> Side:
         matrix = dequantize_file(path, provenance["dequantize"])
     else:
         embeddings = path
-        token_ids, matrix = read_vectors(path)
-        if not np.array_equal(token_ids, np.arange(len(token_ids))):
-            raise DissectError(f"the rows of {path} are not in token-id order 0..n-1; rebuild it with the extract stage")
+        matrix = read_matrix(path)
     tokens = pq.read_table(embeddings, columns=["token"]).column("token").to_pylist()
     if len(tokens) != len(matrix):
         raise DissectError(f"{path} has {len(matrix)} rows but its embeddings {embeddings} {len(tokens)}; rebuild both with `dvc repro`")

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DissectError
 from pipeline.io import atomic_path, write_bytes_atomic
 from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
-from pipeline.parquet import derived_provenance, read_vectors, write_table
+from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
@@ -226,9 +226,7 @@ def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     model_dir = Path(model_dir)
     checked = export_settings(settings)
     embeddings = model_dir / "embeddings.parquet"
-    token_ids, matrix = read_vectors(embeddings)  # [vocab], [vocab, dim]
-    if not np.array_equal(token_ids, np.arange(len(token_ids))):
-        raise DissectError(f"the rows of {embeddings} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    matrix = read_matrix(embeddings)  # [vocab, dim]
     token_array = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
     tokens = token_array.to_pylist()
     projector = write_projector(model_dir / "projector", model_dir.name, matrix, tokens, checked.projector_max_rows)

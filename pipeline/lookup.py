@@ -22,7 +22,7 @@ import numpy as np
 import tokenizers
 
 from pipeline.errors import DissectError
-from pipeline.parquet import read_vectors
+from pipeline.parquet import read_matrix
 from pipeline.tokenizer import word_token_ids
 
 if TYPE_CHECKING:
@@ -139,9 +139,7 @@ def load_embedding_layer(embeddings_path: Path | str) -> "torch.nn.Embedding":
     """``embeddings.parquet`` as a frozen ``torch.nn.Embedding``: forward(ids) == the Parquet rows."""
     import torch  # only callers of this function pay for torch's import
 
-    token_ids, matrix = read_vectors(embeddings_path)
-    if not np.array_equal(token_ids, np.arange(len(token_ids))):
-        raise DissectError(f"the rows of {embeddings_path} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    matrix = read_matrix(embeddings_path)
     if not matrix.flags.writeable:
         # torch may not share a read-only Arrow buffer; a copy keeps the layer safe to use.
         matrix = matrix.copy()

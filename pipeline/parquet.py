@@ -190,3 +190,15 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
         for future in futures:
             future.result()
     return token_ids, matrix
+
+
+def read_matrix(path: Path | str) -> np.ndarray:
+    """The embedding matrix [vocab, dim] of ``path``, whose rows must be in token-id order.
+
+    Every stage that indexes rows by token id reads through here, so a file whose rows are
+    not 0..n-1 is refused in one place with one message.
+    """
+    token_ids, matrix = read_vectors(path)
+    if not np.array_equal(token_ids, np.arange(len(token_ids))):
+        raise DissectError(f"the rows of {path} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    return matrix

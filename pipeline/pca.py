@@ -44,9 +44,9 @@ from pipeline.hashing import file_sha256
 from pipeline.figures import label_points, label_text, new_figure, save_png, style
 from pipeline.io import write_json_atomic
 from pipeline.knn import iter_blocks
-from pipeline.parquet import derived_provenance, write_table
+from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
-from pipeline.similarity import WordVectors, read_matrix, read_words
+from pipeline.similarity import WordVectors, read_words
 
 ARTIFACTS_DIR = Path("artifacts")
 STAGE = "pca"

@@ -51,7 +51,7 @@ import pyarrow as pa
 
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
-from pipeline.parquet import derived_provenance, read_provenance, read_vectors, with_provenance, write_batches
+from pipeline.parquet import derived_provenance, read_provenance, read_matrix, with_provenance, write_batches
 from pipeline.progress import progress_bar
 from pipeline.quant import Encoded, Scheme, schemes_for
 from pipeline.quant.measure import ErrorStats, TopK, inverse_norms, recall, similarity_table, unit_rows
@@ -515,10 +515,8 @@ def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dic
     checked = quantize_settings(settings)
     texts = word_texts(words)
     embeddings = model_dir / "embeddings.parquet"
-    token_ids, matrix = read_vectors(embeddings)
+    matrix = read_matrix(embeddings)  # [vocab, dim]
     vocab, dim = matrix.shape
-    if not np.array_equal(token_ids, np.arange(vocab)):
-        raise DissectError(f"the rows of {embeddings} are not in token-id order 0..n-1; rebuild it with the extract stage")
     if checked.recall_k >= vocab:
         raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
     schemes = schemes_for(checked.schemes, dim)  # every mistake is found before anything is written

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DissectError
 from pipeline.hashing import file_sha256
 from pipeline.knn import Neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
-from pipeline.parquet import derived_provenance, read_vectors, vectors_to_numpy, write_table
+from pipeline.parquet import derived_provenance, read_matrix, vectors_to_numpy, write_table
 from pipeline.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
@@ -176,13 +176,6 @@ def vocabulary_graph(unit: np.ndarray, k: int, block_rows: int) -> Neighbors:
     with progress_bar(total=tiles * (tiles + 1) // 2, desc="kNN graph", unit="tiles") as bar:
         return knn_graph(unit, k, block_rows, progress=bar.update)
 
-
-def read_matrix(path: Path) -> np.ndarray:
-    """The embedding matrix [vocab, dim] of ``path``, rows in token-id order."""
-    token_ids, matrix = read_vectors(path)
-    if not np.array_equal(token_ids, np.arange(len(token_ids))):
-        raise DissectError(f"the rows of {path} are not in token-id order 0..n-1; rebuild it with the extract stage")
-    return matrix
 
 
 def read_words(path: Path, dim: int, rows: int, model: str) -> WordVectors:

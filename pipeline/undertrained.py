@@ -65,7 +65,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
 from pipeline.knn import iter_blocks
-from pipeline.parquet import derived_provenance, read_vectors, write_table
+from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
@@ -360,9 +360,7 @@ def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     model_dir = Path(model_dir)
     checked = undertrained_settings(settings)
     embeddings = model_dir / "embeddings.parquet"
-    token_ids, matrix = read_vectors(embeddings)  # [vocab], [vocab, dim]
-    if not np.array_equal(token_ids, np.arange(len(token_ids))):
-        raise DissectError(f"the rows of {embeddings} are not in token-id order 0..n-1; rebuild it with the extract stage")
+    matrix = read_matrix(embeddings)  # [vocab, dim]
     columns = pq.read_table(embeddings, columns=["token", "token_bytes"])
     token_array = columns.column("token").combine_chunks()
     tokens: list[str | None] = token_array.to_pylist()

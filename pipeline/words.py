@@ -27,7 +27,7 @@ import tokenizers
 
 from pipeline.errors import DissectError
 from pipeline.lookup import POOLINGS, word_vectors
-from pipeline.parquet import derived_provenance, read_vectors, vector_array, write_table
+from pipeline.parquet import derived_provenance, read_matrix, vector_array, write_table
 
 ARTIFACTS_DIR = Path("artifacts")
 FIRST_DIMS = 10
@@ -125,13 +125,11 @@ def run(model_dir: Path, settings: dict[str, Any]) -> pa.Table:
     model_dir = Path(model_dir)
     checked = word_settings(settings)
     embeddings = model_dir / "embeddings.parquet"
-    token_ids, matrix = read_vectors(embeddings)
+    matrix = read_matrix(embeddings)  # [vocab, dim]
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DissectError(f"{tokenizer_file} is missing; run the extract stage first (`dvc repro extract@{model_dir.name}`)")
     tokenizer = tokenizer_from_json(tokenizer_file)
-    if not np.array_equal(token_ids, np.arange(len(token_ids))):
-        raise DissectError(f"the rows of {embeddings} are not in token-id order 0..n-1; rebuild it with the extract stage")
     token_texts = pq.read_table(embeddings, columns=["token"]).column("token")
     table = words_table(matrix, tokenizer, token_texts, checked)
     write_table(model_dir / "words.parquet", table, derived_provenance("words", model_dir.name, embeddings, {"words": settings}))
