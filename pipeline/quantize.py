@@ -51,6 +51,7 @@ import pyarrow as pa
 
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
+from pipeline.lookup import POOLINGS, pool
 from pipeline.parquet import derived_provenance, read_provenance, read_matrix, with_provenance, write_batches
 from pipeline.progress import progress_bar
 from pipeline.quant import Encoded, Scheme, schemes_for
@@ -76,12 +77,8 @@ class WordQuery:
 
 
 def pool_rows(rows: np.ndarray, pooling: str) -> np.ndarray:
-    """One vector [dim] from a word's token rows [n, dim], pooled like the words stage (float64 mean)."""
-    if pooling == "first":
-        return rows[0]
-    if pooling == "last":
-        return rows[-1]
-    return rows.astype(np.float64).mean(axis=0)
+    """One vector [dim] from a word's token rows [n, dim], pooled exactly as the words stage pools."""
+    return pool(rows[None], np.ones((1, len(rows)), dtype=bool), pooling)[0]
 
 
 @dataclass(frozen=True)
@@ -504,8 +501,8 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
 
 def word_pooling(words: dict[str, Any]) -> str:
     pooling = words.get("pooling", "mean")
-    if pooling not in ("mean", "first", "last"):
-        raise DissectError(f"words.pooling is {pooling!r}; set it to one of mean, first, last")
+    if pooling not in POOLINGS:
+        raise DissectError(f"words.pooling is {pooling!r}; set it to one of {', '.join(POOLINGS)}")
     return pooling
 
 
