@@ -8,7 +8,6 @@ number of models, one included.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import markdown as md
 from pipeline.errors import DissectError
-from pipeline.io import write_bytes_atomic
+from pipeline.io import read_json, write_bytes_atomic
 from pipeline.parquet import read_provenance
 from pipeline.params import load_params
 from pipeline.report_sections import drift_section, export_section
@@ -39,12 +38,6 @@ class ModelSummary:
     quant: dict[str, dict[str, Any]]
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DissectError(f"{path} is missing; run the stage that writes it (`dvc repro`)") from None
-
 
 def load_summary(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> ModelSummary:
     model_dir = artifacts_dir / name
@@ -62,10 +55,10 @@ def load_summary(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> ModelSummary
         source_dtype=provenance["source_dtype"],
         vocab=provenance["shape"][0],
         dim=provenance["shape"][1],
-        stats=_json(model_dir / "stats.json"),
+        stats=read_json(model_dir / "stats.json"),
         first_word=first["variant"],
         first_word_neighbours=[(row["token"], row["cosine"]) for row in neighbours[:NEIGHBOURS_SHOWN]],
-        quant=_json(quant_path) if quant_path.exists() else {},
+        quant=read_json(quant_path) if quant_path.exists() else {},
     )
 
 

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import DissectError
+
 
 @contextlib.contextmanager
 def atomic_path(destination: Path | str) -> Iterator[Path]:
@@ -52,6 +54,14 @@ def _current_umask() -> int:
 def write_bytes_atomic(destination: Path | str, data: bytes) -> None:
     with atomic_path(destination) as tmp:
         tmp.write_bytes(data)
+
+
+def read_json(path: Path | str) -> Any:
+    """A JSON artifact an earlier stage wrote; a missing one says which command builds it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DissectError(f"{path} is missing; run the stage that writes it (`dvc repro`)") from None
 
 
 def write_json_atomic(destination: Path | str, obj: Any) -> None:

@@ -10,7 +10,6 @@ Deterministic: the same artifacts give byte-identical markdown and PNGs.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import markdown as md
 from pipeline.errors import DissectError
 from pipeline.figures import drawable, new_figure, save_png, style
-from pipeline.io import atomic_path, write_bytes_atomic
+from pipeline.io import atomic_path, read_json, write_bytes_atomic
 from pipeline.parquet import read_provenance
 from pipeline.report_sections import undertrained_section
 
@@ -53,12 +52,6 @@ class Artifacts:
     figures_dir: Path
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DissectError(f"{path} is missing; run the stage that writes it (`dvc repro`)") from None
-
 
 def _read_rows(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
     try:
@@ -73,14 +66,14 @@ def load_artifacts(model_dir: Path) -> Artifacts:
     return Artifacts(
         name=model_dir.name,
         provenance=read_provenance(model_dir / "embeddings.parquet"),
-        stats=_read_json(model_dir / "stats.json"),
-        norm_hist=_read_json(model_dir / "norm_hist.json"),
+        stats=read_json(model_dir / "stats.json"),
+        norm_hist=read_json(model_dir / "norm_hist.json"),
         dims={name: dims.column(name).to_numpy() for name in dims.column_names},
         words=_read_rows(model_dir / "words.parquet"),
         similarity=_read_rows(model_dir / "similarity.parquet"),
         neighbors=_read_rows(model_dir / "neighbors.parquet"),
-        pca_variance=_read_json(model_dir / "pca_variance.json"),
-        quant=_read_json(quant_path) if quant_path.exists() else None,
+        pca_variance=read_json(model_dir / "pca_variance.json"),
+        quant=read_json(quant_path) if quant_path.exists() else None,
         figures_dir=model_dir / "figures",
     )
 
