@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from pipeline.errors import DissectError
 
 DEBUG_ENV = "EMBEDDING_DISSECT_DEBUG"
+ARTIFACTS_DIR = Path("artifacts")
 
 
 def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
@@ -24,3 +26,17 @@ def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) 
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def model_stage_main(stage: str, run: Callable[[Path, dict[str, Any]], object]) -> Callable[[list[str]], None]:
+    """The ``main(argv)`` of a per-model stage: ``python -m pipeline.<stage> MODEL`` calls
+    ``run(artifacts/MODEL, params.yaml's <stage> section)``."""
+
+    def main(argv: list[str]) -> None:
+        from pipeline.params import load_params, stage_settings
+
+        if len(argv) != 1:
+            raise DissectError(f"usage: python -m pipeline.{stage} MODEL_NAME")
+        run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), stage))
+
+    return main

@@ -47,13 +47,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.io import atomic_path, write_bytes_atomic
 from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
 from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 
-ARTIFACTS_DIR = Path("artifacts")
 STAGE = "export"
 TSV_BLOCK_ROWS = 4096
 FLOAT_FORMAT = "%.9g"  # 9 significant digits: every float32 reads back exactly
@@ -235,15 +235,8 @@ def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.export MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), STAGE))
+main = model_stage_main("export", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.hashing import file_sha256
 from pipeline.figures import label_points, label_text, new_figure, save_png, style
@@ -48,7 +49,6 @@ from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 from pipeline.similarity import WordVectors, read_words
 
-ARTIFACTS_DIR = Path("artifacts")
 STAGE = "pca"
 BLOCK_ROWS = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
 
@@ -297,15 +297,8 @@ def run(model_dir: Path, settings: dict[str, Any]) -> None:
     vocab_figure(figures / "pca_vocab.png", model_dir.name, coordinates, vocab_pca, labels, vocab_xy)
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.pca MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), STAGE))
+main = model_stage_main("pca", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)

@@ -31,13 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.hashing import file_sha256
 from pipeline.knn import Neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
 from pipeline.parquet import derived_provenance, read_matrix, vectors_to_numpy, write_table
 from pipeline.progress import progress_bar
 
-ARTIFACTS_DIR = Path("artifacts")
 STAGE = "similarity"
 SCOPES = ("words", "all")
 KNN_ROW_GROUP = 65536  # a knn.parquet row is 16 bytes; 4096-row groups would be tiny
@@ -210,15 +210,8 @@ def run(model_dir: Path, settings: dict[str, Any]) -> None:
     write_table(model_dir / "knn.parquet", knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.similarity MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), STAGE))
+main = model_stage_main("similarity", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)

@@ -44,12 +44,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
 from pipeline.parquet import derived_provenance, read_vectors, write_table
 from pipeline.progress import progress_bar
 
-ARTIFACTS_DIR = Path("artifacts")
 ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
 CHUNK_ELEMENTS = 8192 * 2048  # wider matrices get fewer rows per chunk, so temporaries stay that size
 PERCENTILES = (1, 50, 99)
@@ -412,15 +412,8 @@ def run(model_dir: Path, settings: dict[str, Any], rows_per_chunk: int = ROWS_PE
     return stats.summary
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stats MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), "stats"))
+main = model_stage_main("stats", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)

@@ -62,13 +62,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
 from pipeline.knn import iter_blocks
 from pipeline.parquet import derived_provenance, read_matrix, write_table
 from pipeline.progress import progress_bar
 
-ARTIFACTS_DIR = Path("artifacts")
 STAGE = "undertrained"
 BLOCK_ROWS = 8192
 REFERENCE_MODES = ("auto", "tokens", "smallest_norm")
@@ -391,15 +391,8 @@ def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.undertrained MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), STAGE))
+main = model_stage_main("undertrained", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)

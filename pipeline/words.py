@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tokenizers
 
+from pipeline.cli import model_stage_main, run_stage
 from pipeline.errors import DissectError
 from pipeline.lookup import POOLINGS, word_vectors
 from pipeline.parquet import derived_provenance, read_matrix, vector_array, write_table
 
-ARTIFACTS_DIR = Path("artifacts")
 FIRST_DIMS = 10
 
 
@@ -136,15 +136,8 @@ def run(model_dir: Path, settings: dict[str, Any]) -> pa.Table:
     return table
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.words MODEL_NAME")
-    run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), "words"))
+main = model_stage_main("words", run)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
-
     run_stage(main)
