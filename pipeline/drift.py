@@ -57,7 +57,7 @@ class DriftSettings:
 
 def drift_settings(settings: dict[str, Any]) -> DriftSettings:
     """The ``drift`` params (pairs excepted), checked."""
-    k, block_rows = check_search_params(settings.get("k", 10), settings.get("block_rows", 4096))
+    k, block_rows = check_search_params(settings.get("k", 10), settings.get("block_rows", 4096), section="drift")
     top = settings.get("top_moved", 50)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise DissectError(f"drift.top_moved is {top!r}; set it to a positive integer")

@@ -71,7 +71,9 @@ class ExportSettings:
 
 def export_settings(settings: dict[str, Any]) -> ExportSettings:
     """The ``export`` params, checked."""
-    k, block_rows = check_search_params(settings.get("neighbors_k", 10), settings.get("block_rows", 4096))
+    k, block_rows = check_search_params(
+        settings.get("neighbors_k", 10), settings.get("block_rows", 4096), section="export", k_name="neighbors_k"
+    )
     cap = settings.get("projector_max_rows", TENSORBOARD_POINT_LIMIT)
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise DissectError(f"export.projector_max_rows is {cap!r}; set it to a positive integer (TensorBoard's cap is 100000)")

@@ -209,8 +209,9 @@ def _sorted(state: RunningTopK) -> Neighbors:
     return state.result()
 
 
-def check_search_params(k: object, block_rows: object) -> tuple[int, int]:
-    for name, value in (("similarity.k", k), ("similarity.block_rows", block_rows)):
+def check_search_params(k: object, block_rows: object, section: str = "similarity", k_name: str = "k") -> tuple[int, int]:
+    """``k`` and ``block_rows`` as positive ints; a mistake names the setting in ``section``."""
+    for name, value in ((f"{section}.{k_name}", k), (f"{section}.block_rows", block_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DissectError(f"{name} is {value!r}; set it to a positive integer")
     return int(k), int(block_rows)  # type: ignore[arg-type]

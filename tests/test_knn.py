@@ -73,6 +73,13 @@ def test_search_params_are_checked(k, block_rows):
         check_search_params(k, block_rows)
 
 
+def test_search_param_errors_name_the_callers_setting():
+    with pytest.raises(DissectError, match=r"^export\.neighbors_k is 0;"):
+        check_search_params(0, 4, section="export", k_name="neighbors_k")
+    with pytest.raises(DissectError, match=r"^drift\.block_rows is -1;"):
+        check_search_params(3, -1, section="drift")
+
+
 # --------------------------------------------------------------------------------------
 # The brute-force reference
 
