@@ -103,9 +103,10 @@ def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, 
 
 
 def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabulary, matrix_hash: str, params: dict) -> dict:
-    source_paths = {str(p) for p in embedding.source.files}
+    # The manifest lists every file fetched (weights and tokenizer); the reader says which it read.
+    read = {Path(p).resolve() for p in embedding.source.files}
     files_by_path = {f["path"]: f for f in manifest["files"]}
-    source_files = [f for f in manifest["files"] if _matches_any(f["path"], source_paths)] or manifest["files"]
+    source_files = [f for f in manifest["files"] if Path(f["path"]).resolve() in read] or manifest["files"]
     tokenizer = manifest["tokenizer"]
     return {
         "stage": "extract",
@@ -126,11 +127,6 @@ def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabular
         "params": params,
         "package": package_record(),
     }
-
-
-def _matches_any(path: str, absolute_paths: set[str]) -> bool:
-    resolved = str(Path(path).resolve())
-    return resolved in absolute_paths or path in absolute_paths
 
 
 def read_manifest(name: str, models_dir: Path = MODELS_DIR) -> dict:
