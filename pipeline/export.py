@@ -210,7 +210,7 @@ def pca_xy(matrix: np.ndarray) -> np.ndarray:
 
     if matrix.shape[1] < 2:
         raise DissectError(f"the matrix has {matrix.shape[1]} dimension; a 2-D projection needs at least 2")
-    return fit_pca(matrix).transform(matrix)
+    return fit_pca(matrix, n_components=2).transform(matrix)
 
 
 def knn(matrix: np.ndarray, k: int, block_rows: int) -> Neighbors:

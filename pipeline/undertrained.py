@@ -209,7 +209,7 @@ def first_axis(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean row [dim], first principal axis [dim], unit) of ``matrix``, both float64."""
     from pipeline.pca import fit_pca
 
-    pca = fit_pca(matrix)
+    pca = fit_pca(matrix, n_components=1)
     return pca.mean, pca.components[0]
 
 
