@@ -35,7 +35,7 @@ def machine() -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     versions = []
-    for package in ("numpy", "pyarrow", "torch", "gguf", "scikit-learn", "transformers", "safetensors"):
+    for package in ("numpy", "scipy", "pyarrow", "torch", "gguf", "scikit-learn", "transformers", "safetensors"):
         try:
             from importlib.metadata import version
 
@@ -43,13 +43,13 @@ def machine() -> list[str]:
         except Exception:  # noqa: BLE001
             pass
     blas = subprocess.run(
-        [sys.executable, "-c", "import numpy, threadpoolctl, json; print(json.dumps([(i['internal_api'], i.get('architecture'), i['num_threads']) for i in threadpoolctl.threadpool_info()]))"],
+        [sys.executable, "-c", "import numpy, scipy.linalg, threadpoolctl, json; print(json.dumps([(i['internal_api'], i.get('architecture'), i['num_threads']) for i in threadpoolctl.threadpool_info()]))"],
         capture_output=True, text=True,
     ).stdout.strip()
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, Linux {platform.release()}",
         f"- Python {platform.python_version()}; {', '.join(versions)}",
-        f"- BLAS (numpy, as the tests and the pipeline run it): {blas}; "
+        f"- BLAS (numpy's and scipy's, as the tests and the pipeline run them): {blas}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}",
     ]
 
@@ -157,29 +157,25 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
             total += r["seconds"]
             lines.append(f"| {stage} | {_fmt_s(r['seconds'])} | {_fmt_gb(r['peak_rss'])} | {r['peak_rss'] / f32:.2f}x | {r.get('torch_imported')} |")
         lines.append(f"| **total** | **{_fmt_s(total)}** | | | |")
-    lines += targets(results, f32_1b)
-    lines += [
-        "",
-        "Where a target is not met, what limits it:",
-        "",
-        "- PCA (`pipeline/pca.py`, outside this benchmark's changes): a float64 scatter matrix built",
-        "  by syrk over row chunks, then `eigh` on one BLAS thread; its extra memory is the float64",
-        "  chunk temporaries and the [dim, dim] float64 matrices. On the 405B shape its float64",
-        "  scatter (about 34 TFLOP) and a 16384 x 16384 `eigh` on one thread run past the benchmark's",
-        "  time limit; memory stayed under 24 GB until it was stopped.",
-        "- quantize, whole stage: the kernels run at hundreds of M elements/s (above), but each",
-        "  scheme also writes its codes through pyarrow's `fixed_size_list` Parquet writer (tens of",
-        "  M values/s, in a background thread) and, for the coarse schemes, multiplies the whole",
-        "  dequantized matrix by the 1000 sampled queries to measure recall (533 GFLOP per scheme on",
-        "  the 1B). Schemes whose error is provably too small to move a neighbour past the original",
-        "  512 best candidates (fp16, bf16, and any lossless one) skip that matmul.",
-    ]
+    target_lines, unmet = targets(results, f32_1b)
+    lines += target_lines
+    explained = [LIMITS[label] for label in unmet if label in LIMITS]
+    if explained:
+        lines += ["", "Where a target is not met, what limits it:", ""]
+        lines += [f"- {text}" for text in explained]
     lines += ["", "Raw numbers of this run: `results.json` in the cache folder.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def targets(results: dict, f32: int) -> list[str]:
-    """The project's speed and memory targets against this run's numbers."""
+# What limits each target this machine cannot meet, shown under the table only when this
+# run's numbers miss it.
+LIMITS = {
+}
+
+
+def targets(results: dict, f32: int) -> tuple[list[str], list[str]]:
+    """The project's speed and memory targets against this run's numbers, and the labels missed."""
+    unmet: list[str] = []
     def sec(name):
         return _get(results, name)
 
@@ -188,6 +184,8 @@ def targets(results: dict, f32: int) -> list[str]:
 
     def check(label, ok, figure):
         mark = "—" if ok is None else ("met" if ok else "**not met**")
+        if ok is False:
+            unmet.append(label)
         return f"| {label} | {figure} | {mark} |"
 
     out = ["", "## Targets", "", "| target | this run | |", "|---|---|---|"]
@@ -256,4 +254,4 @@ def targets(results: dict, f32: int) -> list[str]:
     out.append(check("stages that do not need torch do not import it", None,
                      "see the torch column; quantize imports it for int8_tensor_fixed (the tutorial's torch.quantize_per_tensor) only; "
                      "tests/test_speed_invariants.py checks the modules"))
-    return out
+    return out, unmet

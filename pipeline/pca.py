@@ -100,13 +100,14 @@ def fit_pca(
     matrix: np.ndarray,
     n_components: int | None = None,
     block_rows: int = BLOCK_ROWS,
-    progress: Callable[[int], object] | None = None,
+    show_progress: bool = False,
 ) -> Pca:
     """Exact PCA of the rows of ``matrix`` [n, dim], centred on their mean.
 
     Keeps the first ``n_components`` axes (all of them when None or more than dim); their
     explained variance ratios are fractions of the total variance over all dim axes. One
-    row has no variance: its fit has a single axis of variance 0.
+    row has no variance: its fit has a single axis of variance 0. ``show_progress`` puts a
+    bar on stderr for each of the two long steps.
     """
     n, dim = matrix.shape
     if n == 0:
@@ -115,17 +116,19 @@ def fit_pca(
     if n < dim:
         return _first_axes(_fit_by_svd(matrix), keep)
     mean = _column_mean(matrix, block_rows)
-    scatter = _scatter(matrix, mean, block_rows, progress)  # [dim, dim], upper triangle
+    with progress_bar(total=n, desc="PCA covariance", unit="rows", enabled=show_progress) as bar:
+        scatter = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
-    eigenvalues, eigenvectors = _top_eigh(scatter, keep)  # [keep] descending, [dim, keep]
+    # One opaque LAPACK call: seconds at dim 2048, minutes at 16384; the bar shows it runs.
+    with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
+        eigenvalues, eigenvectors = _top_eigh(scatter, keep)  # [keep] descending, [dim, keep]
+        bar.update(1)
     variance = np.clip(eigenvalues, 0.0, None)  # rounding can leave tiny negatives
     return _pca(mean, fix_signs(eigenvectors.T), variance, total)
 
 
-def _scatter(
-    matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object] | None
-) -> np.ndarray:
+def _scatter(matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object]) -> np.ndarray:
     """The upper triangle of sum_i (x_i - mean)(x_i - mean)^T, float64 [dim, dim] in Fortran order.
 
     Each block is centred and multiplied (a symmetric rank-k update, syrk) in the matrix's
@@ -147,8 +150,7 @@ def _scatter(
         # centred.T is a Fortran-order view, so BLAS takes it without a copy.
         product = syrk(1.0, centred.T, beta=0.0, c=product, overwrite_c=1, lower=0)
         scatter += product
-        if progress is not None:
-            progress(len(block))
+        progress(len(block))
     # Centring on the rounded shift rather than the exact mean adds n * d d^T, d = mean - shift.
     offset = mean - shift.astype(np.float64)  # [dim]
     return blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
@@ -337,8 +339,7 @@ def run(model_dir: Path, settings: dict[str, Any]) -> None:
     words = read_words(words_path, matrix.shape[1], matrix.shape[0], model_dir.name)
     tokens = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
 
-    with progress_bar(total=matrix.shape[0], desc="PCA covariance", unit="rows") as bar:
-        vocab_pca = fit_pca(matrix, n_components=max(2, checked.n_components), progress=bar.update)
+    vocab_pca = fit_pca(matrix, n_components=max(2, checked.n_components), show_progress=True)
     coordinates = vocab_pca.transform(matrix)  # [vocab, 2]
     vocab_xy = vocab_pca.transform(words.vectors)  # [w, 2]
     words_pca = fit_pca(words.vectors, n_components=2)
