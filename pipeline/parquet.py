@@ -6,7 +6,9 @@ Layout (see DESIGN.md, "Parquet conventions"):
   ``token_id int32`` and ``token string``;
 * zstd compression, BYTE_STREAM_SPLIT on every float column (it puts the four bytes of
   each float in separate streams, so the zero low bytes of a bf16-sourced matrix compress
-  to almost nothing), no dictionary encoding, row groups of a few thousand rows;
+  to almost nothing), no dictionary encoding unless a writer names the columns (the
+  quantize stage's integer codes, whose few distinct values it suits), row groups of a few
+  thousand rows;
 * provenance lives in the file's key-value metadata under the single key
   ``embedding_dissect`` as a JSON object:
 
@@ -112,13 +114,25 @@ def _float_column_paths(schema: pa.Schema) -> list[str]:
     return paths
 
 
-def _writer_options(schema: pa.Schema, compression_level: int) -> dict[str, Any]:
+def _writer_options(
+    schema: pa.Schema,
+    compression_level: int,
+    dictionary_columns: list[str] | None = None,
+    statistics_columns: list[str] | None = None,
+) -> dict[str, Any]:
     return {
         "compression": "zstd",
         "compression_level": compression_level,
-        "use_dictionary": False,
+        "use_dictionary": dictionary_columns or False,
         "use_byte_stream_split": _float_column_paths(schema),
+        "write_statistics": True if statistics_columns is None else statistics_columns,
     }
+
+
+def leaf_column_paths(schema: pa.Schema) -> list[str]:
+    """Parquet column paths of every leaf, as the writer's per-column options name them."""
+    return [f"{field.name}.list.element" if pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type)
+            else field.name for field in schema]
 
 
 def write_batches(
@@ -127,10 +141,19 @@ def write_batches(
     batches: Iterable[pa.RecordBatch | pa.Table],
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     compression_level: int = 3,
+    *,
+    dictionary_columns: list[str] | None = None,
+    statistics_columns: list[str] | None = None,
 ) -> None:
-    """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance."""
+    """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance.
+
+    ``dictionary_columns`` (Parquet column paths, see :func:`leaf_column_paths`) are
+    dictionary encoded, the rest are not; ``statistics_columns``, when given, are the only
+    columns with min/max statistics (None: every column has them).
+    """
+    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns)
     with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, **_writer_options(schema, compression_level)) as writer:
+        with pq.ParquetWriter(tmp, schema, **options) as writer:
             for batch in batches:
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch], schema)
                 writer.write_table(table.replace_schema_metadata(schema.metadata), row_group_size=row_group_size)

@@ -35,7 +35,10 @@ for the configured words) and writes:
   ``words_similarity_max_change`` (largest change in the words' cosine table).
 
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
-near one float32 copy of the matrix.
+near one float32 copy of the matrix. The codes are written by a second thread (integer codes
+dictionary encoded, see :func:`quant_write_options`), a chunk is measured while the next is
+encoded, and the neighbours are searched through the bfloat16 screen of
+:mod:`pipeline.quant.screen`, whose result is exact.
 """
 
 from __future__ import annotations
@@ -52,13 +55,36 @@ import pyarrow as pa
 from pipeline.errors import DissectError
 from pipeline.io import write_json_atomic
 from pipeline.lookup import POOLINGS, pool
-from pipeline.parquet import derived_provenance, read_provenance, read_matrix, with_provenance, write_batches
+from pipeline.parquet import (
+    derived_provenance,
+    leaf_column_paths,
+    read_matrix,
+    read_provenance,
+    with_provenance,
+    write_batches,
+)
 from pipeline.progress import progress_bar
 from pipeline.quant import Encoded, Scheme, schemes_for
-from pipeline.quant.measure import ErrorStats, TopK, inverse_norms, recall, similarity_table, unit_rows
+from pipeline.quant.measure import (
+    ErrorStats,
+    OriginalSums,
+    TopK,
+    inverse_norms,
+    inverse_of_norms,
+    original_sums,
+    recall,
+    row_dots_and_norms,
+    similarity_table,
+    unit_rows,
+)
+from pipeline.quant.screen import ScreenedTopK, exact_best
 
 ARTIFACTS_DIR = Path("artifacts")
 ROWS_PER_CHUNK = 4096
+# Chunks between two returns of freed memory: the chunk buffers of several threads leave
+# freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
+# them costs ~2 ms per 32 MB.
+TRIM_EVERY = 8
 FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 
 
@@ -109,11 +135,22 @@ class Reference:
     neighbours: np.ndarray  # [t + w, k] row ids
     word_similarity: np.ndarray  # [w, w]
     source_bits: float | None
-    # For the pruned recall (see SchemeRun): each query's unit vector, its CANDIDATES best
-    # rows by original cosine and those cosines (-inf for unfilled slots).
+    # For the pruned recall (see SchemeRun): each query's unit vector and k-th best cosine,
+    # and its CANDIDATES best rows by a score within candidate_slack + candidate_out |score|
+    # of the original cosine (-inf for unfilled slots, +inf for a query without a list):
+    # every row left out has a cosine of at most the lowest score plus that bound.
     query_units: np.ndarray | None = None  # [t + w, dim] float32
+    kth_cosine: np.ndarray | None = None  # [t + w] float64
     candidate_ids: np.ndarray | None = None  # [t + w, CANDIDATES] int64
     candidate_scores: np.ndarray | None = None  # [t + w, CANDIDATES] float32
+    candidate_slack: np.ndarray | None = None  # [t + w] float64
+    candidate_out: float = 0.0
+
+    def reach(self, scores: np.ndarray, slack: np.ndarray) -> np.ndarray:
+        """The highest original cosine a candidate score can stand for (``slack`` broadcast to it)."""
+        with np.errstate(invalid="ignore"):
+            bound = scores + self.candidate_out * np.abs(scores) + slack
+        return np.where(np.isneginf(scores), -np.inf, bound)
 
 
 def quantize_settings(settings: dict[str, Any]) -> QuantizeSettings:
@@ -189,17 +226,59 @@ def _split_map(function: Callable[[np.ndarray], Any], rows: np.ndarray) -> list[
     The schemes' kernels are numpy (and torch) calls that release the GIL, so the cores
     share a chunk; rows are independent once a scheme is fitted, so the split changes no value.
     """
+    return _span_map(lambda span: function(rows[span[0] : span[1]]), len(rows))
+
+
+def _span_map(function: Callable[[tuple[int, int]], Any], rows: int) -> list[Any]:
+    """``function((start, stop))`` for consecutive spans of ``rows`` rows, one per core, in order."""
     from pipeline.formats.convert import worker_count
 
     workers = worker_count()
-    if workers == 1 or len(rows) < 2 * MIN_ROWS_PER_THREAD:
-        return [function(rows)]
+    if workers == 1 or rows < 2 * MIN_ROWS_PER_THREAD:
+        return [function((0, rows))]
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    return list(_pool(workers).map(function, list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))))
+
+
+def _pool(workers: int) -> Any:
     if not _POOL:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize"))
-    bounds = np.linspace(0, len(rows), workers + 1).astype(int)
-    return list(_POOL[0].map(function, [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+        # One more thread than cores: a chunk's error runs beside its neighbour search
+        # while the next chunk is encoded on the cores.
+        _POOL.append(ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="quantize"))
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure"))
+    return _POOL[0]
+
+
+def in_order(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start ``function(*args)`` on the single measuring thread; the returned call waits for it.
+
+    Calls started this way run one after another in the order they were started. Runs it
+    right away when there is one core.
+    """
+    from pipeline.formats.convert import worker_count
+
+    workers = worker_count()
+    if workers == 1:
+        result = function(*args)
+        return lambda: result
+    _pool(workers)
+    return _POOL[1].submit(function, *args).result
+
+
+def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start ``function(*args)`` on another core; the returned call waits for its result.
+
+    Runs it right away when there is one core.
+    """
+    from pipeline.formats.convert import worker_count
+
+    workers = worker_count()
+    if workers == 1:
+        result = function(*args)
+        return lambda: result
+    return _pool(workers).submit(function, *args).result
 
 
 def _joined(parts: list[Encoded]) -> Encoded:
@@ -215,31 +294,26 @@ def encode_rows(scheme: Scheme, rows: np.ndarray) -> Encoded:
 
 
 def encode_decode(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray]:
-    """(``scheme.encode(rows)``, its decoded float32 rows), spread over the cores."""
+    """(``scheme.encode(rows)``, its decoded float32 rows), spread over the cores.
 
-    def both(part: np.ndarray) -> tuple[Encoded, np.ndarray]:
-        encoded = scheme.encode(part)
-        return encoded, scheme.decode(encoded)
+    Each core decodes its rows straight into the one output array, so the decoded chunk is
+    never copied; a scheme whose codes are the decoded rows (fp16, bf16) has them returned.
+    """
+    restored = np.empty(rows.shape, dtype=np.float32)  # [n, dim]
 
-    parts = _split_map(both, rows)
-    if len(parts) == 1:
-        return parts[0]
-    return _joined([e for e, _ in parts]), np.concatenate([r for _, r in parts])
+    def both(span: tuple[int, int]) -> tuple[Encoded, bool]:
+        encoded = scheme.encode(rows[span[0] : span[1]])
+        decoded = scheme.decode(encoded, out=restored[span[0] : span[1]])
+        return encoded, decoded is encoded.codes
+
+    parts = _span_map(both, len(rows))
+    encoded = _joined([part for part, _ in parts])
+    return encoded, encoded.codes if all(same for _, same in parts) else restored
 
 
 def row_chunks(rows: int, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, int]]:
     for start in range(0, rows, rows_per_chunk):
         yield start, min(start + rows_per_chunk, rows)
-
-
-def nearest_neighbours(matrix: np.ndarray, queries: np.ndarray, self_rows: np.ndarray, k: int, desc: str) -> np.ndarray:
-    """[q, k] row ids of the exact top-k rows of ``matrix`` by cosine with each of ``queries`` [q, dim]."""
-    top = TopK(unit_rows(queries), self_rows, k)
-    with progress_bar(total=matrix.shape[0], desc=desc, unit="rows") as bar:
-        for start, stop in row_chunks(matrix.shape[0]):
-            top.add(start, matrix[start:stop])
-            bar.update(stop - start)
-    return top.ids
 
 
 # The pruned recall keeps each query's best CANDIDATES rows of the original matrix; a
@@ -249,28 +323,60 @@ PRUNE_MIN_ROWS = 8 * ROWS_PER_CHUNK  # below this the full pass is cheap anyway
 SCORE_SLACK = 1e-3  # float32 rounding of the cosines, with a wide margin
 
 
-def reference(matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None) -> Reference:
+def reference(
+    matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None, sums: list[OriginalSums] | None = None
+) -> Reference:
+    """The neighbours of the original matrix (exact, through the screen), and the candidate
+    lists that prune fine schemes when the matrix is large; ``sums`` as :attr:`SchemeRun.sums`."""
     tokens, words = queries.vectors(lambda rows: matrix[rows])
-    all_queries = np.concatenate([tokens, words])
+    units = unit_rows(np.concatenate([tokens, words]))  # [t + w, dim]
     similarity, bits = similarity_table(words), source_bits(source_dtype)
     keep = min(CANDIDATES, matrix.shape[0])
-    if matrix.shape[0] < PRUNE_MIN_ROWS or keep <= k:
-        neighbours = nearest_neighbours(matrix, all_queries, queries.self_rows, k, "neighbours (original)")
-        return Reference(neighbours=neighbours, word_similarity=similarity, source_bits=bits)
-    units = unit_rows(all_queries)
-    top = TopK(units, queries.self_rows, keep)
+    prune = matrix.shape[0] >= PRUNE_MIN_ROWS and keep > k
+    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0)
     with progress_bar(total=matrix.shape[0], desc="neighbours (original)", unit="rows") as bar:
-        for start, stop in row_chunks(matrix.shape[0]):
-            top.add(start, matrix[start:stop])
+        for index, (start, stop) in enumerate(row_chunks(matrix.shape[0])):
+            top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
             bar.update(stop - start)
-    best = np.argpartition(top.scores, -k, axis=1)[:, -k:]  # [q, k]: the k best of the kept
+    if not top.finish():
+        return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
+    if not prune:
+        return Reference(neighbours=top.ids, word_similarity=similarity, source_bits=bits)
     return Reference(
-        neighbours=np.take_along_axis(top.ids, best, axis=1),
+        neighbours=top.ids,
         word_similarity=similarity,
         source_bits=bits,
         query_units=units,
+        kth_cosine=top.scores[:, -1],
+        candidate_ids=top.candidate_ids,
+        candidate_scores=top.candidate_scores,
+        candidate_slack=top.candidate_slack,
+        candidate_out=top.precision.out,
+    )
+
+
+def reference_float32(
+    matrix: np.ndarray, units: np.ndarray, self_rows: np.ndarray, k: int, keep: int, similarity: np.ndarray, bits: float | None
+) -> Reference:
+    """:func:`reference` by a plain float32 search, for when the screen broke its bound."""
+    top = TopK(units, self_rows, keep)
+    with progress_bar(total=matrix.shape[0], desc="neighbours (original, float32)", unit="rows") as bar:
+        for start, stop in row_chunks(matrix.shape[0]):
+            top.add(start, matrix[start:stop])
+            bar.update(stop - start)
+    best = np.argsort(-top.scores, axis=1, kind="stable")[:, :k]  # [q, k]: the k best of the kept, best first
+    neighbours, scores = np.take_along_axis(top.ids, best, axis=1), np.take_along_axis(top.scores, best, axis=1)
+    if keep == k:
+        return Reference(neighbours=neighbours, word_similarity=similarity, source_bits=bits)
+    return Reference(
+        neighbours=neighbours,
+        word_similarity=similarity,
+        source_bits=bits,
+        query_units=units,
+        kth_cosine=scores[:, -1].astype(np.float64),
         candidate_ids=top.ids,
         candidate_scores=top.scores,
+        candidate_slack=np.zeros(len(units)),  # float32 cosines: SCORE_SLACK in the windows covers them
     )
 
 
@@ -306,6 +412,29 @@ def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema) -> 
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
+# zstd level 1 writes the codes 1.1-1.5x faster than level 3 and, with the encodings below,
+# to files as small or smaller (measured on the Llama 3.2 1B matrix).
+QUANT_COMPRESSION_LEVEL = 1
+
+
+def quant_write_options(schema: pa.Schema) -> dict[str, Any]:
+    """How the quant files are encoded (:func:`pipeline.parquet.write_batches` options).
+
+    Integer codes are dictionary encoded: Parquet stores int8 and uint8 as 4-byte INT32, and
+    their at most 256 distinct values become 8-bit indices, which writes twice as fast and
+    a quarter smaller than plain INT32 under zstd. Min/max statistics of the codes tell a
+    reader nothing, so only the other columns carry them.
+    """
+    paths = dict(zip(schema.names, leaf_column_paths(schema)))
+    codes = schema.field("codes") if "codes" in paths else None
+    integer_codes = codes is not None and pa.types.is_integer(codes.type.value_type)
+    return {
+        "compression_level": QUANT_COMPRESSION_LEVEL,
+        "dictionary_columns": [paths["codes"]] if integer_codes else [],
+        "statistics_columns": [path for name, path in paths.items() if name != "codes"],
+    }
+
+
 def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
@@ -317,7 +446,9 @@ class SchemeRun:
 
     The neighbours of the dequantized matrix are exact, found one of two ways:
 
-    * in full: every chunk's dequantized rows against every query (one matmul per chunk);
+    * in full: every chunk's dequantized rows against every query, through the bfloat16
+      screen of :mod:`pipeline.quant.screen` (exact: the rows it cannot rule out are
+      rescored in float64);
     * pruned, when ``ref`` carries candidates: a query's cosine with a row moves by at most
       ``delta_q + eps_j`` (the distances between the original and dequantized unit vectors of
       the query and of the row), so a row can enter the dequantized top-k only if its original
@@ -332,12 +463,13 @@ class SchemeRun:
     queries: Queries
     k: int
     ref: Reference | None = None
+    sums: list[OriginalSums] | None = None  # per chunk of ROWS_PER_CHUNK rows, shared by the schemes
 
     def __post_init__(self) -> None:
         self.errors = ErrorStats()
         tokens, self.words = self.queries.vectors(self.restore)
         self.units = unit_rows(np.concatenate([tokens, self.words]))
-        self.top = TopK(self.units, self.queries.self_rows, self.k)
+        self.top = ScreenedTopK(self.units, self.queries.self_rows, self.k)
         self.max_row_shift = 0.0  # eps_max: largest distance between a row's unit vectors
         self.pruned = False
         self.query_shift = None
@@ -357,32 +489,63 @@ class SchemeRun:
         return 2 * (self.query_shift + max_row_shift) + SCORE_SLACK  # [q]
 
     def _window_covered(self, max_row_shift: float) -> bool:
-        """Every query's candidate list reaches below its k-th best original cosine minus its window."""
+        """Every query's candidate list reaches below its k-th best original cosine minus its window:
+        no row left out of the list can reach the window."""
         if not np.isfinite(max_row_shift) or not len(self.units):
             return False
-        scores = self.ref.candidate_scores
-        kth = np.partition(scores, -self.k, axis=1)[:, -self.k]  # [q]
-        lowest = scores.min(axis=1)  # [q]; -inf when the list holds every row
-        return bool(np.all(lowest < kth - self._windows(max_row_shift)))
+        lowest = self.ref.candidate_scores.min(axis=1)  # [q]; -inf when the list holds every row
+        left_out = self.ref.reach(lowest, self.ref.candidate_slack)  # [q]
+        return bool(np.all(left_out < self.ref.kth_cosine - self._windows(max_row_shift)))
 
     def batches(self, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         vocab = self.matrix.shape[0]
+        measured: Callable[[], Any] = lambda: None
         with progress_bar(total=vocab, desc=f"quantize {self.scheme.name}", unit="rows") as bar:
-            for start, stop in row_chunks(vocab):
+            for index, (start, stop) in enumerate(row_chunks(vocab)):
                 rows = self.matrix[start:stop]  # [n, dim]
                 encoded, restored = encode_decode(self.scheme, rows)
-                cosines = self.errors.add(rows, restored, encoded.clipped)
-                if self.pruned:
-                    # |u - v| of unit vectors is sqrt(2 - 2 cos); a zero row against a non-zero
-                    # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
-                    shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
-                    self.max_row_shift = max(self.max_row_shift, shift)
-                else:
-                    self.top.add(start, restored)
+                sums = self.sums[index] if self.sums is not None else original_sums(rows)
+                # The previous chunk is measured while this one was encoded; chunks are
+                # folded in one at a time and in order, so every sum is as in one thread.
+                measured()
+                measured = in_order(self._measure, start, rows, restored, encoded.clipped, sums)
                 yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
                 bar.update(stop - start)
+                if index % TRIM_EVERY == TRIM_EVERY - 1:
+                    return_freed_memory()
+            measured()
         if self.pruned:
             self._finish_neighbours()
+        else:
+            self._finish_screen()
+
+    def _measure(self, start: int, rows: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums) -> None:
+        """Fold a chunk (original and dequantized rows [n, dim]) into the error and the neighbours."""
+        dots, norms = row_dots_and_norms(rows, restored)  # [n], [n] float64, for both
+        if self.pruned:
+            cosines = self.errors.add_chunk(rows, restored, clipped, sums, dots, norms)
+            # |u - v| of unit vectors is sqrt(2 - 2 cos); a zero row against a non-zero
+            # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
+            shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
+            self.max_row_shift = max(self.max_row_shift, shift)
+            return
+        # The error's passes are single-threaded numpy; they run beside the screen, whose
+        # own single-threaded steps leave a core free between its matrix products.
+        errors_done = beside(self.errors.add_chunk, rows, restored, clipped, sums, dots, norms)
+        self.top.add(start, restored, norms)
+        errors_done()
+
+    def _finish_screen(self) -> None:
+        if self.top.finish():
+            return
+        # A screen score broke its error bound (a bfloat16 kernel that does not accumulate
+        # in float32): search again without the screen, in plain float32.
+        self.top = TopK(self.units, self.queries.self_rows, self.k)
+        with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
+            for start, stop in row_chunks(self.matrix.shape[0]):
+                _, restored = encode_decode(self.scheme, self.matrix[start:stop])
+                self.top.add(start, restored)
+                bar.update(stop - start)
 
     def _finish_neighbours(self) -> None:
         if self.errors.sum_sq_error == 0.0 and self.errors.max_abs_error == 0.0 and not np.any(self.query_shift):
@@ -397,27 +560,15 @@ class SchemeRun:
                     _, restored = encode_decode(self.scheme, self.matrix[start:stop])
                     self.top.add(start, restored)
                     bar.update(stop - start)
+            self._finish_screen()
             return
-        ids, scores = self.ref.candidate_ids, self.ref.candidate_scores
-        kth = np.partition(scores, -self.k, axis=1)[:, -self.k]
-        inside = (scores >= (kth - self._windows(self.max_row_shift))[:, None]) & (ids >= 0)  # [q, CANDIDATES]
-        rows = np.unique(ids[inside])  # [m] sorted row ids
-        restored = self.restore(rows)  # [m, dim]
-        rescored = self.units @ restored.T  # [q, m], as TopK scores a chunk
-        rescored *= inverse_norms(restored)[None, :]
-        allowed = np.zeros(rescored.shape, dtype=bool)
-        query_index = np.nonzero(inside)[0]
-        allowed[query_index, np.searchsorted(rows, ids[inside])] = True
-        own = self.queries.self_rows >= 0
-        position = np.searchsorted(rows, self.queries.self_rows[own])
-        hit = position < len(rows)
-        own_rows = np.flatnonzero(own)[hit]
-        same = rows[position[hit]] == self.queries.self_rows[own_rows]
-        allowed[own_rows[same], position[hit][same]] = False  # a query is never its own neighbour
-        rescored[~allowed] = -np.inf
-        best = np.argpartition(rescored, -self.k, axis=1)[:, -self.k :]  # [q, k]
-        self.top.ids = rows[best]
-        self.top.scores = np.take_along_axis(rescored, best, axis=1)
+        # The rows a query's window can hold are among its candidates that reach the window;
+        # they are scored on the dequantized matrix and the k best kept.
+        ids, ref = self.ref.candidate_ids, self.ref
+        floor = ref.kth_cosine - self._windows(self.max_row_shift)  # [q]
+        inside = (ref.reach(ref.candidate_scores, ref.candidate_slack[:, None]) >= floor[:, None]) & (ids >= 0)
+        query, row = np.nonzero(inside)[0], ids[inside]  # [m] pairs
+        self.top.ids, self.top.scores = exact_best(self.units, query, row, self.queries.self_rows, self.k, self.restore)
 
     def metrics(self, ref: Reference, bytes_on_disk: int) -> dict[str, Any]:
         shape = self.matrix.shape
@@ -437,13 +588,20 @@ class SchemeRun:
 
 
 def quantize_scheme(
-    scheme: Scheme, matrix: np.ndarray, queries: Queries, ref: Reference, k: int, path: Path, provenance: dict
+    scheme: Scheme,
+    matrix: np.ndarray,
+    queries: Queries,
+    ref: Reference,
+    k: int,
+    path: Path,
+    provenance: dict,
+    sums: list[OriginalSums] | None = None,
 ) -> dict[str, Any]:
-    """Write ``path`` for ``scheme`` (already fitted) and return its metrics."""
+    """Write ``path`` for ``scheme`` (already fitted) and return its metrics; ``sums`` as :attr:`SchemeRun.sums`."""
     dim = matrix.shape[1]
     record = {**provenance, "scheme": scheme.name, "shape": list(matrix.shape), "dequantize": scheme.recipe(dim)}
     schema = with_provenance(quant_schema(scheme, dim), record)
-    run = SchemeRun(scheme, matrix, queries, k, ref)
+    run = SchemeRun(scheme, matrix, queries, k, ref, sums)
     write_in_background(path, schema, run.batches(schema))
     return run.metrics(ref, path.stat().st_size)
 
@@ -455,11 +613,12 @@ class _Abandoned(Exception):
 def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
     """:func:`write_batches` in a second thread while this one computes the next batches.
 
-    Encoding ``fixed_size_list`` columns into Parquet runs at about 50 M values/s, as slow as
-    the work that produces them; pyarrow releases the GIL while it writes, so the two overlap.
+    Encoding ``fixed_size_list`` columns into Parquet runs at 120-230 M values/s a core (see
+    :func:`quant_write_options`), about as long as the work that produces them; pyarrow
+    releases the GIL while it writes, so the two overlap.
     If producing fails, the writer abandons its temporary file and the error is raised here.
     """
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=2)  # bounded: at most two chunks wait in memory
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)  # bounded: one chunk waits while one is written
     finished, failed = object(), object()
     ended = threading.Event()
     errors: list[BaseException] = []
@@ -476,7 +635,7 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
 
     def write() -> None:
         try:
-            write_batches(path, schema, received(), row_group_size=ROWS_PER_CHUNK)
+            write_batches(path, schema, received(), row_group_size=ROWS_PER_CHUNK, **quant_write_options(schema))
         except BaseException as error:  # raised in the producer's thread below
             errors.append(error)
             while not ended.is_set():  # keep taking batches so a waiting producer can finish
@@ -513,20 +672,52 @@ def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dic
     texts = word_texts(words)
     embeddings = model_dir / "embeddings.parquet"
     matrix = read_matrix(embeddings)  # [vocab, dim]
+    return_freed_memory()
     vocab, dim = matrix.shape
     if checked.recall_k >= vocab:
         raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
     schemes = schemes_for(checked.schemes, dim)  # every mistake is found before anything is written
-    sample = sample_token_rows(inverse_norms_by_chunks(matrix), checked.sample_tokens, checked.seed)
+    sums = chunk_map(lambda start, stop: original_sums(matrix[start:stop]), vocab)  # once for every scheme
+    sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), checked.sample_tokens, checked.seed)
     queries = Queries(sample, word_queries(model_dir, texts, vocab), pooling=word_pooling(words))
-    ref = reference(matrix, queries, checked.recall_k, read_provenance(embeddings).get("source_dtype"))
+    ref = reference(matrix, queries, checked.recall_k, read_provenance(embeddings).get("source_dtype"), sums)
     provenance = derived_provenance("quantize", model_dir.name, embeddings, {"quantize": settings, "words": words})
     metrics = {}
     for scheme in schemes:
         path = model_dir / "quant" / f"{scheme.name}.parquet"
-        metrics[scheme.name] = quantize_scheme(scheme.fit(matrix), matrix, queries, ref, checked.recall_k, path, provenance)
+        return_freed_memory()
+        fitted = scheme.fit(matrix)
+        metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, checked.recall_k, path, provenance, sums)
     write_json_atomic(model_dir / "quant.json", metrics)
     return metrics
+
+
+def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
+    """``[function(start, stop) for each chunk of rows]``, the chunks shared among the cores."""
+    from pipeline.formats.convert import worker_count
+
+    chunks = list(row_chunks(rows))
+    workers = worker_count()
+    if workers == 1:
+        return [function(start, stop) for start, stop in chunks]
+    return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
+
+
+def return_freed_memory() -> None:
+    """Give the pages freed by the previous step back to the system.
+
+    Reading the file leaves ~0.4 GB of freed pages in Arrow's allocator (1B matrix), and a
+    scheme's chunk buffers stay in glibc's per-thread arenas, which keep what is freed (see
+    :func:`pipeline.formats.convert.reuse_freed_memory`); carried from step to step they
+    would add up on the peak. Once per step, so the chunks inside a step still reuse theirs.
+    """
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing kept
 
 
 def inverse_norms_by_chunks(matrix: np.ndarray) -> np.ndarray:

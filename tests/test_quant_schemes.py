@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from pipeline.errors import DissectError
 from pipeline.quant import SCHEMES, schemes_for
-from pipeline.quant.base import pack_nibbles, round_half_away, unpack_nibbles
+from pipeline.quant.base import block_absmax, pack_nibbles, round_half_away, unpack_nibbles
 from pipeline.quant.floats import round_to_bf16
 from pipeline.quant.ggml import Q4_0, Q8_0, ggml_blocks
 from pipeline.quant.integer import Int8Row, Int8Tensor, Int8TensorFixed
@@ -358,6 +358,33 @@ def test_nibbles_round_trip(codes, low_first):
         packed = pack_nibbles(codes, span, low_first)
         assert packed.shape == (codes.shape[0], codes.shape[1] // 2)
         assert np.array_equal(unpack_nibbles(packed, span, low_first), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(max_abs=1e5, dims=(64, 128)), st.sampled_from(list(SCHEMES)))
+def test_decoding_into_a_given_array_equals_decoding(x, name):
+    encoded, decoded = roundtrip(SCHEMES[name](), x)
+    scheme = SCHEMES[name]().fit(x)
+    out = np.full(x.shape, np.nan, dtype=F32)
+    written = scheme.decode(encoded, out=out)
+    if name in ("fp16", "bf16"):
+        assert written is encoded.codes  # the codes are the decoded rows: nothing written
+    else:
+        assert np.shares_memory(written, out) and written.shape == x.shape
+    assert np.array_equal(written, decoded, equal_nan=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.sampled_from([1, 2, 32, 64, 48])), elements=st.floats(width=32)))
+def test_block_absmax_equals_numpy(blocks):
+    assert np.array_equal(block_absmax(blocks), np.abs(blocks).max(axis=1, keepdims=True), equal_nan=True)
+
+
+def test_float_casts_count_what_lies_beyond_their_range():
+    x = np.array([[1.0, -7e4, 7e4, np.inf, np.nan, 65504.0, -65504.0, 3e38]], dtype=F32)
+    assert SCHEMES["fp16"]().encode(x).clipped == 4  # -7e4, 7e4, inf, 3e38; NaN is not beyond
+    assert SCHEMES["bf16"]().encode(x).clipped == 1  # inf
+    assert SCHEMES["fp16"]().encode(np.full((2, 32), 65504.0, F32)).clipped == 0
 
 
 def test_bits_per_weight_counts_the_scales():

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from pipeline import quantize
@@ -22,6 +23,7 @@ from pipeline.parquet import read_provenance, read_vectors, vector_array, write_
 from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
 from pipeline.quant.measure import ErrorStats, TopK, recall, unit_rows
+from pipeline.quant.screen import ScreenedTopK, ScreenPrecision
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = list(SCHEMES)
@@ -118,6 +120,92 @@ def test_topk_equals_brute_force_across_chunks_and_excludes_self():
     assert [set(row) for row in top.ids] == [set(row) for row in expected]
 
 
+def brute_force_ids(matrix: np.ndarray, queries: np.ndarray, self_rows: np.ndarray, k: int) -> list[set]:
+    """Each query's k best rows by float64 cosine; its own row and rows that are not finite excluded."""
+    rows = matrix.astype(np.float64)
+    finite = np.isfinite(rows).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], rows, 0), axis=1)
+    units = np.where(norms[:, None] > 0, rows / np.where(norms > 0, norms, 1)[:, None], 0)
+    cosines = queries.astype(np.float64) @ np.where(finite[:, None], units, 0).T  # [q, vocab]
+    cosines[:, ~finite] = -np.inf
+    own = self_rows >= 0
+    cosines[np.flatnonzero(own), self_rows[own]] = -np.inf
+    return [set(row) for row in np.argsort(-cosines, axis=1, kind="stable")[:, :k]]
+
+
+def screened(units, self_rows, k, matrix, step, precision=None) -> ScreenedTopK:
+    top = ScreenedTopK(units, self_rows, k, precision)
+    for start in range(0, len(matrix), step):
+        top.add(start, matrix[start : start + step])
+    return top
+
+
+@pytest.mark.parametrize("precision", ["native", "float32"])
+def test_screened_topk_equals_brute_force(precision):
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((3000, 48)).astype(np.float32)
+    matrix[::101] *= 5  # some structure in the norms
+    matrix[10] = 0.0  # a zero row: cosine 0 with everything
+    matrix[20, 3] = np.inf  # a row without a direction: never a neighbour
+    query_rows = np.array([0, 5, 2999, 1500])
+    queries = np.concatenate([matrix[query_rows], rng.standard_normal((2, 48)).astype(np.float32)])
+    self_rows = np.r_[query_rows, -1, -1]
+    chosen = None if precision == "native" else ScreenPrecision(torch.float32, False, 0.0)
+    for step in (256, 3):  # chunks larger than k, and smaller (3 rows, k = 7)
+        top = screened(unit_rows(queries), self_rows, 7, matrix, step, chosen)
+        assert top.finish()
+        assert [set(row) for row in top.ids] == brute_force_ids(matrix, unit_rows(queries), self_rows, 7)
+        assert np.all(np.diff(top.scores, axis=1) <= 0)  # best first
+
+
+def test_screened_candidate_lists_hold_every_row_that_can_beat_what_they_leave_out():
+    rng = np.random.default_rng(7)
+    matrix = rng.standard_normal((3000, 40)).astype(np.float32)
+    query_rows = np.array([2, 999, 2000])
+    units = unit_rows(np.concatenate([matrix[query_rows], rng.standard_normal((1, 40)).astype(np.float32)]))
+    top = ScreenedTopK(units, np.r_[query_rows, -1], 5, keep=60)
+    for start in range(0, 3000, 512):
+        top.add(start, matrix[start : start + 512])
+    assert top.finish()
+    cosines = units.astype(np.float64) @ unit_rows(matrix.astype(np.float64)).T  # [q, vocab]
+    cosines[np.arange(3), query_rows] = -np.inf
+    c = top.precision.out
+    for q in range(len(units)):
+        listed, scores = top.candidate_ids[q], top.candidate_scores[q].astype(np.float64)
+        assert len(set(listed)) == 60  # 60 distinct rows
+        assert np.all(np.abs(scores - cosines[q, listed]) <= top.candidate_slack[q] + c * np.abs(scores))
+        lowest = scores.min()
+        left_out = np.setdiff1d(np.arange(3000), listed)
+        assert np.all(cosines[q, left_out] <= lowest + c * abs(lowest) + top.candidate_slack[q])
+    assert not np.isin(query_rows, top.candidate_ids[:3]).any()  # never a query's own row
+
+
+def test_screened_topk_gives_a_query_without_direction_the_lowest_rows():
+    matrix = np.random.default_rng(5).standard_normal((50, 16)).astype(np.float32)
+    matrix[1, 0] = np.nan
+    queries = np.zeros((2, 16), np.float32)  # every row is at cosine 0 from a zero query
+    top = screened(queries, np.array([0, -1]), 4, matrix, 16)
+    assert top.finish()
+    assert top.ids.tolist() == [[2, 3, 4, 5], [0, 2, 3, 4]]  # never itself (row 0) nor the NaN row
+
+
+def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeypatch):
+    rng = np.random.default_rng(6)
+    matrix = rng.standard_normal((2000, 32)).astype(np.float32)
+    queries = quantize.Queries(np.array([3, 700, 1999]), [quantize.WordQuery("w", (7, 11))])
+    scheme = SCHEMES["q4_0"]().fit(matrix)
+    honest = quantize.SchemeRun(scheme, matrix, queries, 5)
+    for _ in honest.batches(quantize.quant_schema(scheme, 32)):
+        pass
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b, out: matmul(a, b, out=out).mul_(0.5))  # a broken kernel
+    broken = quantize.SchemeRun(scheme, matrix, queries, 5)
+    for _ in broken.batches(quantize.quant_schema(scheme, 32)):
+        pass
+    assert isinstance(broken.top, TopK)  # the screen was not trusted
+    assert [set(row) for row in broken.top.ids] == [set(row) for row in honest.top.ids]
+
+
 def test_recall_by_hand():
     # query 0 keeps 2 of its 4 neighbours, query 1 all 4: (2/4 + 4/4) / 2 = 0.75
     assert recall(np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([[1, 2, 9, 10], [8, 7, 6, 5]])) == 0.75
@@ -179,6 +267,16 @@ def test_metrics_on_the_synthetic_matrix(tiny):
     restored = scheme.decode(scheme.encode(matrix))
     assert metrics["q4_0"]["max_abs_error"] == float(np.abs(restored - matrix).max())
     assert metrics["q4_0"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((restored.astype(np.float64) - matrix) ** 2))))
+
+
+def test_codes_are_dictionary_encoded_and_only_other_columns_carry_statistics(tiny):
+    for name, encoding in (("int8_row", "RLE_DICTIONARY"), ("q4_0", "RLE_DICTIONARY"), ("fp16", "BYTE_STREAM_SPLIT")):
+        group = pq.ParquetFile(tiny[0] / "quant" / f"{name}.parquet").metadata.row_group(0)
+        columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+        codes = columns["codes.list.element"]
+        assert encoding in codes.encodings and codes.compression == "ZSTD", name
+        assert codes.statistics is None and columns["token_id"].statistics.has_min_max, name
+        assert columns["scales.list.element"].statistics.has_min_max if "scales.list.element" in columns else True
 
 
 def test_duckdb_and_polars_read_the_codes(tiny):

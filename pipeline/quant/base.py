@@ -75,8 +75,9 @@ class Scheme(ABC):
         """Codes of ``rows`` [n, dim] float32."""
 
     @abstractmethod
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        """The float32 rows [n, dim] that ``encoded`` stands for."""
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 rows [n, dim] that ``encoded`` stands for, written into ``out`` when given
+        (schemes whose codes are already those rows return the codes instead)."""
 
     @property
     def codes_dtype(self) -> np.dtype:
@@ -148,6 +149,30 @@ def unpack_nibbles(packed: np.ndarray, span: int, low_first: bool) -> np.ndarray
     first, second = (low, high) if low_first else (high, low)
     runs = np.stack([first.reshape(n, -1, span), second.reshape(n, -1, span)], axis=2)  # [n, runs, 2, span]
     return runs.reshape(n, -1)
+
+
+def as_float32(codes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``codes`` as float32 (exactly: integer codes fit), into ``out`` (same shape) when given."""
+    if out is None:
+        return codes.astype(np.float32)
+    np.copyto(out, codes)
+    return out
+
+
+def block_absmax(blocks: np.ndarray) -> np.ndarray:
+    """``np.abs(blocks).max(axis=1, keepdims=True)`` for ``blocks`` [n, block] (block a power of two).
+
+    Halving the block with elementwise maxima is exact like the reduction, and 1.5-2x
+    faster than numpy's reduction over rows this short.
+    """
+    values = np.abs(blocks)  # [n, block]
+    width = values.shape[1]
+    if width & (width - 1):
+        return values.max(axis=1, keepdims=True)
+    while width > 1:
+        width //= 2
+        values = np.maximum(values[:, :width], values[:, width : 2 * width])
+    return values  # [n, 1]
 
 
 def scale_blocks(values: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -25,11 +25,16 @@ class FloatCast(Scheme):
         return 1.0
 
     def encode(self, rows: np.ndarray) -> Encoded:
-        clipped = int(np.count_nonzero(np.abs(rows) > self.max_finite))
-        return Encoded(codes=self.round(rows), scales=None, clipped=clipped)
+        return Encoded(codes=self.round(rows), scales=None, clipped=self.beyond_range(rows))
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        return encoded.codes
+    def beyond_range(self, rows: np.ndarray) -> int:
+        """How many of ``rows`` lie beyond the largest finite value of the format."""
+        if rows.size and max(float(rows.max()), -float(rows.min())) <= self.max_finite:
+            return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
+        return int(np.count_nonzero(np.abs(rows) > self.max_finite))
+
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+        return encoded.codes  # the rounded values themselves: nothing to write
 
     def round(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -17,7 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, pack_nibbles, round_half_away, scale_blocks, unpack_nibbles
+from pipeline.quant.base import (
+    Encoded,
+    Scheme,
+    as_float32,
+    block_absmax,
+    pack_nibbles,
+    round_half_away,
+    scale_blocks,
+    unpack_nibbles,
+)
 
 GGML_BLOCK = 32
 Q4_0_STEPS_UP = 7  # largest positive step a Q4_0 code reaches (code 15 - 8)
@@ -34,13 +43,13 @@ class Q8_0(Scheme):
     def encode(self, rows: np.ndarray) -> Encoded:
         n, dim = rows.shape
         blocks = rows.reshape(-1, GGML_BLOCK)  # [n * dim / 32, 32]
-        d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)  # [blocks, 1] float32
+        d = block_absmax(blocks) / np.float32(127)  # [blocks, 1] float32
         scaled = blocks * _inverse(d)
         codes = round_half_away(scaled).astype(np.int8).reshape(n, dim)
         return Encoded(codes=codes, scales=_fp16_exact(d).reshape(n, -1), clipped=0)
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        return scale_blocks(encoded.codes.astype(np.float32), encoded.scales)
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+        return scale_blocks(as_float32(encoded.codes, out), encoded.scales)
 
 
 class Q4_0(Scheme):
@@ -66,9 +75,9 @@ class Q4_0(Scheme):
         packed = pack_nibbles(codes, self.nibble_span, self.low_nibble_first)  # [n, dim / 2] uint8
         return Encoded(codes=packed, scales=_fp16_exact(d).reshape(n, -1), clipped=clipped)
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         codes = unpack_nibbles(encoded.codes, self.nibble_span, self.low_nibble_first)
-        values = codes.astype(np.float32)  # [n, dim]
+        values = as_float32(codes, out)  # [n, dim]
         values -= np.float32(self.offset)
         return scale_blocks(values, encoded.scales)
 

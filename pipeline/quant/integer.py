@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, scale_blocks
+from pipeline.quant.base import Encoded, Scheme, as_float32, scale_blocks
 
 INT8_SYMMETRIC_MAX = 127
 
@@ -47,13 +47,18 @@ class Int8TensorFixed(Scheme):
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
             quantized = torch.quantize_per_tensor(source, self.scale, self.zero_point, torch.qint8)
         codes = quantized.int_repr().numpy()  # [n, dim] int8
-        low, high = self.code_range
-        clipped = int(np.count_nonzero(rows > high)) + int(np.count_nonzero(rows < low))
-        return Encoded(codes=codes, scales=None, clipped=clipped)
+        return Encoded(codes=codes, scales=None, clipped=self.beyond_range(rows))
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
+    def beyond_range(self, rows: np.ndarray) -> int:
+        """How many of ``rows`` lie beyond the values the codes reach (they saturate)."""
+        low, high = self.code_range
+        if rows.size and float(rows.max()) <= high and float(rows.min()) >= low:
+            return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
+        return int(np.count_nonzero(rows > high)) + int(np.count_nonzero(rows < low))
+
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         # As torch's dequantize: float(scale) * (code - zero_point), in float32.
-        values = encoded.codes.astype(np.float32)  # [n, dim]
+        values = as_float32(encoded.codes, out)  # [n, dim]
         if self.zero_point:
             values -= np.float32(self.zero_point)
         values *= np.float32(self.scale)
@@ -89,8 +94,8 @@ class Int8Tensor(Scheme):
         absmax = np.full((1, 1), self.fitted_absmax, dtype=np.float32)
         return Encoded(codes=absmax_int8(rows, absmax), scales=None, clipped=0)
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        values = encoded.codes.astype(np.float32)  # [n, dim]
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+        values = as_float32(encoded.codes, out)  # [n, dim]
         values *= np.float32(self.tensor_scale)
         return values
 
@@ -110,8 +115,8 @@ class Int8Row(Scheme):
         scales = absmax / np.float32(INT8_SYMMETRIC_MAX)  # [n, 1] float32
         return Encoded(codes=absmax_int8(rows, absmax), scales=scales, clipped=0)
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
-        return scale_blocks(encoded.codes.astype(np.float32), encoded.scales)
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+        return scale_blocks(as_float32(encoded.codes, out), encoded.scales)
 
 
 def absmax_int8(rows: np.ndarray, absmax: np.ndarray) -> np.ndarray:

@@ -11,6 +11,42 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+@dataclass(frozen=True)
+class OriginalSums:
+    """What the error of every scheme needs from a chunk of original rows, computed once."""
+
+    sum_sq: float  # sum of squares, float64
+    norms: np.ndarray  # [n] float64 L2 norm of each row
+
+
+def original_sums(original: np.ndarray) -> OriginalSums:
+    return OriginalSums(sum_sq=float(np.einsum("ij,ij->", original, original, dtype=np.float64)), norms=row_norms(original))
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """float64 [n] L2 norm of each row of ``rows`` [n, dim]."""
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+
+
+CAST_ROWS = 256  # rows widened to float64 at a time: 4 MB at dim 2048
+
+
+def row_dots_and_norms(original: np.ndarray, restored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ([n] original . restored, [n] |restored|) of the rows of two [n, dim] float32 arrays.
+
+    Each block of rows is widened to float64 once and shared by both sums, where
+    ``np.einsum(..., dtype=np.float64)`` would widen restored three times; a row's sum does
+    not depend on the blocks, so the values are those of that call to the bit.
+    """
+    dots, squares = np.empty(len(original)), np.empty(len(original))  # [n], [n]
+    for start in range(0, len(original), CAST_ROWS):
+        block = slice(start, start + CAST_ROWS)
+        wide = restored[block].astype(np.float64)  # [b, dim]
+        dots[block] = np.einsum("ij,ij->i", original[block].astype(np.float64), wide)
+        squares[block] = np.einsum("ij,ij->i", wide, wide)
+    return dots, np.sqrt(squares)
+
+
 @dataclass
 class ErrorStats:
     """Running error of dequantized rows against the original rows."""
@@ -23,22 +59,38 @@ class ErrorStats:
     cosine_sum: float = 0.0
     cosine_min: float = 1.0
     rows: int = 0
+    # One error buffer for every chunk: a fresh one per chunk would leave a freed copy in
+    # each thread's malloc arena that measures.
+    _scratch: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def add(self, original: np.ndarray, restored: np.ndarray, clipped: int) -> np.ndarray:
         """Fold in a chunk: ``original`` and ``restored`` [n, dim] float32; returns the row cosines [n]."""
-        error = restored - original  # [n, dim]
+        return self.add_chunk(original, restored, clipped, original_sums(original), *row_dots_and_norms(original, restored))
+
+    def add_chunk(
+        self, original: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums, dots: np.ndarray, norms: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`add` with the original's ``sums`` and :func:`row_dots_and_norms` already known."""
+        error = np.subtract(restored, original, out=self._error_buffer(original.shape))  # [n, dim]
         self.elements += original.size
         self.clipped += clipped
         self.sum_sq_error += float(np.einsum("ij,ij->", error, error, dtype=np.float64))
-        self.sum_sq_signal += float(np.einsum("ij,ij->", original, original, dtype=np.float64))
+        self.sum_sq_signal += sums.sum_sq
         if error.size:
             self.max_abs_error = max(self.max_abs_error, float(np.abs(error, out=error).max()))
-        cosines = row_cosines(original, restored)
+        cosines = cosines_of(dots, sums.norms, norms)
         self.rows += len(cosines)
         self.cosine_sum += float(cosines.sum(dtype=np.float64))
         if len(cosines):
             self.cosine_min = min(self.cosine_min, float(cosines.min()))
         return cosines
+
+    def _error_buffer(self, shape: tuple[int, int]) -> np.ndarray:
+        """float32 ``shape`` [n, dim], reusing the buffer of earlier (as large) chunks."""
+        size = shape[0] * shape[1]
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.float32)
+        return self._scratch[:size].reshape(shape)
 
     def summary(self) -> dict[str, float | int | None]:
         n = max(self.elements, 1)
@@ -54,11 +106,9 @@ class ErrorStats:
         }
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 [n] cosine of each row of ``a`` with the same row of ``b``; 1 for two zero rows, 0 for one."""
-    dot = np.einsum("ij,ij->i", a, b, dtype=np.float64)
-    norm_a = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
-    norm_b = np.sqrt(np.einsum("ij,ij->i", b, b, dtype=np.float64))
+def cosines_of(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
+    """float64 [n] cosine of each row of a with the same row of b, from their dot products and
+    norms (all [n] float64); 1 for two zero rows, 0 for one."""
     both = norm_a * norm_b
     with np.errstate(invalid="ignore", divide="ignore"):
         cosines = np.where(both > 0, dot / both, np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0))
@@ -67,7 +117,11 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def inverse_norms(rows: np.ndarray) -> np.ndarray:
     """float32 [n]: 1 / L2 norm of each row, 0 for zero rows (their cosine with anything is 0)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+    return inverse_of_norms(row_norms(rows))
+
+
+def inverse_of_norms(norms: np.ndarray) -> np.ndarray:
+    """float32 [n]: 1 / ``norms`` (float64 [n]), 0 where a norm is 0."""
     with np.errstate(divide="ignore"):
         return np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
 

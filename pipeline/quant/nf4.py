@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, pack_nibbles, scale_blocks, unpack_nibbles
+from pipeline.quant.base import Encoded, Scheme, block_absmax, pack_nibbles, scale_blocks, unpack_nibbles
 
 NF4_BLOCK = 64
 # bitsandbytes' NF4 table (bitsandbytes/backends/utils.py, _NF4_QUANT_TABLE), float32.
@@ -76,7 +76,7 @@ class NF4(Scheme):
     def encode(self, rows: np.ndarray) -> Encoded:
         n, dim = rows.shape
         blocks = rows.reshape(-1, NF4_BLOCK)  # [n * dim / 64, 64]
-        absmax = np.abs(blocks).max(axis=1, keepdims=True)  # [blocks, 1] float32
+        absmax = block_absmax(blocks)  # [blocks, 1] float32
         with np.errstate(divide="ignore"):
             inverse = np.where(absmax > 0, np.float32(1) / absmax, np.float32(0))
         scaled = blocks * inverse  # as bitsandbytes: x * (1 / absmax), not x / absmax
@@ -87,6 +87,7 @@ class NF4(Scheme):
         packed = pack_nibbles(codes.reshape(n, dim), self.nibble_span, self.low_nibble_first)  # [n, dim / 2]
         return Encoded(codes=packed, scales=absmax.reshape(n, -1), clipped=0)
 
-    def decode(self, encoded: Encoded) -> np.ndarray:
+    def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         codes = unpack_nibbles(encoded.codes, self.nibble_span, self.low_nibble_first)
-        return scale_blocks(NF4_TABLE[codes], encoded.scales)
+        # mode="clip" changes nothing (codes are 0..15) and spares numpy a buffered copy of out.
+        return scale_blocks(np.take(NF4_TABLE, codes, out=out, mode="clip"), encoded.scales)
