@@ -53,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import DissectError
+from pipeline.formats.convert import return_freed_memory
 from pipeline.io import write_json_atomic
 from pipeline.lookup import POOLINGS, pool
 from pipeline.parquet import (
@@ -69,7 +70,6 @@ from pipeline.quant.measure import (
     ErrorStats,
     OriginalSums,
     TopK,
-    inverse_norms,
     inverse_of_norms,
     original_sums,
     recall,
@@ -257,14 +257,7 @@ def in_order(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     Calls started this way run one after another in the order they were started. Runs it
     right away when there is one core.
     """
-    from pipeline.formats.convert import worker_count
-
-    workers = worker_count()
-    if workers == 1:
-        result = function(*args)
-        return lambda: result
-    _pool(workers)
-    return _POOL[1].submit(function, *args).result
+    return _submit(1, function, *args)
 
 
 def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
@@ -272,13 +265,19 @@ def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
 
     Runs it right away when there is one core.
     """
+    return _submit(0, function, *args)
+
+
+def _submit(pool_index: int, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``function(*args)`` on ``_POOL[pool_index]`` (0: the cores, 1: the measuring thread), or now on one core."""
     from pipeline.formats.convert import worker_count
 
     workers = worker_count()
     if workers == 1:
         result = function(*args)
         return lambda: result
-    return _pool(workers).submit(function, *args).result
+    _pool(workers)
+    return _POOL[pool_index].submit(function, *args).result
 
 
 def _joined(parts: list[Encoded]) -> Encoded:
@@ -672,7 +671,7 @@ def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dic
     texts = word_texts(words)
     embeddings = model_dir / "embeddings.parquet"
     matrix = read_matrix(embeddings)  # [vocab, dim]
-    return_freed_memory()
+    return_freed_memory()  # the reader's Arrow buffers
     vocab, dim = matrix.shape
     if checked.recall_k >= vocab:
         raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
@@ -701,28 +700,6 @@ def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
     if workers == 1:
         return [function(start, stop) for start, stop in chunks]
     return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
-
-
-def return_freed_memory() -> None:
-    """Give the pages freed by the previous step back to the system.
-
-    Reading the file leaves ~0.4 GB of freed pages in Arrow's allocator (1B matrix), and a
-    scheme's chunk buffers stay in glibc's per-thread arenas, which keep what is freed (see
-    :func:`pipeline.formats.convert.reuse_freed_memory`); carried from step to step they
-    would add up on the peak. Once per step, so the chunks inside a step still reuse theirs.
-    """
-    pa.default_memory_pool().release_unused()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing kept
-
-
-def inverse_norms_by_chunks(matrix: np.ndarray) -> np.ndarray:
-    """float32 [vocab]: 1 / L2 norm per row (0 for zero rows)."""
-    return np.concatenate([inverse_norms(matrix[start:stop]) for start, stop in row_chunks(matrix.shape[0])])
 
 
 def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:

@@ -100,14 +100,15 @@ def test_threaded_encoding_equals_one_call(name):
 def test_pruned_recall_equals_the_full_pass(name):
     from pipeline.quant import schemes_for
     from pipeline.quantize import PRUNE_MIN_ROWS, Queries, SchemeRun, WordQuery, reference, sample_token_rows
-    from pipeline.quantize import inverse_norms_by_chunks, quant_schema
+    from pipeline.quant.measure import inverse_norms
+    from pipeline.quantize import quant_schema
 
     rng = np.random.default_rng(3)
     rows = PRUNE_MIN_ROWS + 1000
     matrix = rng.standard_normal((rows, 32)).astype(np.float32)
     matrix[::97] *= 3  # some structure in the norms
     matrix[5] = 0.0
-    queries = Queries(sample_token_rows(inverse_norms_by_chunks(matrix), 60, 0), [WordQuery("w", (7, 11))])
+    queries = Queries(sample_token_rows(inverse_norms(matrix), 60, 0), [WordQuery("w", (7, 11))])
     ref = reference(matrix, queries, 10, "float32")
     assert ref.candidate_ids is not None
     scheme = schemes_for([name], 32)[0].fit(matrix)

@@ -159,6 +159,13 @@ def as_float32(codes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def count_outside(values: np.ndarray, low: float, high: float) -> int:
+    """How many of ``values`` lie below ``low`` or above ``high``."""
+    if values.size and float(values.max()) <= high and float(values.min()) >= low:
+        return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
+    return int(np.count_nonzero(values > high)) + int(np.count_nonzero(values < low))
+
+
 def block_absmax(blocks: np.ndarray) -> np.ndarray:
     """``np.abs(blocks).max(axis=1, keepdims=True)`` for ``blocks`` [n, block] (block a power of two).
 

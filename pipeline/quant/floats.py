@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme
+from pipeline.quant.base import Encoded, Scheme, count_outside
 
 FP16_MAX = np.float32(np.finfo(np.float16).max)  # 65504
 BF16_MAX = np.array([0x7F7F0000], dtype=np.uint32).view(np.float32)[0]  # 3.3895e38
@@ -29,9 +29,7 @@ class FloatCast(Scheme):
 
     def beyond_range(self, rows: np.ndarray) -> int:
         """How many of ``rows`` lie beyond the largest finite value of the format."""
-        if rows.size and max(float(rows.max()), -float(rows.min())) <= self.max_finite:
-            return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
-        return int(np.count_nonzero(np.abs(rows) > self.max_finite))
+        return count_outside(rows, -self.max_finite, self.max_finite)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         return encoded.codes  # the rounded values themselves: nothing to write

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, as_float32, scale_blocks
+from pipeline.quant.base import Encoded, Scheme, as_float32, count_outside, scale_blocks
 
 INT8_SYMMETRIC_MAX = 127
 
@@ -52,9 +52,7 @@ class Int8TensorFixed(Scheme):
     def beyond_range(self, rows: np.ndarray) -> int:
         """How many of ``rows`` lie beyond the values the codes reach (they saturate)."""
         low, high = self.code_range
-        if rows.size and float(rows.max()) <= high and float(rows.min()) >= low:
-            return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
-        return int(np.count_nonzero(rows > high)) + int(np.count_nonzero(rows < low))
+        return count_outside(rows, low, high)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         # As torch's dequantize: float(scale) * (code - zero_point), in float32.
