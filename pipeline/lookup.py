@@ -8,7 +8,7 @@
 * :func:`load_embedding_layer` loads ``embeddings.parquet`` as a frozen
   ``torch.nn.Embedding`` whose forward returns exactly the Parquet rows.
 
-Texts are encoded with :func:`pipeline.tokenizer.word_token_ids` unless special tokens are
+Texts are encoded with :func:`pipeline.tokenizers.load.word_token_ids` unless special tokens are
 asked for, so BOS/EOS never count as part of a word.
 """
 
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence, get_args
 import numpy as np
 import tokenizers
 
-from pipeline.errors import DissectError
-from pipeline.parquet import read_matrix
-from pipeline.tokenizer import word_token_ids
+from pipeline.core.errors import DissectError
+from pipeline.core.parquet import read_matrix
+from pipeline.tokenizers.load import word_token_ids
 
 if TYPE_CHECKING:
     import torch

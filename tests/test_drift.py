@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.drift import (
+from pipeline.stages.drift import (
     align_by_text,
     compare,
     dequantize_file,
@@ -20,10 +20,10 @@ from pipeline.drift import (
     read_side,
     run,
 )
-from pipeline.errors import DissectError
-from pipeline.parquet import read_vectors, vector_array, write_table
+from pipeline.core.errors import DissectError
+from pipeline.core.parquet import read_vectors, vector_array, write_table
 from pipeline.quant import SCHEMES
-from pipeline.report_sections import drift_section
+from pipeline.report.sections import drift_section
 
 
 def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -25,7 +25,7 @@ SENTINEL = b"output of an earlier run\n"
 
 def run_stage(project: Path, stage: str, model: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDDING_DISSECT_NO_PROGRESS": "1", **env}
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", model], cwd=project, env=environment,
+    return subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}", model], cwd=project, env=environment,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -160,7 +160,7 @@ def test_killed_extract_keeps_the_old_output_and_the_next_run_completes(tmp_path
     assert run_stage(project, "fetch", "m").returncode == 0
     out = project / "artifacts" / "m"
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDDING_DISSECT_NO_PROGRESS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.extract", "m"], cwd=project, env=environment,
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.stages.extract", "m"], cwd=project, env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size > 0 for p in out.glob(".embeddings.parquet.*.tmp")):

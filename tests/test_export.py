@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.export import escape_tsv, neighbors_array, run, write_projector
-from pipeline.knn import brute_force_neighbors, unit_rows
-from pipeline.report_sections import export_section
+from pipeline.stages.export import escape_tsv, neighbors_array, run, write_projector
+from pipeline.core.knn import brute_force_neighbors, unit_rows
+from pipeline.report.sections import export_section
 
 
 def projector_lines(path) -> list[str]:
@@ -119,8 +119,8 @@ def test_smollm2_end_to_end(smollm2_artifacts):
 
 @pytest.mark.parametrize("bad", [{"neighbors_k": 0}, {"projector_max_rows": 0}])
 def test_settings_mistakes(bad):
-    from pipeline.errors import DissectError
-    from pipeline.export import export_settings
+    from pipeline.core.errors import DissectError
+    from pipeline.stages.export import export_settings
 
     with pytest.raises(DissectError):
         export_settings(bad)

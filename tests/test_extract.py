@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from pipeline.errors import DissectError
-from pipeline.extract import extract
-from pipeline.fetch import fetch
-from pipeline.hashing import matrix_sha256
-from pipeline.params import model_config
-from pipeline.parquet import read_provenance, read_vectors
+from pipeline.core.errors import DissectError
+from pipeline.stages.extract import extract
+from pipeline.stages.fetch import fetch
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.params import model_config
+from pipeline.core.parquet import read_provenance, read_vectors
 from tests.conftest import model_conf
 
 WORDPIECE = {

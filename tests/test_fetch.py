@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipeline.errors import DissectError
-from pipeline.fetch import fetch, unpack_wheel_files
-from pipeline.params import model_config
+from pipeline.core.errors import DissectError
+from pipeline.stages.fetch import fetch, unpack_wheel_files
+from pipeline.core.params import model_config
 
 PAYLOAD = b"weights of a tiny model\n"
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -12,10 +12,10 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import read_embedding, weight_files
 from pipeline.formats.convert import bf16_bits_to_float32
-from pipeline.hashing import matrix_sha256
+from pipeline.core.hashing import matrix_sha256
 
 # A 4x3 embedding whose values are exact in bf16, so every format must give them back exactly.
 SMALL = np.array(

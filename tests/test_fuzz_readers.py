@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import read_embedding
 
 FUZZ_EXAMPLES = int(os.environ.get("EMBEDDING_DISSECT_FUZZ_EXAMPLES", "150"))

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats.gguf_file import parse, read_gguf
 
 # A longer fuzzing run: EMBEDDING_DISSECT_FUZZ_EXAMPLES=20000 pytest tests/test_gguf_file.py

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import read_embedding
 
 QT = gguf.GGMLQuantizationType

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.errors import DissectError
-from pipeline.knn import _nonzero, brute_force_neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
+from pipeline.core.errors import DissectError
+from pipeline.core.knn import _nonzero, brute_force_neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)

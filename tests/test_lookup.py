@@ -12,10 +12,10 @@ import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models, processors
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.lookup import PADDING_ID, batch_lookup, load_embedding_layer, pool, word_vectors
-from pipeline.parquet import read_vectors, vector_array, write_table
-from pipeline.tokenizer import tokenizer_from_json
+from pipeline.core.parquet import read_vectors, vector_array, write_table
+from pipeline.tokenizers.load import tokenizer_from_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,6 +133,6 @@ def test_on_llama_small_hello_is_row_9906_whichever_way_it_is_looked_up(llama_sm
 
 
 def test_stages_without_torch_do_not_import_it():
-    code = "import sys, pipeline.stats, pipeline.words, pipeline.lookup; print('torch' in sys.modules)"
+    code = "import sys, pipeline.stages.stats, pipeline.stages.words, pipeline.lookup; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

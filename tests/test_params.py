@@ -6,14 +6,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.params import compose
+from pipeline.core.params import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_params_yaml_equals_the_composition_of_conf():
     committed = (ROOT / "params.yaml").read_text(encoding="utf-8")
-    assert committed == compose(conf_dir=ROOT / "conf"), "params.yaml is stale: run `python -m pipeline.params`"
+    assert committed == compose(conf_dir=ROOT / "conf"), "params.yaml is stale: run `python -m pipeline.core.params`"
 
 
 def test_adding_a_model_is_one_override():

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.hashing import matrix_sha256
-from pipeline.io import atomic_path, write_json_atomic
-from pipeline.parquet import read_provenance, read_vectors, vector_array, vectors_to_numpy, write_table
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.io import atomic_path, write_json_atomic
+from pipeline.core.parquet import read_provenance, read_vectors, vector_array, vectors_to_numpy, write_table
 
 
 def vectors_table(matrix: np.ndarray) -> pa.Table:

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 
-from pipeline.errors import DissectError
-from pipeline.hashing import matrix_sha256
-from pipeline.parquet import read_provenance, read_vectors, vector_array, write_table
-from pipeline.pca import fit_pca, label_text, main, pca_settings, run
+from pipeline.core.errors import DissectError
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
+from pipeline.core.pca import fit_pca
+from pipeline.stages.pca import label_text, main, pca_settings, run
 
 # Rows of a 4x3 matrix, worked out by hand:
 #   (3,1,1), (-1,1,1), (1,2,1), (1,0,1): mean (1,1,1)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.quant import SCHEMES, schemes_for
 from pipeline.quant.base import block_absmax, pack_nibbles, round_half_away, unpack_nibbles
 from pipeline.quant.floats import round_to_bf16

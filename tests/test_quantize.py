@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import quantize
-from pipeline.cli import run_stage
-from pipeline.errors import DissectError
-from pipeline.hashing import matrix_sha256
-from pipeline.parquet import read_provenance, read_vectors, vector_array, write_table
+from pipeline.stages import quantize
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
 from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
 from pipeline.quant.measure import ErrorStats, TopK, recall, unit_rows
@@ -402,14 +402,14 @@ def test_background_writer_raises_write_errors_without_hanging(tmp_path):
 
 @pytest.mark.parametrize("pooling, expected", [("first", [1.0, 2.0]), ("last", [5.0, 6.0]), ("mean", [3.0, 4.0])])
 def test_words_are_pooled_like_the_words_stage(pooling, expected):
-    from pipeline.quantize import pool_rows
+    from pipeline.stages.quantize import pool_rows
 
     rows = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)  # a word split into three tokens
     assert pool_rows(rows, pooling).tolist() == expected
 
 
 def test_unknown_pooling_is_an_error():
-    from pipeline.quantize import word_pooling
+    from pipeline.stages.quantize import word_pooling
 
     with pytest.raises(DissectError, match="words.pooling is 'max'"):
         word_pooling({"pooling": "max"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import markdown as md
-from pipeline.compare import ModelSummary, differences, quant_table, render
-from pipeline.report import best_trade_off
+from pipeline.report import markdown as md
+from pipeline.stages.compare import ModelSummary, differences, quant_table, render
+from pipeline.stages.report import best_trade_off
 
 
 def test_tokens_are_quoted_and_escaped():

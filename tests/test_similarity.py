@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.cli import run_stage
-from pipeline.errors import DissectError
-from pipeline.hashing import matrix_sha256
-from pipeline.knn import brute_force_neighbors, unit_rows
-from pipeline.parquet import read_provenance, read_vectors, vector_array, write_table
-from pipeline.similarity import main, run, similarity_settings, word_cosines
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.knn import brute_force_neighbors, unit_rows
+from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
+from pipeline.stages.similarity import main, run, similarity_settings, word_cosines
 
 S = np.float32(1 / np.sqrt(2))
 

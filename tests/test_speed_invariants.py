@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.formats import read_embedding
-from pipeline.parquet import read_vectors, vector_array, write_table
+from pipeline.core.parquet import read_vectors, vector_array, write_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,8 +24,8 @@ def _run(code: str) -> str:
 def test_stages_that_do_not_need_torch_do_not_import_it():
     code = (
         "import sys\n"
-        "import pipeline.stats, pipeline.words, pipeline.similarity, pipeline.pca, pipeline.knn, pipeline.parquet\n"
-        "import pipeline.quantize, pipeline.formats\n"
+        "import pipeline.stages.stats, pipeline.stages.words, pipeline.stages.similarity, pipeline.stages.pca, pipeline.core.knn, pipeline.core.parquet\n"
+        "import pipeline.stages.quantize, pipeline.formats\n"
         "print('torch' in sys.modules)"
     )
     assert _run(code) == "False"
@@ -60,7 +60,7 @@ def test_meta_fast_path_equals_torch_for_every_dtype_and_offset(tmp_path):
 
 def test_gguf_extract_parses_the_header_once(smollm2_gguf, monkeypatch):
     from pipeline.formats import gguf_file
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokenizers.load import load_tokenizer
 
     calls = []
     original = gguf_file.parse
@@ -84,7 +84,7 @@ def test_parallel_read_vectors_keeps_row_order(tmp_path):
 @pytest.mark.parametrize("name", ["int8_tensor_fixed", "int8_tensor", "int8_row", "q8_0", "q4_0", "nf4", "fp16", "bf16"])
 def test_threaded_encoding_equals_one_call(name):
     from pipeline.quant import schemes_for
-    from pipeline.quantize import encode_decode, encode_rows
+    from pipeline.stages.quantize import encode_decode, encode_rows
 
     rows = np.random.default_rng(1).standard_normal((1500, 128)).astype(np.float32) * 0.5
     scheme = schemes_for([name], 128)[0].fit(rows)
@@ -99,9 +99,9 @@ def test_threaded_encoding_equals_one_call(name):
 @pytest.mark.parametrize("name", ["fp16", "bf16", "q8_0", "int8_row", "q4_0"])
 def test_pruned_recall_equals_the_full_pass(name):
     from pipeline.quant import schemes_for
-    from pipeline.quantize import PRUNE_MIN_ROWS, Queries, SchemeRun, WordQuery, reference, sample_token_rows
+    from pipeline.stages.quantize import PRUNE_MIN_ROWS, Queries, SchemeRun, WordQuery, reference, sample_token_rows
     from pipeline.quant.measure import inverse_norms
-    from pipeline.quantize import quant_schema
+    from pipeline.stages.quantize import quant_schema
 
     rng = np.random.default_rng(3)
     rows = PRUNE_MIN_ROWS + 1000

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.errors import DissectError
-from pipeline.parquet import read_provenance, read_vectors
-from pipeline.stats import duplicate_of, matrix_stats, run, tokens_table
+from pipeline.core.errors import DissectError
+from pipeline.core.parquet import read_provenance, read_vectors
+from pipeline.stages.stats import duplicate_of, matrix_stats, run, tokens_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,12 +235,12 @@ def test_command_line_on_minilm(minilm_artifacts, tmp_path):
     project_with(minilm_artifacts, tmp_path)
     (tmp_path / "params.yaml").write_text("stats:\n  norm_histogram_bins: 8\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "pipeline.stats", "minilm-l6"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages.stats", "minilm-l6"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "artifacts" / "minilm-l6"
     assert json.loads((out / "stats.json").read_text())["vocab_size"] == 30522
     assert len(json.loads((out / "norm_hist.json").read_text())) == 8
 
-    done = subprocess.run([sys.executable, "-m", "pipeline.stats", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages.stats", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {Path('artifacts/nope/embeddings.parquet')} does not exist; run `dvc repro` to build it"]

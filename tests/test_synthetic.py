@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import DissectError
-from pipeline.synthetic import (
+from pipeline.core.errors import DissectError
+from pipeline.sources.synthetic import (
     LLAMA_3_2_1B,
     EmbeddingSplit,
     LlamaLayout,

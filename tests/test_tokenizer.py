@@ -19,8 +19,8 @@ import tokenizers
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from pipeline.errors import DissectError
-from pipeline.tokenizer import (
+from pipeline.core.errors import DissectError
+from pipeline.tokenizers.load import (
     TokenPiece,
     detect_tokenizer,
     load_tokenizer,

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import DissectError
-from pipeline.parquet import read_provenance
-from pipeline.undertrained import (
+from pipeline.core.errors import DissectError
+from pipeline.core.parquet import read_provenance
+from pipeline.stages.undertrained import (
     RULE,
     choose_reference,
     encodes_to_self,
@@ -90,7 +90,7 @@ def test_settings_mistakes_name_the_fix(bad):
 
 
 def test_encodes_to_self_on_wordpiece(minilm_artifacts):
-    from pipeline.tokenizer import tokenizer_from_json
+    from pipeline.tokenizers.load import tokenizer_from_json
 
     tok = tokenizer_from_json(minilm_artifacts / "tokenizer.json")
     vocab = tok.get_vocab()

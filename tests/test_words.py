@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import DissectError
-from pipeline.parquet import read_provenance, read_vectors
-from pipeline.tokenizer import tokenizer_from_json
-from pipeline.words import WordSettings, top_dims, word_settings, word_variants, words_table, run
+from pipeline.core.errors import DissectError
+from pipeline.core.parquet import read_provenance, read_vectors
+from pipeline.tokenizers.load import tokenizer_from_json
+from pipeline.stages.words import WordSettings, top_dims, word_settings, word_variants, words_table, run
 from tests.test_lookup import ANA, BAN, HELLO, PIECES, SPACE, SPACE_HELLO, hand_matrix, hand_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_stage_on_llama_small_hello_is_one_token_and_banana_splits(llama_small_a
 def test_command_line_writes_words_or_fails_with_one_line(llama_small_artifacts, tmp_path):
     project_with(llama_small_artifacts, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "pipeline.words", "llama-small"]
+    command = [sys.executable, "-m", "pipeline.stages.words", "llama-small"]
     out = tmp_path / "artifacts" / "llama-small" / "words.parquet"
 
     (tmp_path / "params.yaml").write_text("words:\n  list: []\n  leading_space: true\n  pooling: mean\n  top_k: 10\n")

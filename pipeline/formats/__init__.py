@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import gguf, meta, safetensors
 from pipeline.formats.base import KNOWN_EMBEDDING_KEYS, Embedding, SourceRecord
 

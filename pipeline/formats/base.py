@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 # Names under which common architectures store the token-embedding matrix, most common first.
 KNOWN_EMBEDDING_KEYS: tuple[str, ...] = (

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.convert import reuse_freed_memory, MappedFile, empty_float32, parallel_rows
+from pipeline.core.memory import empty_float32, reuse_freed_memory
+from pipeline.formats.convert import MappedFile, parallel_rows
 from pipeline.formats.gguf_file import read_gguf
-from pipeline.progress import progress_bar
+from pipeline.core.progress import progress_bar
 
 
 

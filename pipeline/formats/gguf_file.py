@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

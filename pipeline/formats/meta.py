@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.convert import reuse_freed_memory, MappedFile, empty_float32, fill_float32
-from pipeline.progress import progress_bar
+from pipeline.core.memory import empty_float32, reuse_freed_memory
+from pipeline.formats.convert import MappedFile, fill_float32
+from pipeline.core.progress import progress_bar
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 

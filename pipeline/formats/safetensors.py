@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
-from pipeline.formats.convert import MappedFile, reuse_freed_memory, rows_to_float32
+from pipeline.core.memory import reuse_freed_memory
+from pipeline.formats.convert import MappedFile, rows_to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 # Largest JSON header we accept: the format's own limit is 100 MB.

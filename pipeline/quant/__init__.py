@@ -7,7 +7,7 @@ output file.
 
 from __future__ import annotations
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.quant.base import Encoded, Scheme
 from pipeline.quant.floats import BF16, FP16
 from pipeline.quant.ggml import Q4_0, Q8_0

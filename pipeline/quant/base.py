@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 
 @dataclass(frozen=True)

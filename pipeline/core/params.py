@@ -2,7 +2,7 @@
 
 Stages read params.yaml rather than composing conf/ with ``@hydra.main``: DVC writes the
 composed file (including ``dvc exp run -S`` overrides) before a stage runs, so it is the
-one source of truth. ``python -m pipeline.params`` re-composes conf/ into params.yaml
+one source of truth. ``python -m pipeline.core.params`` re-composes conf/ into params.yaml
 exactly the way DVC does, for a commit without running an experiment.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf")
@@ -40,11 +40,11 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DissectError(f"{path} not found; run from the project root or compose it with `python -m pipeline.params`") from None
+        raise DissectError(f"{path} not found; run from the project root or compose it with `python -m pipeline.core.params`") from None
     except yaml.YAMLError as error:
         raise DissectError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix it or recompose it") from None
     if not isinstance(params, dict):
-        raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.params`")
+        raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.core.params`")
     return params
 
 
@@ -74,7 +74,7 @@ def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
     """The ``section`` of params.yaml that configures one stage."""
     settings = params.get(section)
     if not isinstance(settings, dict):
-        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.params`")
+        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.core.params`")
     return settings
 
 
@@ -104,12 +104,12 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -
 
 
 def main(argv: list[str]) -> None:
-    from pipeline.io import write_bytes_atomic
+    from pipeline.core.io import write_bytes_atomic
 
     write_bytes_atomic(PARAMS_FILE, compose(argv).encode("utf-8"))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main, sys.argv[1:])

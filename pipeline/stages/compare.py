@@ -14,12 +14,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import markdown as md
-from pipeline.errors import DissectError
-from pipeline.io import read_json, write_bytes_atomic
-from pipeline.parquet import read_provenance
-from pipeline.params import load_params
-from pipeline.report_sections import drift_section, export_section
+from pipeline.report import markdown as md
+from pipeline.core.errors import DissectError
+from pipeline.core.io import read_json, write_bytes_atomic
+from pipeline.core.parquet import read_provenance
+from pipeline.core.params import load_params
+from pipeline.report.sections import drift_section, export_section
 
 ARTIFACTS_DIR = Path("artifacts")
 REPORTS_DIR = Path("reports")
@@ -143,11 +143,11 @@ def run(model_names: list[str], artifacts_dir: Path = ARTIFACTS_DIR, reports_dir
 
 def main(argv: list[str]) -> None:
     if argv:
-        raise DissectError("usage: python -m pipeline.compare (models are read from params.yaml)")
+        raise DissectError("usage: python -m pipeline.stages.compare (models are read from params.yaml)")
     run(list((load_params().get("models") or {}).keys()))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

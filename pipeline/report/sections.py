@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import markdown as md
+from pipeline.report import markdown as md
 
 TOP_SHOWN = 20
 

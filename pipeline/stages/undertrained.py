@@ -62,12 +62,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cli import model_stage_main, run_stage
-from pipeline.errors import DissectError
-from pipeline.io import write_json_atomic
-from pipeline.knn import iter_blocks
-from pipeline.parquet import derived_provenance, read_matrix, write_table
-from pipeline.progress import progress_bar
+from pipeline.core.cli import model_stage_main, run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.knn import iter_blocks
+from pipeline.core.parquet import derived_provenance, read_matrix, write_table
+from pipeline.core.progress import progress_bar
 
 STAGE = "undertrained"
 BLOCK_ROWS = 8192
@@ -207,7 +207,7 @@ def row_norms(matrix: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
 
 def first_axis(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean row [dim], first principal axis [dim], unit) of ``matrix``, both float64."""
-    from pipeline.pca import fit_pca
+    from pipeline.core.pca import fit_pca
 
     pca = fit_pca(matrix, n_components=1)
     return pca.mean, pca.components[0]
@@ -355,7 +355,7 @@ def _json_value(value: Any) -> Any:
 
 def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The stage on ``model_dir`` (``artifacts/<name>``); returns the metrics it wrote."""
-    from pipeline.tokenizer import special_token_ids, tokenizer_from_json
+    from pipeline.tokenizers.load import special_token_ids, tokenizer_from_json
 
     model_dir = Path(model_dir)
     checked = undertrained_settings(settings)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, get_args
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 TokenizerKind = Literal["tokenizer.json", "tiktoken", "gguf"]
 TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)

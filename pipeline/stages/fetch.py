@@ -7,7 +7,7 @@ Three kinds of source (``models.<name>.source`` in params.yaml):
   against its sha256;
 * ``path: /file/or/folder``: used in place (nothing is copied); the files the reader will
   touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
-* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.synthetic`).
+* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`).
 
 The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
 is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
@@ -25,11 +25,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import weight_files
-from pipeline.hashing import file_sha256
-from pipeline.io import atomic_path, write_json_atomic
-from pipeline.params import ModelConfig, load_params, model_config, source_kind
+from pipeline.core.hashing import file_sha256
+from pipeline.core.io import atomic_path, write_json_atomic
+from pipeline.core.params import ModelConfig, load_params, model_config, source_kind
 
 MODELS_DIR = Path("models")
 CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
@@ -119,7 +119,7 @@ def _unpack_member(archive: zipfile.ZipFile, member: str, target: Path, expected
 
 def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     """A generated Meta checkpoint in ``dest/checkpoint``, regenerated only when its params change."""
-    from pipeline import synthetic
+    from pipeline.sources import synthetic
 
     layouts = {"llama-3.2-1b": synthetic.LLAMA_3_2_1B, "llama-3.2-1b-small": synthetic.small_layout()}
     name = source["synthetic"]
@@ -170,7 +170,7 @@ def materialise(source: dict[str, Any], dest: Path, where: str) -> Path:
 
 def resolve_tokenizer(cfg: ModelConfig, weights: Path, dest: Path) -> dict[str, str]:
     """``{"kind", "path"}`` of the tokenizer: the configured one, else the model's own."""
-    from pipeline.tokenizer import detect_tokenizer
+    from pipeline.tokenizers.load import detect_tokenizer
 
     if cfg.tokenizer is not None:
         location = materialise(cfg.tokenizer, dest / "tokenizer", f"models.{cfg.name}.tokenizer")
@@ -235,11 +235,11 @@ def fetch(cfg: ModelConfig, models_dir: Path = MODELS_DIR) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.fetch MODEL_NAME")
+        raise DissectError("usage: python -m pipeline.stages.fetch MODEL_NAME")
     fetch(model_config(load_params(), argv[0]))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

@@ -44,11 +44,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import model_stage_main, run_stage
-from pipeline.errors import DissectError
-from pipeline.io import write_json_atomic
-from pipeline.parquet import derived_provenance, read_vectors, write_table
-from pipeline.progress import progress_bar
+from pipeline.core.cli import model_stage_main, run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.parquet import derived_provenance, read_vectors, write_table
+from pipeline.core.progress import progress_bar
 
 ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
 CHUNK_ELEMENTS = 8192 * 2048  # wider matrices get fewer rows per chunk, so temporaries stay that size
@@ -116,7 +116,7 @@ def _chunks_in_parallel(function, matrix: np.ndarray, rows_per_chunk: int) -> It
     At most one chunk per core is in flight, which bounds the temporaries (about 200 MiB a
     chunk at the default size).
     """
-    from pipeline.formats.convert import worker_count
+    from pipeline.core.memory import worker_count
 
     chunks = list(row_chunks(matrix.shape[0], rows_per_chunk))
     workers = worker_count()

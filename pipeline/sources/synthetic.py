@@ -27,11 +27,11 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from pipeline.cli import run_stage
-from pipeline.errors import DissectError
-from pipeline.hashing import file_sha256
-from pipeline.io import write_bytes_atomic
-from pipeline.progress import progress_bar
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.hashing import file_sha256
+from pipeline.core.io import write_bytes_atomic
+from pipeline.core.progress import progress_bar
 
 EmbeddingSplit = Literal["vocab", "dim"]
 
@@ -357,7 +357,7 @@ def checkpoint_sha256(path: Path | str) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.synthetic",
+        prog="python -m pipeline.sources.synthetic",
         description="Write a synthetic Meta-format Llama 3.2 1B checkpoint (consolidated.NN.pth + params.json).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write into")

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tokenizers
 
-from pipeline.cli import model_stage_main, run_stage
-from pipeline.errors import DissectError
+from pipeline.core.cli import model_stage_main, run_stage
+from pipeline.core.errors import DissectError
 from pipeline.lookup import POOLINGS, word_vectors
-from pipeline.parquet import derived_provenance, read_matrix, vector_array, write_table
+from pipeline.core.parquet import derived_provenance, read_matrix, vector_array, write_table
 
 FIRST_DIMS = 10
 
@@ -120,7 +120,7 @@ def words_table(
 
 def run(model_dir: Path, settings: dict[str, Any]) -> pa.Table:
     """The stage on ``model_dir`` (``artifacts/<name>``); returns the table written."""
-    from pipeline.tokenizer import tokenizer_from_json
+    from pipeline.tokenizers.load import tokenizer_from_json
 
     model_dir = Path(model_dir)
     checked = word_settings(settings)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 EMPTY_ID = np.iinfo(np.int64).max  # id of an unfilled slot: it loses every tie
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.io import atomic_path
+from pipeline.core.io import atomic_path
 
 FONT = "DejaVu Sans"  # ships with matplotlib, so every machine renders the same glyphs
 DPI = 100

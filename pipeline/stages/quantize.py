@@ -52,11 +52,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import DissectError
-from pipeline.formats.convert import return_freed_memory
-from pipeline.io import write_json_atomic
+from pipeline.core.errors import DissectError
+from pipeline.core.memory import return_freed_memory
+from pipeline.core.io import write_json_atomic
 from pipeline.lookup import POOLINGS, pool
-from pipeline.parquet import (
+from pipeline.core.parquet import (
     derived_provenance,
     leaf_column_paths,
     read_matrix,
@@ -64,7 +64,7 @@ from pipeline.parquet import (
     with_provenance,
     write_batches,
 )
-from pipeline.progress import progress_bar
+from pipeline.core.progress import progress_bar
 from pipeline.quant import Encoded, Scheme, schemes_for
 from pipeline.quant.measure import (
     ErrorStats,
@@ -184,7 +184,7 @@ def word_queries(model_dir: Path, texts: list[str], vocab: int) -> list[WordQuer
     The one place that knows how words become rows; the words stage's table can take its
     place once every model has one.
     """
-    from pipeline.tokenizer import tokenizer_from_json, word_token_ids
+    from pipeline.tokenizers.load import tokenizer_from_json, word_token_ids
 
     if not texts:
         return []
@@ -231,7 +231,7 @@ def _split_map(function: Callable[[np.ndarray], Any], rows: np.ndarray) -> list[
 
 def _span_map(function: Callable[[tuple[int, int]], Any], rows: int) -> list[Any]:
     """``function((start, stop))`` for consecutive spans of ``rows`` rows, one per core, in order."""
-    from pipeline.formats.convert import worker_count
+    from pipeline.core.memory import worker_count
 
     workers = worker_count()
     if workers == 1 or rows < 2 * MIN_ROWS_PER_THREAD:
@@ -270,7 +270,7 @@ def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
 
 def _submit(pool_index: int, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     """``function(*args)`` on ``_POOL[pool_index]`` (0: the cores, 1: the measuring thread), or now on one core."""
-    from pipeline.formats.convert import worker_count
+    from pipeline.core.memory import worker_count
 
     workers = worker_count()
     if workers == 1:
@@ -417,7 +417,7 @@ QUANT_COMPRESSION_LEVEL = 1
 
 
 def quant_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """How the quant files are encoded (:func:`pipeline.parquet.write_batches` options).
+    """How the quant files are encoded (:func:`pipeline.core.parquet.write_batches` options).
 
     Integer codes are dictionary encoded: Parquet stores int8 and uint8 as 4-byte INT32, and
     their at most 256 distinct values become 8-bit indices, which writes twice as fast and
@@ -693,7 +693,7 @@ def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dic
 
 def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
     """``[function(start, stop) for each chunk of rows]``, the chunks shared among the cores."""
-    from pipeline.formats.convert import worker_count
+    from pipeline.core.memory import worker_count
 
     chunks = list(row_chunks(rows))
     workers = worker_count()
@@ -705,20 +705,20 @@ def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
 def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
     settings = params.get(section)
     if not isinstance(settings, dict):
-        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.params`")
+        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.core.params`")
     return settings
 
 
 def main(argv: list[str]) -> None:
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.quantize MODEL_NAME")
+        raise DissectError("usage: python -m pipeline.stages.quantize MODEL_NAME")
     params = load_params()
     run(ARTIFACTS_DIR / argv[0], stage_settings(params, "quantize"), params.get("words") or {})
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

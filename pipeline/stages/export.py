@@ -30,9 +30,9 @@ For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` and writes
   (``embedding-atlas atlas.parquet --text text --x x --y y --neighbors neighbors``):
   ``token_id int32`` (= the row index, which the viewer's neighbour ids refer to),
   ``text string``, ``x``, ``y`` float32 (the first two principal components,
-  :func:`pipeline.pca.fit_pca`, as in ``pca.parquet``), ``neighbors
+  :func:`pipeline.core.pca.fit_pca`, as in ``pca.parquet``), ``neighbors
   struct<ids: list<int32>, distances: list<float32>>``: the ``export.neighbors_k`` nearest
-  other tokens by cosine (exact, :func:`pipeline.knn.knn_graph`), nearest first, with
+  other tokens by cosine (exact, :func:`pipeline.core.knn.knn_graph`), nearest first, with
   cosine distance 1 - cosine.
 """
 
@@ -47,12 +47,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import model_stage_main, run_stage
-from pipeline.errors import DissectError
-from pipeline.io import atomic_path, write_bytes_atomic
-from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
-from pipeline.parquet import derived_provenance, read_matrix, write_table
-from pipeline.progress import progress_bar
+from pipeline.core.cli import model_stage_main, run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.io import atomic_path, write_bytes_atomic
+from pipeline.core.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
+from pipeline.core.parquet import derived_provenance, read_matrix, write_table
+from pipeline.core.progress import progress_bar
 
 STAGE = "export"
 TSV_BLOCK_ROWS = 4096
@@ -206,7 +206,7 @@ def atlas_table(tokens: pa.Array, xy: np.ndarray, found: Neighbors) -> pa.Table:
 
 def pca_xy(matrix: np.ndarray) -> np.ndarray:
     """The first two principal coordinates [vocab, 2] (the pca stage's fit)."""
-    from pipeline.pca import fit_pca
+    from pipeline.core.pca import fit_pca
 
     if matrix.shape[1] < 2:
         raise DissectError(f"the matrix has {matrix.shape[1]} dimension; a 2-D projection needs at least 2")

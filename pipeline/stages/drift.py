@@ -16,7 +16,7 @@ Per aligned token (float32):
   SVD of A^T B, accumulated in float64 chunk by chunk). Two separately trained models have
   arbitrary bases; the rotation removes that, so what is left is real change;
 * ``knn_jaccard``: |N_a ∩ N_b| / |N_a ∪ N_b| of the token's ``drift.k`` nearest
-  neighbours by cosine (exact, :func:`pipeline.knn.knn_graph`), each side searched among
+  neighbours by cosine (exact, :func:`pipeline.core.knn.knn_graph`), each side searched among
   the aligned tokens only. Works when the dims differ;
 * ``moved_rank``: 1 = moved most. By ``procrustes_residual_relative`` when the dims match
   (largest first), else by ``knn_jaccard`` (smallest first); ties by base token id.
@@ -36,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import DissectError
-from pipeline.io import write_json_atomic
-from pipeline.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
-from pipeline.parquet import derived_provenance, read_provenance, read_matrix, write_table
-from pipeline.progress import progress_bar
+from pipeline.core.errors import DissectError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
+from pipeline.core.parquet import derived_provenance, read_provenance, read_matrix, write_table
+from pipeline.core.progress import progress_bar
 
 DRIFT_DIR = Path("artifacts/drift")
 STAGE = "drift"
@@ -360,14 +360,14 @@ def run(name: str, settings: dict[str, Any], out_dir: Path = DRIFT_DIR) -> dict[
 
 
 def main(argv: list[str]) -> None:
-    from pipeline.params import load_params, stage_settings
+    from pipeline.core.params import load_params, stage_settings
 
     if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.drift PAIR_NAME (a key of drift.pairs)")
+        raise DissectError("usage: python -m pipeline.stages.drift PAIR_NAME (a key of drift.pairs)")
     run(argv[0], stage_settings(load_params(), STAGE))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

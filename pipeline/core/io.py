@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 
 @contextlib.contextmanager

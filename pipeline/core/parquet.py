@@ -22,7 +22,7 @@ Layout (see DESIGN.md, "Parquet conventions"):
   ``tensor_key``     the embedding tensor's name in the source
   ``source_dtype``   its dtype there (``bfloat16``, ``Q8_0``, ...)
   ``shape``          ``[vocab, dim]``
-  ``matrix_sha256``  sha256 of the float32 matrix (:func:`pipeline.hashing.matrix_sha256`)
+  ``matrix_sha256``  sha256 of the float32 matrix (:func:`pipeline.core.hashing.matrix_sha256`)
   ``tokenizer``      ``{"kind", "path", "sha256", "vocab_size"}``
   ``params``         the stage's params as read from params.yaml
   ``package``        ``{"name": "embedding-dissect", "version"}``
@@ -33,7 +33,7 @@ Files derived from ``embeddings.parquet`` by later stages carry ``stage``, ``mod
 embeddings they were computed from (:func:`derived_provenance`), so any table can be traced
 back to the exact matrix and, through its provenance, to the weight files.
 
-Writes go through :func:`pipeline.io.atomic_path`: a killed stage leaves the old file or
+Writes go through :func:`pipeline.core.io.atomic_path`: a killed stage leaves the old file or
 none, never half of one.
 """
 
@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.errors import DissectError
-from pipeline.io import atomic_path
+from pipeline.core.errors import DissectError
+from pipeline.core.io import atomic_path
 
 PROVENANCE_KEY = b"embedding_dissect"
 DEFAULT_ROW_GROUP_SIZE = 4096
@@ -179,7 +179,7 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     at once). The row groups are decoded by a thread per core, each writing its own rows:
     decompression and the copy release the GIL.
     """
-    from pipeline.formats.convert import empty_float32, reuse_freed_memory, worker_count
+    from pipeline.core.memory import empty_float32, reuse_freed_memory, worker_count
 
     reuse_freed_memory()
     try:

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import markdown as md
-from pipeline.errors import DissectError
-from pipeline.figures import drawable, new_figure, save_png, style
-from pipeline.io import atomic_path, read_json, write_bytes_atomic
-from pipeline.parquet import read_provenance
-from pipeline.report_sections import undertrained_section
+from pipeline.report import markdown as md
+from pipeline.core.errors import DissectError
+from pipeline.report.figures import drawable, new_figure, save_png, style
+from pipeline.core.io import atomic_path, read_json, write_bytes_atomic
+from pipeline.core.parquet import read_provenance
+from pipeline.report.sections import undertrained_section
 
 ARTIFACTS_DIR = Path("artifacts")
 REPORTS_DIR = Path("reports")
@@ -402,8 +402,8 @@ def usage_section(a: Artifacts) -> str:
         "```python",
         "import pyarrow.parquet as pq",
         "from pipeline.lookup import batch_lookup, load_embedding_layer",
-        "from pipeline.parquet import read_vectors",
-        "from pipeline.tokenizer import tokenizer_from_json",
+        "from pipeline.core.parquet import read_vectors",
+        "from pipeline.tokenizers.load import tokenizer_from_json",
         "",
         f'_, matrix = read_vectors("{path}")',
         f'tokenizer = tokenizer_from_json("artifacts/{a.name}/tokenizer.json")',
@@ -450,11 +450,11 @@ def run(name: str, artifacts_dir: Path = ARTIFACTS_DIR, reports_dir: Path = REPO
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.report MODEL_NAME")
+        raise DissectError("usage: python -m pipeline.stages.report MODEL_NAME")
     run(argv[0])
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

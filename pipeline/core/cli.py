@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 
 DEBUG_ENV = "EMBEDDING_DISSECT_DEBUG"
 ARTIFACTS_DIR = Path("artifacts")
@@ -33,10 +33,10 @@ def model_stage_main(stage: str, run: Callable[[Path, dict[str, Any]], object]) 
     ``run(artifacts/MODEL, params.yaml's <stage> section)``."""
 
     def main(argv: list[str]) -> None:
-        from pipeline.params import load_params, stage_settings
+        from pipeline.core.params import load_params, stage_settings
 
         if len(argv) != 1:
-            raise DissectError(f"usage: python -m pipeline.{stage} MODEL_NAME")
+            raise DissectError(f"usage: python -m pipeline.stages.{stage} MODEL_NAME")
         run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), stage))
 
     return main

@@ -6,7 +6,7 @@ the format's reader, loads the tokenizer, checks that they fit each other, and w
 * ``embeddings.parquet``: ``token_id int32``, ``token string`` (the piece as readable text,
   null for padding rows beyond the tokenizer), ``token_bytes binary`` (the raw bytes of
   pieces that are not valid UTF-8 on their own, else null), ``vector
-  fixed_size_list<float32>[dim]``; provenance in the file metadata (:mod:`pipeline.parquet`);
+  fixed_size_list<float32>[dim]``; provenance in the file metadata (:mod:`pipeline.core.parquet`);
 * ``tokenizer.json``: the tokenizer in Hugging Face's format, so later stages load it fast.
 """
 
@@ -20,13 +20,13 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import DissectError
+from pipeline.core.errors import DissectError
 from pipeline.formats import Embedding, read_embedding
-from pipeline.hashing import matrix_sha256
-from pipeline.io import write_bytes_atomic
-from pipeline.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
-from pipeline.params import load_params, model_config
-from pipeline.progress import progress_bar
+from pipeline.core.hashing import matrix_sha256
+from pipeline.core.io import write_bytes_atomic
+from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
+from pipeline.core.params import load_params, model_config
+from pipeline.core.progress import progress_bar
 
 ARTIFACTS_DIR = Path("artifacts")
 # Vocabularies are padded to a multiple of 64 or 128 rows, sometimes to the next 1024
@@ -67,7 +67,7 @@ def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
     efficiency) and is recorded; more tokens than rows means the tokenizer belongs to
     another model.
     """
-    from pipeline.tokenizer import token_pieces
+    from pipeline.tokenizers.load import token_pieces
 
     pieces = token_pieces(tokenizer)
     if len(pieces) > rows:
@@ -139,7 +139,7 @@ def read_manifest(name: str, models_dir: Path = MODELS_DIR) -> dict:
 
 def extract(name: str, params: dict, models_dir: Path = MODELS_DIR, artifacts_dir: Path = ARTIFACTS_DIR) -> dict:
     """Run the stage for model ``name``; returns the provenance written."""
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokenizers.load import load_tokenizer
 
     cfg = model_config(params, name)
     settings = params.get("extract") or {}
@@ -166,11 +166,11 @@ def extract(name: str, params: dict, models_dir: Path = MODELS_DIR, artifacts_di
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.extract MODEL_NAME")
+        raise DissectError("usage: python -m pipeline.stages.extract MODEL_NAME")
     extract(argv[0], load_params())
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_stage
+    from pipeline.core.cli import run_stage
 
     run_stage(main)

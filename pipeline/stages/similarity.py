@@ -15,7 +15,7 @@ Reads ``artifacts/<name>/embeddings.parquet`` and ``words.parquet`` and writes b
   ``cosine float32``, the token itself left out. With ``scope: words`` the file is written
   with no rows (DVC needs every declared output to exist); its provenance says which.
 
-Cosine conventions (:mod:`pipeline.knn`): rows are compared by direction, so a row of norm
+Cosine conventions (:mod:`pipeline.core.knn`): rows are compared by direction, so a row of norm
 0 (padding) has cosine 0 with everything, itself included; equal cosines rank by token id,
 lowest first; a matrix or word vector holding NaN or Inf stops the stage with an error
 rather than writing NaN. Neighbour search is exact, not an approximate index.
@@ -31,12 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import model_stage_main, run_stage
-from pipeline.errors import DissectError
-from pipeline.hashing import file_sha256
-from pipeline.knn import Neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
-from pipeline.parquet import derived_provenance, read_matrix, vectors_to_numpy, write_table
-from pipeline.progress import progress_bar
+from pipeline.core.cli import model_stage_main, run_stage
+from pipeline.core.errors import DissectError
+from pipeline.core.hashing import file_sha256
+from pipeline.core.knn import Neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
+from pipeline.core.parquet import derived_provenance, read_matrix, write_table
+from pipeline.core.progress import progress_bar
+from pipeline.core.words import WordVectors, read_words
 
 STAGE = "similarity"
 SCOPES = ("words", "all")
@@ -57,46 +58,6 @@ def similarity_settings(settings: dict[str, Any]) -> SimilaritySettings:
     if scope not in SCOPES:
         raise DissectError(f"similarity.scope is {scope!r}; set it to one of {', '.join(SCOPES)}")
     return SimilaritySettings(k=k, scope=scope, block_rows=block_rows)
-
-
-@dataclass(frozen=True)
-class WordVectors:
-    """The rows of words.parquet this stage uses."""
-
-    word: pa.Array  # [w] string
-    variant: pa.Array  # [w] string
-    token_ids: list[np.ndarray]  # [w] of int64 [n_tokens]
-    vectors: np.ndarray  # [w, dim] float32
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-
-def word_vectors_from_table(table: pa.Table, dim: int, rows: int, where: str = "words.parquet") -> WordVectors:
-    """Check ``table`` (words.parquet) against a [rows, dim] matrix and take what is needed."""
-    fix = "rebuild it with the words stage (`dvc repro words@MODEL`)"
-    missing = [name for name in ("word", "variant", "token_ids", "vector") if name not in table.column_names]
-    if missing:
-        raise DissectError(f"{where} has no column {', '.join(missing)}; {fix}")
-    if table.num_rows == 0:
-        raise DissectError(f"{where} has no words; list some under words.list and {fix}")
-    column = table.column("vector")
-    if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
-        raise DissectError(f"{where} holds vectors of type {column.type}, not {dim}-dim like the matrix; {fix}")
-    if column.null_count:
-        raise DissectError(f"{where} has {column.null_count} words without a vector; {fix}")
-    vectors = vectors_to_numpy(column)  # [w, dim]
-    token_ids = [np.asarray(ids if ids is not None else [], dtype=np.int64) for ids in table.column("token_ids").to_pylist()]
-    for ids in token_ids:
-        outside = ids[(ids < 0) | (ids >= rows)]
-        if outside.size:
-            raise DissectError(f"{where} names token id {outside[0]}, outside the matrix's {rows} rows; {fix}")
-    return WordVectors(
-        word=table.column("word").combine_chunks(),
-        variant=table.column("variant").combine_chunks(),
-        token_ids=token_ids,
-        vectors=vectors,
-    )
 
 
 def word_cosines(vectors: np.ndarray) -> np.ndarray:
@@ -176,14 +137,6 @@ def vocabulary_graph(unit: np.ndarray, k: int, block_rows: int) -> Neighbors:
     with progress_bar(total=tiles * (tiles + 1) // 2, desc="kNN graph", unit="tiles") as bar:
         return knn_graph(unit, k, block_rows, progress=bar.update)
 
-
-
-def read_words(path: Path, dim: int, rows: int, model: str) -> WordVectors:
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise DissectError(f"{path} does not exist; run the words stage first (`dvc repro words@{model}`)") from None
-    return word_vectors_from_table(table, dim, rows, str(path))
 
 
 def run(model_dir: Path, settings: dict[str, Any]) -> None:
