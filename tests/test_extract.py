@@ -12,8 +12,8 @@ import torch
 from safetensors.numpy import save_file
 
 from pipeline.core.errors import DissectError
-from pipeline.stages.extract import extract
-from pipeline.stages.fetch import fetch
+from pipeline.core.paths import ModelPaths
+from pipeline.stages import extract, fetch
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.params import model_config
 from pipeline.core.parquet import read_provenance, read_vectors
@@ -35,8 +35,9 @@ WORDPIECE = {
 
 def run_extract(tmp_path: Path, entry: dict, name: str = "m") -> dict:
     params = {"models": {name: entry}, "extract": {"row_group_size": 2, "compression_level": 3}}
-    fetch(model_config(params, name), models_dir=tmp_path / "models")
-    return extract(name, params, models_dir=tmp_path / "models", artifacts_dir=tmp_path / "artifacts")
+    paths = ModelPaths.in_project(name, tmp_path)
+    fetch.run(paths, model_config(params, name))
+    return extract.run(paths, extract.read_settings(params, name))
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from pipeline.core.errors import DissectError
-from pipeline.stages.fetch import fetch, unpack_wheel_files
+from pipeline.core.paths import ModelPaths
+from pipeline.stages import fetch
+from pipeline.stages.fetch import unpack_wheel_files
 from pipeline.core.params import model_config
 
 PAYLOAD = b"weights of a tiny model\n"
@@ -71,7 +73,7 @@ def test_local_path_source_is_hashed_in_place(tmp_path, monkeypatch):
     save_file({"model.embed_tokens.weight": np.eye(3, dtype=np.float32)}, folder / "model.safetensors")
     (folder / "tokenizer.json").write_text("{}")
     params = {"models": {"mine": {"format": "safetensors", "source": {"path": str(folder)}, "tokenizer": None, "tensor": None}}}
-    manifest = fetch(model_config(params, "mine"), models_dir=tmp_path / "models")
+    manifest = fetch.run(ModelPaths.in_project("mine", tmp_path), model_config(params, "mine"))
     assert manifest["weights"] == "user-model"
     assert manifest["tokenizer"] == {"kind": "tokenizer.json", "path": "user-model/tokenizer.json"}
     hashes = {f["path"]: f["sha256"] for f in manifest["files"]}
@@ -85,7 +87,7 @@ def test_local_path_source_is_hashed_in_place(tmp_path, monkeypatch):
 def test_local_path_that_does_not_exist(tmp_path):
     params = {"models": {"mine": {"format": "meta", "source": {"path": str(tmp_path / "nope")}}}}
     with pytest.raises(DissectError, match=r"does not exist; set models.mine.source.path"):
-        fetch(model_config(params, "mine"), models_dir=tmp_path / "models")
+        fetch.run(ModelPaths.in_project("mine", tmp_path), model_config(params, "mine"))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
-from pipeline.core.knn import _nonzero, brute_force_neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
+from pipeline.core.knn import _nonzero, brute_force_neighbors, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)
@@ -67,17 +67,6 @@ def test_nonfinite_rows_are_refused(bad):
         unit_rows(matrix, block_rows=2, what="embeddings.parquet")
 
 
-@pytest.mark.parametrize("k, block_rows", [(0, 4), (3, 0), ("3", 4), (True, 4), (2.5, 4)])
-def test_search_params_are_checked(k, block_rows):
-    with pytest.raises(DissectError, match="positive integer"):
-        check_search_params(k, block_rows)
-
-
-def test_search_param_errors_name_the_callers_setting():
-    with pytest.raises(DissectError, match=r"^export\.neighbors_k is 0;"):
-        check_search_params(0, 4, section="export", k_name="neighbors_k")
-    with pytest.raises(DissectError, match=r"^drift\.block_rows is -1;"):
-        check_search_params(3, -1, section="drift")
 
 
 # --------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.decomposition import PCA
@@ -20,7 +19,11 @@ from pipeline.core.errors import DissectError
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
 from pipeline.core.pca import fit_pca
-from pipeline.stages.pca import label_text, main, pca_settings, run
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.stages.pca import PcaSettings, label_text, main, run
+
+from builders import write_params
 
 # Rows of a 4x3 matrix, worked out by hand:
 #   (3,1,1), (-1,1,1), (1,2,1), (1,0,1): mean (1,1,1)
@@ -139,7 +142,7 @@ def test_nan_is_refused():
 @pytest.mark.parametrize("settings_", [{"n_components": 0}, {"n_components": "5"}, {"n_components": True}])
 def test_bad_settings(settings_):
     with pytest.raises(DissectError, match="pca\\."):
-        pca_settings({"n_components": 50, **settings_})
+        read_section(PcaSettings, {"n_components": 50, **settings_}, "pca")
 
 
 # --------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ def test_stage_outputs(tmp_path):
     model_dir = project(tmp_path, matrix, WORDS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing glyph would warn
-        run(model_dir, SETTINGS)
+        run(ModelPaths.for_artifacts(model_dir), read_section(PcaSettings, SETTINGS, "pca"))
 
     reference = PCA(n_components=2, svd_solver="full").fit(matrix.astype(np.float64))
     table = pq.read_table(model_dir / "pca.parquet")
@@ -230,7 +233,7 @@ def test_stage_outputs(tmp_path):
 
 def test_two_runs_give_identical_bytes(tmp_path, monkeypatch):
     model_dir = project(tmp_path, separated_matrix(2, 300, 6), WORDS)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pca": SETTINGS}))
+    write_params(tmp_path, [model_dir.name], pca=SETTINGS)
     monkeypatch.chdir(tmp_path)
     main(["toy"])
     first = {name: (model_dir / name).read_bytes() for name in OUTPUTS}
@@ -240,7 +243,7 @@ def test_two_runs_give_identical_bytes(tmp_path, monkeypatch):
 
 def test_more_components_than_dimensions_lists_them_all(tmp_path):
     model_dir = project(tmp_path, separated_matrix(3, 100, 4), WORDS[:1])  # a single word too
-    run(model_dir, {"n_components": 50})
+    run(ModelPaths.for_artifacts(model_dir), PcaSettings(n_components=50))
     variance = json.loads((model_dir / "pca_variance.json").read_text())
     assert len(variance) == 4 and variance[-1]["cumulative"] == pytest.approx(1.0)
     words = pq.read_table(model_dir / "pca_words.parquet").to_pylist()
@@ -254,7 +257,7 @@ def test_smollm2_end_to_end(smollm2_artifacts, tmp_path):
     _, matrix = read_vectors(model_dir / "embeddings.parquet")
     write_words(model_dir, matrix, [("Hello", "Hello", [19556]), ("Hello", " Hello", [38699]), ("Apple", "Apple", [39080])])
 
-    run(model_dir, {"n_components": 50})
+    run(ModelPaths.for_artifacts(model_dir), PcaSettings(n_components=50))
 
     table = pq.read_table(model_dir / "pca.parquet")
     assert table.num_rows == 49152

@@ -13,13 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
-from pipeline.stages import quantize
-from pipeline.core.cli import run_stage
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.quant import layout
+from pipeline.stages import quantize, words
+from pipeline.stages.words import WordSettings
+
+from builders import write_embeddings, write_params, write_words
+from pipeline.core.errors import run_stage
 from pipeline.core.errors import DissectError
 from pipeline.core.hashing import matrix_sha256
-from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
+from pipeline.core.parquet import read_provenance, read_vectors
 from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
 from pipeline.quant.measure import ErrorStats, TopK, recall, unit_rows
@@ -47,7 +52,7 @@ METRIC_KEYS = {
 
 def readme_snippet() -> str:
     """The pyarrow + numpy dequantization snippet, exactly as documented (module docstring)."""
-    block = quantize.__doc__.split("pyarrow and numpy alone::\n\n", 1)[1].split("\n\n", 1)[0]
+    block = layout.__doc__.split("pyarrow and numpy alone::\n\n", 1)[1].split("\n\n", 1)[0]
     return textwrap.dedent(block)
 
 
@@ -62,12 +67,16 @@ def settings(schemes=None, sample_tokens=50, recall_k=5, seed=0) -> dict:
     return {"schemes": ALL_SCHEMES if schemes is None else schemes, "sample_tokens": sample_tokens, "recall_k": recall_k, "seed": seed}
 
 
+def quantize_run(model_dir: Path, section: dict) -> dict:
+    """The stage on ``model_dir`` with ``section`` as params.yaml's quantize section."""
+    return quantize.run(ModelPaths.for_artifacts(model_dir), read_section(quantize.QuantizeSettings, section, "quantize"))
+
+
 def synthetic_model(root: Path, matrix: np.ndarray, source_dtype: str = "float32") -> Path:
-    """``artifacts/<name>/embeddings.parquet`` as extract writes it (no tokenizer needed without words)."""
+    """``artifacts/tiny/`` with embeddings.parquet and a words.parquet of no words."""
     model_dir = root / "artifacts" / "tiny"
-    table = pa.table({"token_id": pa.array(np.arange(len(matrix), dtype=np.int32)), "vector": vector_array(matrix)})
-    provenance = {"stage": "extract", "model": "tiny", "source_dtype": source_dtype, "matrix_sha256": matrix_sha256(matrix)}
-    write_table(model_dir / "embeddings.parquet", table, provenance)
+    write_embeddings(model_dir / "embeddings.parquet", matrix, source_dtype=source_dtype)
+    write_words(model_dir, matrix, [])
     return model_dir
 
 
@@ -77,7 +86,7 @@ def tiny(tmp_path_factory) -> tuple[Path, np.ndarray, dict]:
     matrix = (rng.standard_normal((300, 128)) * 0.6).astype(np.float32)  # some values beyond 1.27
     matrix[7] = 0.0  # a zero row: never sampled, cosine 1 with its (zero) copy
     model_dir = synthetic_model(tmp_path_factory.mktemp("tiny"), matrix)
-    metrics = quantize.run(model_dir, settings(), {"list": []})
+    metrics = quantize_run(model_dir, settings())
     return model_dir, matrix, metrics
 
 
@@ -195,12 +204,12 @@ def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeyp
     queries = quantize.Queries(np.array([3, 700, 1999]), [quantize.WordQuery("w", (7, 11))])
     scheme = SCHEMES["q4_0"]().fit(matrix)
     honest = quantize.SchemeRun(scheme, matrix, queries, 5)
-    for _ in honest.batches(quantize.quant_schema(scheme, 32)):
+    for _ in honest.batches(layout.quant_schema(scheme, 32)):
         pass
     matmul = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda a, b, out: matmul(a, b, out=out).mul_(0.5))  # a broken kernel
     broken = quantize.SchemeRun(scheme, matrix, queries, 5)
-    for _ in broken.batches(quantize.quant_schema(scheme, 32)):
+    for _ in broken.batches(layout.quant_schema(scheme, 32)):
         pass
     assert isinstance(broken.top, TopK)  # the screen was not trusted
     assert [set(row) for row in broken.top.ids] == [set(row) for row in honest.top.ids]
@@ -292,21 +301,21 @@ def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path):
     model_dir = synthetic_model(tmp_path, matrix)
     cases = [
         (settings(["int8_row", "q4_0"]), "q4_0 quantizes blocks of 32.*dim is 48"),
-        (settings(["int8_row", "q9"]), "unknown quantization scheme 'q9'"),
-        (settings([]), "quantize.schemes is empty"),
+        (settings(["int8_row", "q9"]), r'quantize.schemes\[1\] must be one of .*, got "q9"'),
+        (settings([]), r"quantize.schemes must be a list of 1 or more items, got \[\]"),
         (settings(["int8_row"], recall_k=40), "recall_k is 40 but tiny has only 40 tokens"),
-        (settings(["int8_row"], sample_tokens=-1), "quantize.sample_tokens is -1"),
+        (settings(["int8_row"], sample_tokens=-1), "quantize.sample_tokens must be a whole number from 0 to 1000000, got -1"),
     ]
     for bad, message in cases:
         with pytest.raises(DissectError, match=message):
-            quantize.run(model_dir, bad, {"list": []})
+            quantize_run(model_dir, bad)
     assert not (model_dir / "quant").exists() and not (model_dir / "quant.json").exists()
 
 
 def test_main_reads_params_and_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     synthetic_model(tmp_path, np.ones((40, 48), np.float32))
-    params = {"quantize": settings(["q8_0"]), "words": {"list": [], "leading_space": True}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = {"quantize": settings(["q8_0"])}
+    write_params(tmp_path, ["tiny"], **params)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_stage(quantize.main, ["tiny"])
@@ -316,7 +325,7 @@ def test_main_reads_params_and_reports_errors_in_one_line(tmp_path, monkeypatch,
         "remove q8_0 from quantize.schemes for this model"
     ]
     params["quantize"]["schemes"] = ["int8_row", "fp16"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, ["tiny"], **params)
     run_stage(quantize.main, ["tiny"])
     assert sorted(json.loads((tmp_path / "artifacts/tiny/quant.json").read_text())) == ["fp16", "int8_row"]
 
@@ -327,8 +336,9 @@ def test_main_reads_params_and_reports_errors_in_one_line(tmp_path, monkeypatch,
 
 @pytest.fixture(scope="module")
 def smollm2_quant(smollm2_artifacts) -> dict:
-    words = {"list": ["Hello", "Hi", "Greetings", "Apple", "Banana", "Computer", "Science"], "leading_space": True}
-    return quantize.run(smollm2_artifacts, settings(sample_tokens=200, recall_k=10), words)
+    paths = ModelPaths.for_artifacts(smollm2_artifacts)
+    words.run(paths, WordSettings(["Hello", "Hi", "Greetings", "Apple", "Banana", "Computer", "Science"], True, "mean", 10))
+    return quantize_run(smollm2_artifacts, settings(sample_tokens=200, recall_k=10))
 
 
 def test_smollm2_q8_0_requantization_is_lossless(smollm2_quant):
@@ -408,8 +418,15 @@ def test_words_are_pooled_like_the_words_stage(pooling, expected):
     assert pool_rows(rows, pooling).tolist() == expected
 
 
-def test_unknown_pooling_is_an_error():
-    from pipeline.stages.quantize import word_pooling
-
-    with pytest.raises(DissectError, match="words.pooling is 'max'"):
-        word_pooling({"pooling": "max"})
+def test_words_come_from_words_parquet(tmp_path):
+    matrix = np.arange(40 * 32, dtype=np.float32).reshape(40, 32)
+    model_dir = synthetic_model(tmp_path, matrix)
+    write_words(model_dir, matrix, [("a", "a", [3, 5]), ("b", "b", [7])], pooling="last")
+    queries, pooling = quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)
+    assert [(q.text, q.token_ids) for q in queries] == [("a", (3, 5)), ("b", (7,))] and pooling == "last"
+    write_words(model_dir, matrix, [("a", "a", [39, 40])])
+    with pytest.raises(DissectError, match="outside the 40 rows"):
+        quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)
+    (model_dir / "words.parquet").unlink()
+    with pytest.raises(DissectError, match="dvc repro words@tiny"):
+        quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)

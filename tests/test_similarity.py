@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -9,17 +11,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.core.cli import run_stage
+from pipeline.core.errors import run_stage
 from pipeline.core.errors import DissectError
-from pipeline.core.hashing import matrix_sha256
 from pipeline.core.knn import brute_force_neighbors, unit_rows
-from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
-from pipeline.stages.similarity import main, run, similarity_settings, word_cosines
+from pipeline.core.parquet import read_provenance, read_vectors
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.stages.similarity import SimilaritySettings, main, run, word_cosines
+
+from builders import write_embeddings, write_params, write_words
 
 S = np.float32(1 / np.sqrt(2))
 
@@ -28,50 +32,16 @@ S = np.float32(1 / np.sqrt(2))
 # A small project on disk: embeddings.parquet and words.parquet as the earlier stages write them
 
 
-def write_embeddings(model_dir: Path, matrix: np.ndarray, tokens: list[str] | None = None) -> Path:
-    tokens = tokens if tokens is not None else [f"t{i}" for i in range(len(matrix))]
-    table = pa.table(
-        {
-            "token_id": pa.array(np.arange(len(matrix), dtype=np.int32)),
-            "token": pa.array(tokens, pa.string()),
-            "vector": vector_array(matrix),
-        }
-    )
-    path = model_dir / "embeddings.parquet"
-    write_table(path, table, {"stage": "extract", "matrix_sha256": matrix_sha256(matrix)})
-    return path
-
-
-def write_words(model_dir: Path, matrix: np.ndarray, entries: list[tuple[str, str, list[int]]]) -> Path:
-    """words.parquet with the words stage's schema; each vector is the mean of its tokens' rows."""
-    vectors = np.stack([matrix[ids].mean(axis=0) for _, _, ids in entries]).astype(np.float32)  # [w, dim]
-    table = pa.table(
-        {
-            "word": pa.array([word for word, _, _ in entries], pa.string()),
-            "variant": pa.array([variant for _, variant, _ in entries], pa.string()),
-            "token_ids": pa.array([ids for _, _, ids in entries], pa.list_(pa.int32())),
-            "tokens": pa.array([[f"t{i}" for i in ids] for _, _, ids in entries], pa.list_(pa.string())),
-            "n_tokens": pa.array([len(ids) for _, _, ids in entries], pa.int32()),
-            "split": pa.array([len(ids) > 1 for _, _, ids in entries]),
-            "pooling": pa.array(["mean"] * len(entries)),
-            "vector": vector_array(vectors),
-        }
-    )
-    path = model_dir / "words.parquet"
-    write_table(path, table, {"stage": "words"})
-    return path
-
-
 def project(root: Path, matrix: np.ndarray, entries: list[tuple[str, str, list[int]]], name: str = "toy") -> Path:
     model_dir = root / "artifacts" / name
     model_dir.mkdir(parents=True)
-    write_embeddings(model_dir, matrix)
+    write_embeddings(model_dir / "embeddings.parquet", matrix)
     write_words(model_dir, matrix, entries)
     return model_dir
 
 
 OUTPUTS = ("similarity.parquet", "neighbors.parquet", "knn.parquet")
-SETTINGS = {"k": 3, "scope": "all", "block_rows": 7}
+SETTINGS = SimilaritySettings(k=3, scope="all", block_rows=7)
 
 
 # --------------------------------------------------------------------------------------
@@ -92,7 +62,7 @@ def test_hand_project_tables(tmp_path):
     matrix = np.array([[1, 0, 0], [0, 2, 0], [3, 3, 0], [0, 0, 0], [1, 1, 0]], dtype=np.float32)
     # "diag" is t2 alone; "pair" is split into t0 + t1, pooled to (0.5, 1, 0).
     model_dir = project(tmp_path, matrix, [("diag", "diag", [2]), ("pair", " pair", [0, 1])])
-    run(model_dir, {"k": 2, "scope": "all", "block_rows": 2})
+    run(ModelPaths.for_artifacts(model_dir), SimilaritySettings(k=2, scope="all", block_rows=2))
 
     similarity = pq.read_table(model_dir / "similarity.parquet").to_pylist()
     # cos((1,1,0), (0.5,1,0)) = 1.5 / (sqrt2 * sqrt1.25) = 0.9486833
@@ -151,7 +121,7 @@ def random_project(root: Path, rows: int = 60, dim: int = 5, seed: int = 0) -> t
 
 def test_stage_tables_match_references(tmp_path):
     model_dir, matrix = random_project(tmp_path)
-    run(model_dir, SETTINGS)
+    run(ModelPaths.for_artifacts(model_dir), SETTINGS)
     unit = unit_rows(matrix)
 
     knn = pq.read_table(model_dir / "knn.parquet")
@@ -181,12 +151,12 @@ def test_stage_tables_match_references(tmp_path):
     similarity = pq.read_table(model_dir / "similarity.parquet")
     assert similarity.num_rows == 16
     assert not np.isnan(similarity.column("cosine").to_numpy()).any()
-    assert read_provenance(model_dir / "knn.parquet")["params"] == {"similarity": SETTINGS}
+    assert read_provenance(model_dir / "knn.parquet")["params"] == {"similarity": {"k": 3, "scope": "all", "block_rows": 7}}
 
 
 def test_scope_words_writes_an_empty_graph(tmp_path):
     model_dir, _ = random_project(tmp_path)
-    run(model_dir, {**SETTINGS, "scope": "words"})
+    run(ModelPaths.for_artifacts(model_dir), dataclasses.replace(SETTINGS, scope="words"))
     knn = pq.read_table(model_dir / "knn.parquet")
     assert knn.num_rows == 0 and knn.schema.names == ["token_id", "rank", "neighbor_id", "cosine"]
     assert read_provenance(model_dir / "knn.parquet")["params"]["similarity"]["scope"] == "words"
@@ -194,15 +164,15 @@ def test_scope_words_writes_an_empty_graph(tmp_path):
 
 def test_two_runs_give_identical_bytes(tmp_path):
     model_dir, _ = random_project(tmp_path)
-    run(model_dir, SETTINGS)
+    run(ModelPaths.for_artifacts(model_dir), SETTINGS)
     first = {name: (model_dir / name).read_bytes() for name in OUTPUTS}
-    run(model_dir, SETTINGS)
+    run(ModelPaths.for_artifacts(model_dir), SETTINGS)
     assert first == {name: (model_dir / name).read_bytes() for name in OUTPUTS}
 
 
 def test_main_reads_params_yaml(tmp_path, monkeypatch):
     model_dir, _ = random_project(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"similarity": {**SETTINGS, "scope": "words"}}))
+    write_params(tmp_path, ["toy"], similarity={"k": 3, "scope": "words", "block_rows": 7})
     monkeypatch.chdir(tmp_path)
     main(["toy"])
     assert pq.read_table(model_dir / "neighbors.parquet").num_rows == 4 * 3
@@ -218,7 +188,7 @@ def test_main_reads_params_yaml(tmp_path, monkeypatch):
 )
 def test_bad_settings(settings_, message):
     with pytest.raises(DissectError, match=message):
-        similarity_settings({**SETTINGS, **settings_})
+        read_section(SimilaritySettings, {"k": 3, "scope": "all", "block_rows": 7, **settings_}, "similarity")
 
 
 def test_nan_row_is_an_error_and_nothing_is_written(tmp_path):
@@ -226,14 +196,14 @@ def test_nan_row_is_an_error_and_nothing_is_written(tmp_path):
     matrix[6, 2] = np.nan
     model_dir = project(tmp_path, matrix, [("a", "a", [1])])
     with pytest.raises(DissectError, match="NaN or Inf in row 6"):
-        run(model_dir, SETTINGS)
+        run(ModelPaths.for_artifacts(model_dir), SETTINGS)
     assert not any((model_dir / name).exists() for name in OUTPUTS)
 
 
 def test_missing_words_names_the_stage(tmp_path, capsys, monkeypatch):
     model_dir, _ = random_project(tmp_path)
     (model_dir / "words.parquet").unlink()
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"similarity": SETTINGS}))
+    write_params(tmp_path, ["toy"], similarity={"k": 3, "scope": "all", "block_rows": 7})
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EMBEDDING_DISSECT_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -247,10 +217,10 @@ def test_words_from_another_model_are_refused(tmp_path):
     model_dir, _ = random_project(tmp_path)
     write_words(model_dir, np.ones((100, 4), dtype=np.float32), [("a", "a", [90])])
     with pytest.raises(DissectError, match="not 5-dim like the matrix"):
-        run(model_dir, SETTINGS)
+        run(ModelPaths.for_artifacts(model_dir), SETTINGS)
     write_words(model_dir, np.ones((100, 5), dtype=np.float32), [("a", "a", [90])])
     with pytest.raises(DissectError, match="token id 90, outside the matrix's 60 rows"):
-        run(model_dir, SETTINGS)
+        run(ModelPaths.for_artifacts(model_dir), SETTINGS)
 
 
 # --------------------------------------------------------------------------------------
@@ -268,7 +238,7 @@ def test_smollm2_end_to_end(smollm2_artifacts, tmp_path):
     assert [tokens[ids[0]].as_py() for _, _, ids in SMOLLM2_WORDS] == ["Hello", " Hello", "Apple"]
     write_words(model_dir, matrix, SMOLLM2_WORDS)
 
-    run(model_dir, {"k": 10, "scope": "words", "block_rows": 4096})
+    run(ModelPaths.for_artifacts(model_dir), SimilaritySettings(k=10, scope="words", block_rows=4096))
 
     unit = unit_rows(matrix).astype(np.float64)  # [vocab, dim]
     neighbors = pq.read_table(model_dir / "neighbors.parquet").to_pylist()

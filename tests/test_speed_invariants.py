@@ -101,7 +101,7 @@ def test_pruned_recall_equals_the_full_pass(name):
     from pipeline.quant import schemes_for
     from pipeline.stages.quantize import PRUNE_MIN_ROWS, Queries, SchemeRun, WordQuery, reference, sample_token_rows
     from pipeline.quant.measure import inverse_norms
-    from pipeline.stages.quantize import quant_schema
+    from pipeline.quant.layout import quant_schema
 
     rng = np.random.default_rng(3)
     rows = PRUNE_MIN_ROWS + 1000

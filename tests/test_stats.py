@@ -19,7 +19,11 @@ from hypothesis.extra import numpy as hnp
 
 from pipeline.core.errors import DissectError
 from pipeline.core.parquet import read_provenance, read_vectors
-from pipeline.stages.stats import duplicate_of, matrix_stats, run, tokens_table
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.stages.stats import StatsSettings, duplicate_of, matrix_stats, run, tokens_table
+
+from builders import write_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,15 +200,15 @@ def _flat(summary: dict, prefix: str = "") -> dict:
 
 
 def test_bad_bins_and_missing_input_are_clear_errors(tmp_path):
-    with pytest.raises(DissectError, match="norm_histogram_bins is 0"):
-        run(tmp_path, {"norm_histogram_bins": 0})
+    with pytest.raises(DissectError, match="stats.norm_histogram_bins must be a whole number from 1 to 100000, got 0"):
+        read_section(StatsSettings, {"norm_histogram_bins": 0}, "stats")
     with pytest.raises(DissectError, match="embeddings.parquet does not exist"):
-        run(tmp_path, {"norm_histogram_bins": 10})
+        run(ModelPaths.for_artifacts(tmp_path / "artifacts" / "m"), StatsSettings(norm_histogram_bins=10))
 
 
 def test_stage_on_smollm2(smollm2_artifacts, tmp_path):
     model_dir = project_with(smollm2_artifacts, tmp_path)
-    summary = run(model_dir, {"norm_histogram_bins": 50})
+    summary = run(ModelPaths.for_artifacts(model_dir), StatsSettings(norm_histogram_bins=50))
     token_ids, matrix = read_vectors(model_dir / "embeddings.parquet")
     wide = matrix.astype(np.float64)
     assert (summary["vocab_size"], summary["dim"]) == (49152, 576)
@@ -233,7 +237,7 @@ def test_stage_on_smollm2(smollm2_artifacts, tmp_path):
 
 def test_command_line_on_minilm(minilm_artifacts, tmp_path):
     project_with(minilm_artifacts, tmp_path)
-    (tmp_path / "params.yaml").write_text("stats:\n  norm_histogram_bins: 8\n")
+    write_params(tmp_path, ["minilm-l6", "nope"], stats={"norm_histogram_bins": 8})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "pipeline.stages.stats", "minilm-l6"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import DissectError
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
 from pipeline.core.parquet import read_provenance
 from pipeline.stages.undertrained import (
     RULE,
@@ -19,7 +21,7 @@ from pipeline.stages.undertrained import (
     known_unused_rows,
     ranks,
     run,
-    undertrained_settings,
+    UndertrainedSettings,
 )
 
 VOCAB, DIM = 4000, 64
@@ -74,19 +76,19 @@ def test_known_unused_tokens_by_kind():
 def test_reference_fallbacks_are_stated():
     tokens, raw = ["a", "b", "c", "d", None], [None] * 5
     norms = np.array([3.0, 1.0, 2.0, 0.5, 0.0])
-    listed = choose_reference(undertrained_settings({"reference_tokens": ["c", "not-here"]}), tokens, raw, norms)
+    listed = choose_reference(read_section(UndertrainedSettings, {"reference_tokens": ["c", "not-here"]}, "undertrained"), tokens, raw, norms)
     assert listed.rows.tolist() == [2] and "reference_tokens" in listed.method
-    smallest = choose_reference(undertrained_settings({"fallback_rows": 2}), tokens, raw, norms)
+    smallest = choose_reference(read_section(UndertrainedSettings, {"fallback_rows": 2}, "undertrained"), tokens, raw, norms)
     assert smallest.rows.tolist() == [1, 3] and "smallest_norm" in smallest.method  # padding row 4 is not a token
     with pytest.raises(DissectError, match="not-here"):
-        choose_reference(undertrained_settings({"reference": "tokens", "reference_tokens": ["not-here"]}), tokens, raw, norms)
+        choose_reference(read_section(UndertrainedSettings, {"reference": "tokens", "reference_tokens": ["not-here"]}, "undertrained"), tokens, raw, norms)
 
 
 @pytest.mark.parametrize("bad", [{"percentile": 0}, {"percentile": 100}, {"reference": "nope"}, {"reference": "tokens"},
                                  {"fallback_rows": 0}, {"reference_tokens": "abc"}])
 def test_settings_mistakes_name_the_fix(bad):
     with pytest.raises(DissectError, match="undertrained"):
-        undertrained_settings(bad)
+        read_section(UndertrainedSettings, bad, "undertrained")
 
 
 def test_encodes_to_self_on_wordpiece(minilm_artifacts):
@@ -105,7 +107,7 @@ def test_encodes_to_self_on_wordpiece(minilm_artifacts):
 
 
 def test_smollm2_end_to_end(smollm2_artifacts):
-    metrics = run(smollm2_artifacts, {"percentile": 2.0, "reference_tokens": ["<0xF3>", "<0xF4>"], "top": 25})
+    metrics = run(ModelPaths.for_artifacts(smollm2_artifacts), read_section(UndertrainedSettings, {"percentile": 2.0, "reference_tokens": ["<0xF3>", "<0xF4>"], "top": 25}, "undertrained"))
     table = pq.read_table(smollm2_artifacts / "undertrained.parquet")
     assert table.column_names == ["token_id", "token", "l2_norm", "cos_dist_ref", "cos_dist_ref_centered", "is_reference",
                                   "is_special", "encodes_to_self", "flagged", "rank"]
@@ -124,7 +126,7 @@ def test_smollm2_end_to_end(smollm2_artifacts):
 
 
 def test_minilm_uses_bert_unused_placeholders(minilm_artifacts):
-    metrics = run(minilm_artifacts, {"percentile": 2.0})
+    metrics = run(ModelPaths.for_artifacts(minilm_artifacts), read_section(UndertrainedSettings, {"percentile": 2.0}, "undertrained"))
     assert metrics["reference"] == {"method": "auto (bert_unused: 994)", "count": 994}
     assert metrics["flagged"] == 611
     assert metrics["strongest"][0]["token"].startswith("[unused")

@@ -17,7 +17,11 @@ import pytest
 from pipeline.core.errors import DissectError
 from pipeline.core.parquet import read_provenance, read_vectors
 from pipeline.tokenizers.load import tokenizer_from_json
-from pipeline.stages.words import WordSettings, top_dims, word_settings, word_variants, words_table, run
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import read_section
+from pipeline.stages.words import WordSettings, top_dims, words_table, run
+
+from builders import write_params
 from tests.test_lookup import ANA, BAN, HELLO, PIECES, SPACE, SPACE_HELLO, hand_matrix, hand_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,32 +80,31 @@ def test_top_dims_ties_go_to_the_lower_dimension():
 @pytest.mark.parametrize(
     ("words", "message"),
     [
-        ([], "words.list is empty"),
-        (["Hello", ""], "words.list has an empty word"),
-        (["Hello", " \t "], r"words.list entry ' \\t ' is only whitespace"),
-        (["Hello", True], "words.list entry True is not text; quote it"),
-        (["Hello", "Hello"], "words.list has 'Hello' twice"),
+        ([], r"words.list must be a list of 1 to 1000 items, got \[\]"),
+        (["Hello", ""], r'words.list\[1\] must be a word, got ""'),
+        (["Hello", " \t "], r'words.list\[1\] must be a word, got " \\t "'),
+        (["Hello", True], r"words.list\[1\] must be text, got true; quote it"),
+        (["Hello", "Hello"], r'words.list\[1\] repeats "Hello"; list each entry once'),
     ],
 )
 def test_bad_word_lists_are_clear_errors(words, message):
     with pytest.raises(DissectError, match=message):
-        word_settings({**TUTORIAL, "list": words})
-    with pytest.raises(DissectError, match=message):
-        word_variants(words, leading_space=True)
+        read_section(WordSettings, {**TUTORIAL, "list": words}, "words")
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"pooling": "max"}, "words.pooling is 'max'; set it to one of mean, first, last"),
-        ({"top_k": 0}, "words.top_k is 0"),
-        ({"leading_space": "yes"}, "words.leading_space is 'yes'"),
-        ({"list": None}, "words.list is empty or missing"),
+        ({"pooling": "max"}, 'words.pooling must be one of mean, first, last, got "max"'),
+        ({"top_k": 0}, "words.top_k must be a whole number from 1 to 100000, got 0"),
+        ({"leading_space": "yes"}, 'words.leading_space must be true or false, got "yes"'),
+        ({"list": None}, "words.list must be a list of 1 to 1000 items, got null"),
+        ({"lsit": ["Hello"]}, "words.lsit is not a setting of words"),
     ],
 )
 def test_bad_settings_are_clear_errors(change, message):
     with pytest.raises(DissectError, match=message):
-        word_settings({**TUTORIAL, **change})
+        read_section(WordSettings, {**TUTORIAL, **change}, "words")
 
 
 def test_word_beyond_the_matrix_is_named():
@@ -137,7 +140,7 @@ def project_with(artifacts: Path, root: Path) -> Path:
 
 def test_stage_on_llama_small_hello_is_one_token_and_banana_splits(llama_small_artifacts, tmp_path):
     model_dir = project_with(llama_small_artifacts, tmp_path)
-    run(model_dir, TUTORIAL)
+    run(ModelPaths.for_artifacts(model_dir), read_section(WordSettings, TUTORIAL, "words"))
     table = pq.read_table(model_dir / "words.parquet")
     assert table.column_names == COLUMNS and table.num_rows == 14
     rows = {row["variant"]: row for row in table.to_pylist()}
@@ -175,12 +178,12 @@ def test_command_line_writes_words_or_fails_with_one_line(llama_small_artifacts,
     command = [sys.executable, "-m", "pipeline.stages.words", "llama-small"]
     out = tmp_path / "artifacts" / "llama-small" / "words.parquet"
 
-    (tmp_path / "params.yaml").write_text("words:\n  list: []\n  leading_space: true\n  pooling: mean\n  top_k: 10\n")
+    write_params(tmp_path, ["llama-small"], words={"list": [], "leading_space": True, "pooling": "mean", "top_k": 10})
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2 and not out.exists()
-    assert done.stderr.strip().splitlines() == ["error: words.list is empty or missing; list at least one word, e.g. list: [Hello]"]
+    assert done.stderr.strip().splitlines() == ["error: words.list must be a list of 1 to 1000 items, got []"]
 
-    (tmp_path / "params.yaml").write_text("words:\n  list: [Hello, Banana]\n  leading_space: false\n  pooling: first\n  top_k: 3\n")
+    write_params(tmp_path, ["llama-small"], words={"list": ["Hello", "Banana"], "leading_space": False, "pooling": "first", "top_k": 3})
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = pq.read_table(out)

@@ -1,42 +1,46 @@
-"""Entry-point helper shared by every stage's ``main()``."""
+"""The command line of every stage: ``python -m pipeline.stages.<stage> [TARGET]``.
+
+Every stage module has the same contract, ``run(paths, settings)``: ``paths`` comes from
+:mod:`pipeline.core.paths` (the one object that knows the artifact layout) and ``settings``
+is the stage's typed settings, built and checked from params.yaml by
+:mod:`pipeline.core.settings` before any work starts. A module's ``main = Stage(...).main`` wires the two
+together for ``dvc repro``; tests and notebooks call ``run`` directly.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
 
 from pipeline.core.errors import DissectError
+from pipeline.core.params import load_params
 
-DEBUG_ENV = "EMBEDDING_DISSECT_DEBUG"
-ARTIFACTS_DIR = Path("artifacts")
+P = TypeVar("P")
+S = TypeVar("S")
 
 
-def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """Run a stage; a :class:`DissectError` becomes one line on stderr and exit status 2.
+@dataclass(frozen=True)
+class Stage(Generic[P, S]):
+    """How one stage's command line becomes ``run(paths, settings)``.
 
-    Set ``EMBEDDING_DISSECT_DEBUG=1`` to get the full traceback instead.
+    ``target`` names what the stage's argument is (``MODEL``, ``PAIR``, or None for a stage
+    that takes none); ``paths`` and ``settings`` build the two arguments from params.yaml
+    and that target, ``settings`` validating every value before ``run`` starts.
     """
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        main(args)
-    except DissectError as error:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
+    name: str
+    target: str | None
+    paths: Callable[[dict[str, Any], str | None], P]
+    settings: Callable[[dict[str, Any], str | None], S]
+    run: Callable[[P, S], object]
 
-def model_stage_main(stage: str, run: Callable[[Path, dict[str, Any]], object]) -> Callable[[list[str]], None]:
-    """The ``main(argv)`` of a per-model stage: ``python -m pipeline.<stage> MODEL`` calls
-    ``run(artifacts/MODEL, params.yaml's <stage> section)``."""
+    def main(self, argv: list[str]) -> None:
+        expected = 0 if self.target is None else 1
+        if len(argv) != expected:
+            usage = f"python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
+            raise DissectError(f"usage: {usage}")
+        target = argv[0] if argv else None
+        params = load_params()
+        settings = self.settings(params, target)
+        self.run(self.paths(params, target), settings)
 
-    def main(argv: list[str]) -> None:
-        from pipeline.core.params import load_params, stage_settings
-
-        if len(argv) != 1:
-            raise DissectError(f"usage: python -m pipeline.stages.{stage} MODEL_NAME")
-        run(ARTIFACTS_DIR / argv[0], stage_settings(load_params(), stage))
-
-    return main

@@ -31,6 +31,11 @@ import numpy as np
 
 from pipeline.core.errors import DissectError
 
+# Bounds of the search settings (similarity.k, drift.k, export.neighbors_k, *.block_rows):
+# past them a search would ask for more memory than any machine has, not a bigger answer.
+MAX_K = 10_000
+MAX_BLOCK_ROWS = 1 << 20
+
 EMPTY_ID = np.iinfo(np.int64).max  # id of an unfilled slot: it loses every tie
 
 
@@ -207,14 +212,6 @@ def _sorted(state: RunningTopK) -> Neighbors:
     state.ids = np.take_along_axis(state.ids, order, axis=-1)
     state.scores = np.take_along_axis(state.scores, order, axis=-1)
     return state.result()
-
-
-def check_search_params(k: object, block_rows: object, section: str = "similarity", k_name: str = "k") -> tuple[int, int]:
-    """``k`` and ``block_rows`` as positive ints; a mistake names the setting in ``section``."""
-    for name, value in ((f"{section}.{k_name}", k), (f"{section}.block_rows", block_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DissectError(f"{name} is {value!r}; set it to a positive integer")
-    return int(k), int(block_rows)  # type: ignore[arg-type]
 
 
 def nearest_keys(

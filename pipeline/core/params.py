@@ -8,6 +8,7 @@ exactly the way DVC does, for a commit without running an experiment.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,16 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import DissectError
+from pipeline.core.paths import ModelPaths, ProjectPaths
 
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
+# A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
+# stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
+# empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+NAME_RULE = "a name of letters, digits, '-' and '_' (at most 100, starting with a letter or digit)"
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class ModelConfig:
     source: dict[str, Any]
     tokenizer: dict[str, Any] | None
     tensor: str | None
+    entry: dict[str, Any]  # the model's mapping as params.yaml holds it, for provenance
 
     @property
     def source_kind(self) -> str:
@@ -48,13 +56,20 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
+def check_name(name: str, what: str = "model") -> str:
+    """``name`` if it is safe as a folder and a stage suffix; else one line saying what a name may hold."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        hint = "; use '-' instead of '.'" if isinstance(name, str) and "." in name and "/" not in name else ""
+        raise DissectError(f"{what} name {name!r} is not {NAME_RULE}{hint}")
+    return name
+
+
 def model_config(params: dict[str, Any], name: str) -> ModelConfig:
+    check_name(name)
     models = params.get("models") or {}
     if name not in models:
         known = ", ".join(sorted(models)) or "none"
         raise DissectError(f"model {name!r} is not in params.yaml (models: {known}); add it with -S '+model@models.{name}={name}'")
-    if "." in name:
-        raise DissectError(f"model name {name!r} contains a dot, which Hydra and DVC read as nesting; use '-' instead")
     entry = models[name] or {}
     fmt = entry.get("format")
     if fmt not in FORMATS:
@@ -67,15 +82,18 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     tensor = entry.get("tensor")
     if tensor is not None and not isinstance(tensor, str):
         raise DissectError(f"models.{name}.tensor must be a tensor name or null, not {tensor!r}")
-    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor)
+    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry)
 
 
-def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
-    """The ``section`` of params.yaml that configures one stage."""
-    settings = params.get(section)
-    if not isinstance(settings, dict):
-        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.core.params`")
-    return settings
+def model_settings(params: dict[str, Any], name: str | None) -> ModelConfig:
+    """The settings of the stages that read the model itself (fetch)."""
+    return model_config(params, str(name))
+
+
+def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
+    """The artifact layout of model ``name``, once the name is checked and found in params.yaml."""
+    model_config(params, str(name))
+    return ModelPaths.in_project(str(name))
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
@@ -109,7 +127,15 @@ def main(argv: list[str]) -> None:
     write_bytes_atomic(PARAMS_FILE, compose(argv).encode("utf-8"))
 
 
+def project_paths(params: dict[str, Any], target: str | None = None) -> ProjectPaths:
+    """The layout of every model in params.yaml (the stages that compare them all)."""
+    names = list((params.get("models") or {}).keys())
+    if not names:
+        raise DissectError("params.yaml lists no models; add one with -S '+model@models.NAME=NAME'")
+    return ProjectPaths.in_project([check_name(name) for name in names])
+
+
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
+    from pipeline.core.errors import run_stage
 
     run_stage(main, sys.argv[1:])

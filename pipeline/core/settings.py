@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 from pipeline.core.errors import DissectError
@@ -62,7 +63,7 @@ def real_number(minimum: float, maximum: float, *, above_minimum: bool = False) 
             raise _refuse(where, expected, value)
         if value < minimum or value > maximum or (above_minimum and value == minimum):
             raise _refuse(where, expected, value)
-        return value
+        return float(value)
 
     return check
 
@@ -87,7 +88,7 @@ def boolean() -> Rule:
     return check
 
 
-def text(*, allow_empty: bool = False) -> Rule:
+def string(*, allow_empty: bool = False) -> Rule:
     expected = "text" if allow_empty else "non-empty text"
 
     def check(value: Any, where: str) -> str:
@@ -128,11 +129,24 @@ def optional(rule: Rule) -> Rule:
     return check
 
 
-def setting(default: Any, rule: Rule) -> Any:
-    """A settings field: its default (used when params.yaml leaves the key out) and its rule."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"rule": rule})
-    return dataclasses.field(default=default, metadata={"rule": rule})
+def setting(default: Any, rule: Rule, *, key: str | None = None, recorded: bool = True) -> Any:
+    """A settings field: its default (used when params.yaml leaves the key out), its rule, its
+    name in params.yaml when that is not a good Python name (``words.list``), and whether the
+    provenance of the stage's outputs records it (not a list of targets that only says which
+    stages DVC runs, like ``export.models``)."""
+    metadata = {"rule": rule, "key": key, "recorded": recorded}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _key(field: dataclasses.Field) -> str:
+    return field.metadata.get("key") or field.name
+
+
+def as_params(settings: Any) -> dict[str, Any]:
+    """The settings as params.yaml spells them, for the provenance of what a stage wrote."""
+    return {_key(field): getattr(settings, field.name) for field in dataclasses.fields(settings) if field.metadata.get("recorded", True)}
 
 
 def read_section(cls: type[T], section: Any, name: str) -> T:
@@ -141,17 +155,30 @@ def read_section(cls: type[T], section: Any, name: str) -> T:
         section = {}
     if not isinstance(section, Mapping):
         raise DissectError(f"{name} must be a mapping of settings, got {shown(section)}; recompose params.yaml with `python -m pipeline.core.params`")
-    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {_key(field): field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(key) for key in section if key not in fields)
     if unknown:
         raise DissectError(f"{name}.{unknown[0]} is not a setting of {name} (known: {', '.join(fields)}); remove it or fix its spelling")
     values = {}
     for key, field in fields.items():
         if key in section:
-            values[key] = field.metadata["rule"](section[key], f"{name}.{key}")
+            values[field.name] = field.metadata["rule"](section[key], f"{name}.{key}")
     return cls(**values)
 
 
-def section_of(params: Mapping[str, Any], name: str) -> Any:
-    """params.yaml's ``name`` section; a missing section means every default."""
-    return params.get(name)
+def from_section(cls: type[T], name: str) -> Callable[[Mapping[str, Any], str | None], T]:
+    """The settings reader of a stage configured by one params.yaml section."""
+
+    def read(params: Mapping[str, Any], target: str | None = None) -> T:
+        return read_section(cls, params.get(name), name)
+
+    return read
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a stage that params.yaml does not configure (report, compare)."""
+
+
+def no_settings(params: Mapping[str, Any], target: str | None = None) -> NoSettings:
+    return NoSettings()

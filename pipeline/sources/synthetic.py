@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from pipeline.core.cli import run_stage
+from pipeline.core.errors import run_stage
 from pipeline.core.errors import DissectError
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import write_bytes_atomic

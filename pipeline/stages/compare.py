@@ -15,14 +15,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.report import markdown as md
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import run_stage
 from pipeline.core.io import read_json, write_bytes_atomic
 from pipeline.core.parquet import read_provenance
-from pipeline.core.params import load_params
+from pipeline.core.params import project_paths
+from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.settings import NoSettings, no_settings
 from pipeline.report.sections import drift_section, export_section
 
-ARTIFACTS_DIR = Path("artifacts")
-REPORTS_DIR = Path("reports")
 NEIGHBOURS_SHOWN = 3
 
 
@@ -39,8 +40,8 @@ class ModelSummary:
 
 
 
-def load_summary(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> ModelSummary:
-    model_dir = artifacts_dir / name
+def load_summary(paths: ModelPaths) -> ModelSummary:
+    model_dir, name = paths.artifacts, paths.name
     provenance = read_provenance(model_dir / "embeddings.parquet")
     words = pq.read_table(model_dir / "words.parquet", columns=["word", "variant"]).to_pylist()
     first = words[0]
@@ -108,13 +109,13 @@ def differences(summaries: list[ModelSummary]) -> str:
     return " ".join(sentences)
 
 
-def version_sections(summaries: list[ModelSummary], artifacts_dir: Path) -> list[str]:
+def version_sections(paths: ProjectPaths) -> list[str]:
     """Drift between versions (every pair in artifacts/drift/) and the exports that exist."""
-    drift_dir = artifacts_dir / "drift"
+    drift_dir = paths.drift_dir
     pairs = sorted(p for p in drift_dir.iterdir() if p.is_dir()) if drift_dir.is_dir() else []
     sections = [drift_section(pair) for pair in pairs]
-    exported = [s.name for s in summaries if (artifacts_dir / s.name / "atlas.parquet").is_file()]
-    sections += [export_section(artifacts_dir / name).replace("## Exports", f"## Exports: {name}", 1) for name in exported]
+    exported = [model for model in paths.models if model.atlas.is_file()]
+    sections += [export_section(model.artifacts).replace("## Exports", f"## Exports: {model.name}", 1) for model in exported]
     return sections
 
 
@@ -132,22 +133,14 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
     return "\n\n".join(parts) + "\n"
 
 
-def run(model_names: list[str], artifacts_dir: Path = ARTIFACTS_DIR, reports_dir: Path = REPORTS_DIR) -> Path:
-    if not model_names:
-        raise DissectError("params.yaml lists no models; add one with -S '+model@models.NAME=NAME'")
-    summaries = [load_summary(name, artifacts_dir) for name in model_names]
-    out = reports_dir / "index.md"
-    write_bytes_atomic(out, render(summaries, version_sections(summaries, artifacts_dir)).encode("utf-8"))
-    return out
+def run(paths: ProjectPaths, settings: NoSettings) -> Path:
+    summaries = [load_summary(model) for model in paths.models]
+    write_bytes_atomic(paths.index, render(summaries, version_sections(paths)).encode("utf-8"))
+    return paths.index
 
 
-def main(argv: list[str]) -> None:
-    if argv:
-        raise DissectError("usage: python -m pipeline.stages.compare (models are read from params.yaml)")
-    run(list((load_params().get("models") or {}).keys()))
+main = Stage("compare", None, project_paths, no_settings, run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

@@ -28,7 +28,7 @@ summaries of each column, Procrustes fit, the ``drift.top_moved`` tokens that mo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +36,51 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.io import write_json_atomic
-from pipeline.core.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
+from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
+from pipeline.core.params import check_name
+from pipeline.core.paths import DriftPaths
+from pipeline.core.settings import as_params, from_section, setting, shown, whole_number
 from pipeline.core.parquet import derived_provenance, read_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
+from pipeline.quant.layout import dequantize_file
 
-DRIFT_DIR = Path("artifacts/drift")
 STAGE = "drift"
 BLOCK_ROWS = 8192
 MIN_SHARED_FRACTION = 0.5  # below this the two files do not share a vocabulary
 
 
+def pair_files(value: Any, where: str) -> dict[str, dict[str, str]]:
+    """``drift.pairs``: pair name -> {base, other}, each a vector file path."""
+    if not isinstance(value, dict):
+        raise DissectError(f"{where} must map each pair name to `base:` and `other:` files, got {shown(value)}")
+    for name, entry in value.items():
+        check_name(name, "drift pair")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(side), str) and entry[side] for side in ("base", "other")):
+            raise DissectError(f"{where}.{name} must set `base:` and `other:` to vector files (embeddings.parquet or quant/<scheme>.parquet)")
+    return value
+
+
 @dataclass(frozen=True)
 class DriftSettings:
-    k: int
-    top_moved: int
-    block_rows: int
+    k: int = setting(10, whole_number(1, MAX_K))
+    top_moved: int = setting(50, whole_number(1, 1_000_000))
+    block_rows: int = setting(4096, whole_number(1, MAX_BLOCK_ROWS))
+    # The pairs compared: DVC runs the stage once per entry; each run's files are its paths.
+    pairs: dict[str, dict[str, str]] = setting({}, pair_files, recorded=False)
 
 
-def drift_settings(settings: dict[str, Any]) -> DriftSettings:
-    """The ``drift`` params (pairs excepted), checked."""
-    k, block_rows = check_search_params(settings.get("k", 10), settings.get("block_rows", 4096), section="drift")
-    top = settings.get("top_moved", 50)
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise DissectError(f"drift.top_moved is {top!r}; set it to a positive integer")
-    return DriftSettings(k=k, top_moved=top, block_rows=block_rows)
+def pair_paths(params: dict[str, Any], name: str | None) -> DriftPaths:
+    """The files of pair ``name`` in ``drift.pairs`` and where its outputs go."""
+    pairs = read_settings(params).pairs
+    if name not in pairs:
+        raise DissectError(f"drift pair {name!r} is not in drift.pairs (pairs: {', '.join(sorted(pairs)) or 'none'}); add it to conf/config.yaml")
+    return DriftPaths.in_project(name, pairs[name]["base"], pairs[name]["other"])
 
 
-def pair_paths(settings: dict[str, Any], name: str) -> tuple[Path, Path]:
-    """(base, other) vector files of pair ``name`` in ``drift.pairs``."""
-    pairs = settings.get("pairs") or {}
-    if not isinstance(pairs, dict) or name not in pairs:
-        known = ", ".join(sorted(pairs)) if isinstance(pairs, dict) else "none"
-        raise DissectError(f"drift pair {name!r} is not in drift.pairs (pairs: {known or 'none'}); add it to conf/config.yaml")
-    entry = pairs[name] or {}
-    if not isinstance(entry, dict) or not isinstance(entry.get("base"), str) or not isinstance(entry.get("other"), str):
-        raise DissectError(f"drift.pairs.{name} must set `base:` and `other:` to vector files (embeddings.parquet or quant/<scheme>.parquet)")
-    return Path(entry["base"]), Path(entry["other"])
+read_settings = from_section(DriftSettings, STAGE)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,41 +127,6 @@ def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
         if candidate.is_file():
             return candidate
     raise DissectError(f"the embeddings {path} was quantized from ({recorded}) are missing; rebuild them with `dvc repro`")
-
-
-def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
-    """The float32 matrix [vocab, dim] a quant/<scheme>.parquet stands for, row group by row group.
-
-    Per-row and per-block schemes decode with the scheme's own :meth:`Scheme.decode`; the
-    per-tensor ones carry their one scale in the recipe (``(code - offset) * scale``, in
-    float32, exactly as their decode computes it).
-    """
-    from pipeline.quant import SCHEMES
-    from pipeline.quant.base import Encoded
-
-    name = recipe.get("scheme")
-    if name not in SCHEMES:
-        raise DissectError(f"{path} was written by an unknown quantization scheme {name!r}; rebuild it with the quantize stage")
-    scheme = SCHEMES[name]()
-    file = pq.ParquetFile(path)
-    out = np.empty((file.metadata.num_rows, recipe["dim"]), np.float32)  # [vocab, dim]
-    start = 0
-    for group in range(file.num_row_groups):
-        table = file.read_row_group(group)
-        n = table.num_rows
-        codes = _list_rows(table, "codes", n)
-        if recipe.get("scale") is None:
-            scales = _list_rows(table, "scales", n) if "scales" in table.column_names else None
-            rows = scheme.decode(Encoded(codes=codes, scales=scales, clipped=0))
-        else:
-            rows = (codes.astype(np.float32) - np.float32(recipe["offset"])) * np.float32(recipe["scale"])
-        out[start : start + n] = rows
-        start += n
-    return out
-
-
-def _list_rows(table: pa.Table, column: str, n: int) -> np.ndarray:
-    return table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -344,30 +316,20 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 # Stage
 
 
-def run(name: str, settings: dict[str, Any], out_dir: Path = DRIFT_DIR) -> dict[str, Any]:
-    """Pair ``name`` of ``drift.pairs``: write ``out_dir/<name>/drift.parquet`` and ``drift.json``."""
-    checked = drift_settings(settings)
-    base_path, other_path = pair_paths(settings, name)
-    base, other = read_side(base_path), read_side(other_path)
-    result = compare(base, other, checked)
-    metrics = {"pair": name, "base": str(base_path), "other": str(other_path), **result.metrics}
-    provenance = derived_provenance(STAGE, name, base_path, {"drift": {**asdict(checked), "pair": name}})
+def run(paths: DriftPaths, settings: DriftSettings) -> dict[str, Any]:
+    """One pair of ``drift.pairs``: write its drift.parquet and drift.json."""
+    base, other = read_side(paths.base), read_side(paths.other)
+    result = compare(base, other, settings)
+    metrics = {"pair": paths.name, "base": str(paths.base), "other": str(paths.other), **result.metrics}
+    provenance = derived_provenance(STAGE, paths.name, paths.base, {"drift": {**as_params(settings), "pair": paths.name}})
     provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in (base, other)]
-    target = Path(out_dir) / name
-    write_table(target / "drift.parquet", result.table, provenance)
-    write_json_atomic(target / "drift.json", metrics)
+    write_table(paths.table, result.table, provenance)
+    write_json_atomic(paths.metrics, metrics)
     return metrics
 
 
-def main(argv: list[str]) -> None:
-    from pipeline.core.params import load_params, stage_settings
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stages.drift PAIR_NAME (a key of drift.pairs)")
-    run(argv[0], stage_settings(load_params(), STAGE))
+main = Stage(STAGE, "PAIR", pair_paths, read_settings, run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

@@ -39,7 +39,7 @@ For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` and writes
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,10 +47,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.io import atomic_path, write_bytes_atomic
-from pipeline.core.knn import Neighbors, check_search_params, iter_blocks, knn_graph, unit_rows
+from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, from_section, list_of, setting, string, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 
@@ -64,20 +67,11 @@ _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 @dataclass(frozen=True)
 class ExportSettings:
-    neighbors_k: int
-    projector_max_rows: int
-    block_rows: int
-
-
-def export_settings(settings: dict[str, Any]) -> ExportSettings:
-    """The ``export`` params, checked."""
-    k, block_rows = check_search_params(
-        settings.get("neighbors_k", 10), settings.get("block_rows", 4096), section="export", k_name="neighbors_k"
-    )
-    cap = settings.get("projector_max_rows", TENSORBOARD_POINT_LIMIT)
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise DissectError(f"export.projector_max_rows is {cap!r}; set it to a positive integer (TensorBoard's cap is 100000)")
-    return ExportSettings(neighbors_k=k, projector_max_rows=cap, block_rows=block_rows)
+    neighbors_k: int = setting(10, whole_number(1, MAX_K))
+    projector_max_rows: int = setting(TENSORBOARD_POINT_LIMIT, whole_number(1, 10_000_000))
+    block_rows: int = setting(4096, whole_number(1, MAX_BLOCK_ROWS))
+    # The models exported: DVC runs the stage once per entry (params, not an input).
+    models: list[str] = setting([], list_of(string(), unique=True), recorded=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -223,21 +217,18 @@ def knn(matrix: np.ndarray, k: int, block_rows: int) -> Neighbors:
 # Stage
 
 
-def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The stage on ``model_dir`` (``artifacts/<name>``); returns a summary of what it wrote."""
-    model_dir = Path(model_dir)
-    checked = export_settings(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
-    token_array = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
+def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
+    """The stage on one model; returns a summary of what it wrote."""
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
+    token_array = pq.read_table(paths.embeddings, columns=["token"]).column("token").combine_chunks()
     tokens = token_array.to_pylist()
-    projector = write_projector(model_dir / "projector", model_dir.name, matrix, tokens, checked.projector_max_rows)
-    table = atlas_table(token_array, pca_xy(matrix), knn(matrix, checked.neighbors_k, checked.block_rows))
-    write_table(model_dir / "atlas.parquet", table, derived_provenance(STAGE, model_dir.name, embeddings, {"export": asdict(checked)}))
+    projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
+    table = atlas_table(token_array, pca_xy(matrix), knn(matrix, settings.neighbors_k, settings.block_rows))
+    write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 
 
-main = model_stage_main("export", run)
+main = Stage(STAGE, "MODEL", model_paths, from_section(ExportSettings, STAGE), run).main
 
 
 if __name__ == "__main__":

@@ -20,20 +20,21 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import Embedding, read_embedding
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.io import write_bytes_atomic
 from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
-from pipeline.core.params import load_params, model_config
+from pipeline.core.params import ModelConfig, model_config, model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, read_section, setting, whole_number
 from pipeline.core.progress import progress_bar
 
-ARTIFACTS_DIR = Path("artifacts")
 # Vocabularies are padded to a multiple of 64 or 128 rows, sometimes to the next 1024
 # (Qwen2.5: 151665 tokens, 151936 rows): more rows without a token than this means the
 # tokenizer is not the model's.
 MAX_PADDING_ROWS = 1024
-MODELS_DIR = Path("models")
 
 
 @dataclass(frozen=True)
@@ -129,48 +130,57 @@ def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabular
     }
 
 
-def read_manifest(name: str, models_dir: Path = MODELS_DIR) -> dict:
-    path = models_dir / name / "manifest.json"
+@dataclass(frozen=True)
+class ExtractOptions:
+    # Rows per Parquet row group: small enough for readers to parallelise.
+    row_group_size: int = setting(DEFAULT_ROW_GROUP_SIZE, whole_number(1, 1 << 20))
+    # zstd level of embeddings.parquet.
+    compression_level: int = setting(3, whole_number(1, 22))
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    model: ModelConfig  # models.<name>
+    options: ExtractOptions  # the extract section
+
+
+def read_settings(params: dict[str, Any], name: str | None) -> ExtractSettings:
+    return ExtractSettings(model_config(params, str(name)), read_section(ExtractOptions, params.get("extract"), "extract"))
+
+
+def read_manifest(paths: ModelPaths) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(paths.manifest.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DissectError(f"{path} is missing; run the fetch stage first (`dvc repro fetch@{name}`)") from None
+        raise DissectError(f"{paths.manifest} is missing; run the fetch stage first (`dvc repro fetch@{paths.name}`)") from None
 
 
-def extract(name: str, params: dict, models_dir: Path = MODELS_DIR, artifacts_dir: Path = ARTIFACTS_DIR) -> dict:
-    """Run the stage for model ``name``; returns the provenance written."""
+def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
+    """Run the stage for one model; returns the provenance written."""
     from pipeline.tokenizers.load import load_tokenizer
 
-    cfg = model_config(params, name)
-    settings = params.get("extract") or {}
-    manifest = read_manifest(name, models_dir)
+    manifest = read_manifest(paths)
     tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
-    embedding = read_embedding(manifest["format"], Path(manifest["weights"]), cfg.tensor)
-    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], name)
-    stage_params = {"model": params["models"][name], "extract": settings}
-    record = provenance(name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
+    embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
+    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name)
+    stage_params = {"model": settings.model.entry, "extract": as_params(settings.options)}
+    record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
 
-    out = artifacts_dir / name
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
-    rows_per_group = int(settings.get("row_group_size", DEFAULT_ROW_GROUP_SIZE))
+    rows_per_group = settings.options.row_group_size
     write_batches(
-        out / "embeddings.parquet",
+        paths.embeddings,
         schema,
         embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
         row_group_size=rows_per_group,
-        compression_level=int(settings.get("compression_level", 3)),
+        compression_level=settings.options.compression_level,
     )
-    write_bytes_atomic(out / "tokenizer.json", tokenizer.to_str(pretty=False).encode("utf-8"))
+    write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
     return record
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stages.extract MODEL_NAME")
-    extract(argv[0], load_params())
+main = Stage("extract", "MODEL", model_paths, read_settings, run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

@@ -25,13 +25,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import atomic_path, write_json_atomic
-from pipeline.core.params import ModelConfig, load_params, model_config, source_kind
+from pipeline.core.params import ModelConfig, model_paths, model_settings, source_kind
+from pipeline.core.paths import ModelPaths
 
-MODELS_DIR = Path("models")
 CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
 SYNTHETIC_GENERATOR_VERSION = 1
 
@@ -224,22 +225,17 @@ def _display(path: Path) -> str:
         return str(path.resolve())
 
 
-def fetch(cfg: ModelConfig, models_dir: Path = MODELS_DIR) -> dict[str, Any]:
-    dest = models_dir / cfg.name
-    weights = materialise(cfg.source, dest, f"models.{cfg.name}.source")
-    tokenizer = resolve_tokenizer(cfg, weights, dest)
-    manifest = build_manifest(cfg, weights, tokenizer)
-    write_json_atomic(dest / "manifest.json", manifest)
+def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
+    """Materialise the model's files in ``paths.models`` and write their manifest."""
+    weights = materialise(settings.source, paths.models, f"models.{settings.name}.source")
+    tokenizer = resolve_tokenizer(settings, weights, paths.models)
+    manifest = build_manifest(settings, weights, tokenizer)
+    write_json_atomic(paths.manifest, manifest)
     return manifest
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stages.fetch MODEL_NAME")
-    fetch(model_config(load_params(), argv[0]))
+main = Stage("fetch", "MODEL", model_paths, model_settings, run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

@@ -33,19 +33,21 @@ no variance to explain, and its ratios are 0 rather than NaN.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.hashing import file_sha256
 from pipeline.report.figures import label_points, label_text, new_figure, save_png, style
 from pipeline.core.io import write_json_atomic
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, from_section, setting, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.pca import Pca, fit_pca
 from pipeline.core.words import WordVectors, read_words
@@ -55,15 +57,8 @@ STAGE = "pca"
 
 @dataclass(frozen=True)
 class PcaSettings:
-    n_components: int
-
-
-def pca_settings(settings: dict[str, Any]) -> PcaSettings:
-    """The ``pca`` params, checked; each mistake is a DissectError naming the fix."""
-    n = settings.get("n_components", 50)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise DissectError(f"pca.n_components is {n!r}; set it to a positive integer")
-    return PcaSettings(n_components=n)
+    # Components whose explained variance is reported (the fit itself is exact, no seed needed).
+    n_components: int = setting(50, whole_number(1, 100_000))
 
 
 def variance_plot_data(pca: Pca, n_components: int) -> list[dict[str, float | int]]:
@@ -175,36 +170,31 @@ def vocab_figure(path: Path, model: str, coordinates: np.ndarray, pca: Pca, labe
 # Stage
 
 
-def run(model_dir: Path, settings: dict[str, Any]) -> None:
-    """The stage on ``model_dir`` (``artifacts/<name>``)."""
-    model_dir = Path(model_dir)
-    checked = pca_settings(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    words_path = model_dir / "words.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
+def run(paths: ModelPaths, settings: PcaSettings) -> None:
+    """The stage on one model."""
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     if matrix.shape[1] < 2:
-        raise DissectError(f"{embeddings} has {matrix.shape[1]} dimension; a 2-D projection needs at least 2")
-    words = read_words(words_path, matrix.shape[1], matrix.shape[0], model_dir.name)
-    tokens = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
+        raise DissectError(f"{paths.embeddings} has {matrix.shape[1]} dimension; a 2-D projection needs at least 2")
+    words = read_words(paths.words, matrix.shape[1], matrix.shape[0], paths.name)
+    tokens = pq.read_table(paths.embeddings, columns=["token"]).column("token").combine_chunks()
 
-    vocab_pca = fit_pca(matrix, n_components=max(2, checked.n_components), show_progress=True)
+    vocab_pca = fit_pca(matrix, n_components=max(2, settings.n_components), show_progress=True)
     coordinates = vocab_pca.transform(matrix)  # [vocab, 2]
     vocab_xy = vocab_pca.transform(words.vectors)  # [w, 2]
     words_pca = fit_pca(words.vectors, n_components=2)
     words_xy = words_pca.transform(words.vectors)  # [w, 2]
     labels = [label_text(text or "") for text in words.variant.to_pylist()]
 
-    provenance = derived_provenance(STAGE, model_dir.name, embeddings, {"pca": asdict(checked)})
-    write_table(model_dir / "pca.parquet", pca_table(coordinates, tokens), provenance)
-    write_json_atomic(model_dir / "pca_variance.json", variance_plot_data(vocab_pca, checked.n_components))
-    provenance["words"] = {"path": str(words_path), "sha256": file_sha256(words_path)}
-    write_table(model_dir / "pca_words.parquet", pca_words_table(words, vocab_xy, words_xy), provenance)
-    figures = model_dir / "figures"
-    words_figure(figures / "pca_words.png", model_dir.name, labels, vocab_xy, vocab_pca, words_xy, words_pca)
-    vocab_figure(figures / "pca_vocab.png", model_dir.name, coordinates, vocab_pca, labels, vocab_xy)
+    provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"pca": as_params(settings)})
+    write_table(paths.pca, pca_table(coordinates, tokens), provenance)
+    write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
+    provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
+    write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
+    words_figure(paths.figures / "pca_words.png", paths.name, labels, vocab_xy, vocab_pca, words_xy, words_pca)
+    vocab_figure(paths.figures / "pca_vocab.png", paths.name, coordinates, vocab_pca, labels, vocab_xy)
 
 
-main = model_stage_main("pca", run)
+main = Stage(STAGE, "MODEL", model_paths, from_section(PcaSettings, STAGE), run).main
 
 
 if __name__ == "__main__":

@@ -1,29 +1,11 @@
 """quantize stage: each scheme of ``quantize.schemes`` as its own Parquet, and what it loses.
 
-For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` (and ``tokenizer.json``
-for the configured words) and writes:
+For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` (and ``words.parquet``,
+whose words it measures) and writes:
 
-* ``artifacts/<name>/quant/<scheme>.parquet``: ``token_id int32``, ``codes`` (int8 in a
-  ``fixed_size_list``, 4-bit codes packed two a byte as uint8, or the rounded values as
-  float32 for the fp16/bf16 references) and, for per-row and per-block schemes, ``scales``
-  (``fixed_size_list<float32>``; fp16 scales are stored exactly as float32). The provenance
-  in the file metadata carries a ``dequantize`` recipe (:mod:`pipeline.quant.base`), enough
-  to rebuild the float matrix with pyarrow and numpy alone::
-
-      import json, numpy as np, pyarrow.parquet as pq
-      path = "artifacts/smollm2-135m/quant/q4_0.parquet"
-      recipe = json.loads(pq.read_schema(path).metadata[b"embedding_dissect"])["dequantize"]
-      table = pq.read_table(path)
-      n = table.num_rows
-      rows = lambda name: table.column(name).combine_chunks().flatten().to_numpy().reshape(n, -1)
-      codes = rows("codes")
-      if recipe["code_bits"] == 4:  # two codes a byte: a run of `nibble_span` codes per nibble
-          nibbles = (codes & 15, codes >> 4)[:: 1 if recipe["low_nibble_first"] else -1]
-          codes = np.stack([half.reshape(n, -1, recipe["nibble_span"]) for half in nibbles], axis=2)
-      values = np.asarray(recipe["lookup"], np.float32)[codes] if recipe["lookup"] else codes.astype(np.float32) - recipe["offset"]
-      scales = rows("scales") if recipe["scale"] is None else np.full((n, 1), recipe["scale"], np.float32)
-      matrix = (values.reshape(n, scales.shape[1], -1) * scales[:, :, None]).reshape(n, -1)  # [vocab, dim] float32
-
+* ``artifacts/<name>/quant/<scheme>.parquet``: the quantized codes (and scales) in the
+  layout of :mod:`pipeline.quant.layout`, whose docstring shows how to rebuild the floats
+  with pyarrow and numpy alone;
 * ``artifacts/<name>/quant.json`` (DVC metrics), per scheme: ``bits_per_weight`` (scales
   counted), ``bytes_on_disk``, ``compression_vs_float32`` and ``compression_vs_source``
   (ratios of bits per weight), ``rmse``, ``max_abs_error``, ``snr_db`` (null when nothing
@@ -36,7 +18,7 @@ for the configured words) and writes:
 
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
 near one float32 copy of the matrix. The codes are written by a second thread (integer codes
-dictionary encoded, see :func:`quant_write_options`), a chunk is measured while the next is
+dictionary encoded, see :func:`pipeline.quant.layout.quant_write_options`), a chunk is measured while the next is
 encoded, and the neighbours are searched through the bfloat16 screen of
 :mod:`pipeline.quant.screen`, whose result is exact.
 """
@@ -51,21 +33,27 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
 from pipeline.core.io import write_json_atomic
+from pipeline.core.knn import MAX_K
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, from_section, list_of, one_of, setting, whole_number
 from pipeline.lookup import POOLINGS, pool
 from pipeline.core.parquet import (
     derived_provenance,
-    leaf_column_paths,
     read_matrix,
     read_provenance,
     with_provenance,
     write_batches,
 )
 from pipeline.core.progress import progress_bar
-from pipeline.quant import Encoded, Scheme, schemes_for
+from pipeline.quant import SCHEMES, Encoded, Scheme, schemes_for
+from pipeline.quant.layout import quant_schema, quant_write_options, record_batch
 from pipeline.quant.measure import (
     ErrorStats,
     OriginalSums,
@@ -79,7 +67,6 @@ from pipeline.quant.measure import (
 )
 from pipeline.quant.screen import ScreenedTopK, exact_best
 
-ARTIFACTS_DIR = Path("artifacts")
 ROWS_PER_CHUNK = 4096
 # Chunks between two returns of freed memory: the chunk buffers of several threads leave
 # freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
@@ -90,10 +77,11 @@ FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64"
 
 @dataclass(frozen=True)
 class QuantizeSettings:
-    schemes: list[str]
-    sample_tokens: int
-    recall_k: int
-    seed: int
+    schemes: list[str] = setting(list(SCHEMES), list_of(one_of(*SCHEMES), min_items=1, unique=True))
+    # Seeded sample of tokens whose nearest neighbours measure recall@k after quantization.
+    sample_tokens: int = setting(1000, whole_number(0, 1_000_000))
+    recall_k: int = setting(10, whole_number(1, MAX_K))
+    seed: int = setting(0, whole_number(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -153,56 +141,25 @@ class Reference:
         return np.where(np.isneginf(scores), -np.inf, bound)
 
 
-def quantize_settings(settings: dict[str, Any]) -> QuantizeSettings:
-    """The ``quantize`` params, checked; each mistake is a DissectError naming the fix."""
-    schemes = settings.get("schemes")
-    if not isinstance(schemes, list) or not schemes:
-        raise DissectError("quantize.schemes is empty or missing; list at least one scheme, e.g. schemes: [q8_0]")
-    whole = {}
-    for key, default, least in (("sample_tokens", 1000, 0), ("recall_k", 10, 1), ("seed", 0, 0)):
-        value = settings.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise DissectError(f"quantize.{key} is {value!r}; set it to a whole number, at least {least}")
-        whole[key] = value
-    return QuantizeSettings(schemes=list(schemes), **whole)
-
-
-def word_texts(settings: dict[str, Any]) -> list[str]:
-    """The texts looked up for ``words.list``: each word, then with a space before it."""
-    words = settings.get("list") or []
-    if not isinstance(words, list) or not all(isinstance(word, str) and word.strip() for word in words):
-        raise DissectError(f"words.list must be a list of non-empty words, not {words!r}; fix it in conf/config.yaml")
-    leading_space = settings.get("leading_space", True)
-    if not isinstance(leading_space, bool):
-        raise DissectError(f"words.leading_space is {leading_space!r}; set it to true or false")
-    return [text for word in words for text in ([word, " " + word] if leading_space else [word])]
-
-
-def word_queries(model_dir: Path, texts: list[str], vocab: int) -> list[WordQuery]:
-    """The token ids of each text, from the model's tokenizer.
-
-    The one place that knows how words become rows; the words stage's table can take its
-    place once every model has one.
-    """
-    from pipeline.tokenizers.load import tokenizer_from_json, word_token_ids
-
-    if not texts:
-        return []
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise DissectError(f"{tokenizer_file} is missing; run the extract stage first (`dvc repro extract@{model_dir.name}`)")
-    tokenizer = tokenizer_from_json(tokenizer_file)
+def word_queries(paths: ModelPaths, vocab: int) -> tuple[list[WordQuery], str]:
+    """The words stage's variants (text looked up, token ids) and how it pooled them."""
+    try:
+        table = pq.read_table(paths.words, columns=["variant", "token_ids", "pooling"])
+    except FileNotFoundError:
+        raise DissectError(f"{paths.words} does not exist; run the words stage first (`dvc repro words@{paths.name}`)") from None
+    except (KeyError, pa.ArrowInvalid) as error:
+        raise DissectError(f"{paths.words} is not a words table ({error}); rebuild it with `dvc repro words@{paths.name}`") from None
     queries = []
-    for text in texts:
-        ids = tuple(word_token_ids(tokenizer, text))
+    for text, ids in zip(table.column("variant").to_pylist(), table.column("token_ids").to_pylist()):
         if not ids:
-            raise DissectError(f"the word {text!r} encodes to no tokens for {model_dir.name}; remove it from words.list")
-        if max(ids) >= vocab:
-            raise DissectError(
-                f"{text!r} encodes to id {max(ids)}, beyond the {vocab} rows of the matrix; rebuild with the extract stage"
-            )
-        queries.append(WordQuery(text, ids))
-    return queries
+            raise DissectError(f"the word {text!r} has no tokens in {paths.words}; remove it from words.list")
+        if max(ids) >= vocab or min(ids) < 0:
+            raise DissectError(f"{paths.words} names token ids outside the {vocab} rows of the matrix; rebuild it with the words stage")
+        queries.append(WordQuery(text, tuple(ids)))
+    poolings = set(table.column("pooling").to_pylist()) or {"mean"}
+    if len(poolings) != 1 or not poolings <= set(POOLINGS):
+        raise DissectError(f"{paths.words} mixes or misnames poolings {sorted(map(str, poolings))}; rebuild it with the words stage")
+    return queries, poolings.pop()
 
 
 def sample_token_rows(norms_inverse: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -392,53 +349,6 @@ def source_bits(dtype: str | None) -> float | None:
     return type_size * 8 / block
 
 
-def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
-    codes_type = pa.from_numpy_dtype(scheme.codes_dtype)
-    fields = [
-        pa.field("token_id", pa.int32(), nullable=False),
-        pa.field("codes", pa.list_(pa.field("element", codes_type, nullable=False), scheme.code_width(dim)), nullable=False),
-    ]
-    block = scheme.block_for(dim)
-    if scheme.tensor_scale is None and block:
-        fields.append(pa.field("scales", pa.list_(pa.field("element", pa.float32(), nullable=False), dim // block), nullable=False))
-    return pa.schema(fields)
-
-
-def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema) -> pa.RecordBatch:
-    columns = [pa.array(token_ids, type=pa.int32()), _list_array(encoded.codes)]
-    if "scales" in schema.names:
-        columns.append(_list_array(encoded.scales))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
-# zstd level 1 writes the codes 1.1-1.5x faster than level 3 and, with the encodings below,
-# to files as small or smaller (measured on the Llama 3.2 1B matrix).
-QUANT_COMPRESSION_LEVEL = 1
-
-
-def quant_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """How the quant files are encoded (:func:`pipeline.core.parquet.write_batches` options).
-
-    Integer codes are dictionary encoded: Parquet stores int8 and uint8 as 4-byte INT32, and
-    their at most 256 distinct values become 8-bit indices, which writes twice as fast and
-    a quarter smaller than plain INT32 under zstd. Min/max statistics of the codes tell a
-    reader nothing, so only the other columns carry them.
-    """
-    paths = dict(zip(schema.names, leaf_column_paths(schema)))
-    codes = schema.field("codes") if "codes" in paths else None
-    integer_codes = codes is not None and pa.types.is_integer(codes.type.value_type)
-    return {
-        "compression_level": QUANT_COMPRESSION_LEVEL,
-        "dictionary_columns": [paths["codes"]] if integer_codes else [],
-        "statistics_columns": [path for name, path in paths.items() if name != "codes"],
-    }
-
-
-def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-
-
 @dataclass
 class SchemeRun:
     """One scheme over the whole matrix: codes to Parquet, error and neighbours measured on the way.
@@ -613,7 +523,7 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
     """:func:`write_batches` in a second thread while this one computes the next batches.
 
     Encoding ``fixed_size_list`` columns into Parquet runs at 120-230 M values/s a core (see
-    :func:`quant_write_options`), about as long as the work that produces them; pyarrow
+    :func:`pipeline.quant.layout.quant_write_options`), about as long as the work that produces them; pyarrow
     releases the GIL while it writes, so the two overlap.
     If producing fails, the writer abandons its temporary file and the error is raised here.
     """
@@ -657,37 +567,28 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
         raise errors[0]
 
 
-def word_pooling(words: dict[str, Any]) -> str:
-    pooling = words.get("pooling", "mean")
-    if pooling not in POOLINGS:
-        raise DissectError(f"words.pooling is {pooling!r}; set it to one of {', '.join(POOLINGS)}")
-    return pooling
-
-
-def run(model_dir: Path, settings: dict[str, Any], words: dict[str, Any]) -> dict[str, Any]:
-    """The stage on ``model_dir`` (``artifacts/<name>``); returns the quant.json content."""
-    model_dir = Path(model_dir)
-    checked = quantize_settings(settings)
-    texts = word_texts(words)
-    embeddings = model_dir / "embeddings.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
+def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
+    """The stage on one model; returns the quant.json content."""
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     return_freed_memory()  # the reader's Arrow buffers
     vocab, dim = matrix.shape
-    if checked.recall_k >= vocab:
-        raise DissectError(f"quantize.recall_k is {checked.recall_k} but {model_dir.name} has only {vocab} tokens; lower it")
-    schemes = schemes_for(checked.schemes, dim)  # every mistake is found before anything is written
+    if settings.recall_k >= vocab:
+        raise DissectError(f"quantize.recall_k is {settings.recall_k} but {paths.name} has only {vocab} tokens; lower it")
+    schemes = schemes_for(settings.schemes, dim)  # every mistake is found before anything is written
+    words, pooling = word_queries(paths, vocab)
     sums = chunk_map(lambda start, stop: original_sums(matrix[start:stop]), vocab)  # once for every scheme
-    sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), checked.sample_tokens, checked.seed)
-    queries = Queries(sample, word_queries(model_dir, texts, vocab), pooling=word_pooling(words))
-    ref = reference(matrix, queries, checked.recall_k, read_provenance(embeddings).get("source_dtype"), sums)
-    provenance = derived_provenance("quantize", model_dir.name, embeddings, {"quantize": settings, "words": words})
+    sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), settings.sample_tokens, settings.seed)
+    queries = Queries(sample, words, pooling=pooling)
+    ref = reference(matrix, queries, settings.recall_k, read_provenance(paths.embeddings).get("source_dtype"), sums)
+    # The words' own params (as the words stage recorded them) say which words were measured.
+    words_params = read_provenance(paths.words).get("params", {}).get("words")
+    provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
     metrics = {}
     for scheme in schemes:
-        path = model_dir / "quant" / f"{scheme.name}.parquet"
         return_freed_memory()
         fitted = scheme.fit(matrix)
-        metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, checked.recall_k, path, provenance, sums)
-    write_json_atomic(model_dir / "quant.json", metrics)
+        metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
+    write_json_atomic(paths.quant_metrics, metrics)
     return metrics
 
 
@@ -702,23 +603,8 @@ def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
     return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
 
 
-def stage_settings(params: dict[str, Any], section: str) -> dict[str, Any]:
-    settings = params.get(section)
-    if not isinstance(settings, dict):
-        raise DissectError(f"params.yaml has no `{section}` section; recompose it with `python -m pipeline.core.params`")
-    return settings
-
-
-def main(argv: list[str]) -> None:
-    from pipeline.core.params import load_params
-
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stages.quantize MODEL_NAME")
-    params = load_params()
-    run(ARTIFACTS_DIR / argv[0], stage_settings(params, "quantize"), params.get("words") or {})
+main = Stage("quantize", "MODEL", model_paths, from_section(QuantizeSettings, "quantize"), run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

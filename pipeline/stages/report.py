@@ -19,14 +19,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.report import markdown as md
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.report.figures import drawable, new_figure, save_png, style
 from pipeline.core.io import atomic_path, read_json, write_bytes_atomic
+from pipeline.core.params import model_paths
 from pipeline.core.parquet import read_provenance
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import NoSettings, no_settings
 from pipeline.report.sections import undertrained_section
 
-ARTIFACTS_DIR = Path("artifacts")
-REPORTS_DIR = Path("reports")
 FIRST_DIMS_PLOTTED = 100
 
 # The quantization scheme named the best trade-off: the fewest bits per weight among the
@@ -440,21 +442,15 @@ def render(a: Artifacts, figures: Path) -> str:
     return "\n\n".join(section.rstrip() for section in sections) + "\n"
 
 
-def run(name: str, artifacts_dir: Path = ARTIFACTS_DIR, reports_dir: Path = REPORTS_DIR) -> Path:
-    artifacts = load_artifacts(artifacts_dir / name)
-    out = reports_dir / name
-    text = render(artifacts, out / "figures")
-    write_bytes_atomic(out / "report.md", text.encode("utf-8"))
-    return out / "report.md"
+def run(paths: ModelPaths, settings: NoSettings) -> Path:
+    artifacts = load_artifacts(paths.artifacts)
+    text = render(artifacts, paths.report_figures)
+    write_bytes_atomic(paths.report, text.encode("utf-8"))
+    return paths.report
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        raise DissectError("usage: python -m pipeline.stages.report MODEL_NAME")
-    run(argv[0])
+main = Stage("report", "MODEL", model_paths, no_settings, run).main
 
 
 if __name__ == "__main__":
-    from pipeline.core.cli import run_stage
-
     run_stage(main)

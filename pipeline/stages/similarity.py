@@ -23,18 +23,19 @@ rather than writing NaN. Neighbour search is exact, not an approximate index.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.hashing import file_sha256
-from pipeline.core.knn import Neighbors, check_search_params, knn_graph, nearest_keys, unit_rows
+from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, knn_graph, nearest_keys, unit_rows
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, from_section, one_of, setting, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 from pipeline.core.words import WordVectors, read_words
@@ -46,18 +47,12 @@ KNN_ROW_GROUP = 65536  # a knn.parquet row is 16 bytes; 4096-row groups would be
 
 @dataclass(frozen=True)
 class SimilaritySettings:
-    k: int
-    scope: str
-    block_rows: int
-
-
-def similarity_settings(settings: dict[str, Any]) -> SimilaritySettings:
-    """The ``similarity`` params, checked; each mistake is a DissectError naming the fix."""
-    k, block_rows = check_search_params(settings.get("k", 10), settings.get("block_rows", 4096))
-    scope = settings.get("scope", "words")
-    if scope not in SCOPES:
-        raise DissectError(f"similarity.scope is {scope!r}; set it to one of {', '.join(SCOPES)}")
-    return SimilaritySettings(k=k, scope=scope, block_rows=block_rows)
+    # Nearest tokens listed per word variant.
+    k: int = setting(10, whole_number(1, MAX_K))
+    # words: neighbours of the configured words only; all: the exact kNN graph of every token.
+    scope: str = setting("words", one_of(*SCOPES))
+    # Rows per block of the blocked similarity computation (bounds memory for scope: all).
+    block_rows: int = setting(4096, whole_number(1, MAX_BLOCK_ROWS))
 
 
 def word_cosines(vectors: np.ndarray) -> np.ndarray:
@@ -139,31 +134,27 @@ def vocabulary_graph(unit: np.ndarray, k: int, block_rows: int) -> Neighbors:
 
 
 
-def run(model_dir: Path, settings: dict[str, Any]) -> None:
-    """The stage on ``model_dir`` (``artifacts/<name>``)."""
-    model_dir = Path(model_dir)
-    checked = similarity_settings(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    words_path = model_dir / "words.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
-    words = read_words(words_path, matrix.shape[1], matrix.shape[0], model_dir.name)
-    tokens = pq.read_table(embeddings, columns=["token"]).column("token").combine_chunks()
+def run(paths: ModelPaths, settings: SimilaritySettings) -> None:
+    """The stage on one model."""
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
+    words = read_words(paths.words, matrix.shape[1], matrix.shape[0], paths.name)
+    tokens = pq.read_table(paths.embeddings, columns=["token"]).column("token").combine_chunks()
     # In place: the raw matrix is not needed again, and this saves a second copy of it.
-    unit = unit_rows(matrix, inplace=True, what=str(embeddings))  # [vocab, dim]
+    unit = unit_rows(matrix, inplace=True, what=str(paths.embeddings))  # [vocab, dim]
     del matrix
 
     similarity = similarity_table(words)
-    neighbors = neighbors_table(words, word_neighbors(words, unit, checked.k, checked.block_rows), tokens)
-    graph = vocabulary_graph(unit, checked.k, checked.block_rows) if checked.scope == "all" else None
+    neighbors = neighbors_table(words, word_neighbors(words, unit, settings.k, settings.block_rows), tokens)
+    graph = vocabulary_graph(unit, settings.k, settings.block_rows) if settings.scope == "all" else None
 
-    provenance = derived_provenance(STAGE, model_dir.name, embeddings, {"similarity": asdict(checked)})
-    provenance["words"] = {"path": str(words_path), "sha256": file_sha256(words_path)}
-    write_table(model_dir / "similarity.parquet", similarity, provenance)
-    write_table(model_dir / "neighbors.parquet", neighbors, provenance)
-    write_table(model_dir / "knn.parquet", knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
+    provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"similarity": as_params(settings)})
+    provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
+    write_table(paths.similarity, similarity, provenance)
+    write_table(paths.neighbors, neighbors, provenance)
+    write_table(paths.knn, knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
 
 
-main = model_stage_main("similarity", run)
+main = Stage(STAGE, "MODEL", model_paths, from_section(SimilaritySettings, STAGE), run).main
 
 
 if __name__ == "__main__":

@@ -37,18 +37,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import run_stage
 from pipeline.core.io import write_json_atomic
+from pipeline.core.params import model_paths
 from pipeline.core.parquet import derived_provenance, read_vectors, write_table
+from pipeline.core.paths import ModelPaths
 from pipeline.core.progress import progress_bar
+from pipeline.core.settings import as_params, from_section, setting, whole_number
 
 ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
 CHUNK_ELEMENTS = 8192 * 2048  # wider matrices get fewer rows per chunk, so temporaries stay that size
@@ -389,30 +391,26 @@ def tokens_table(token_ids: np.ndarray, tokens: pa.Array | pa.ChunkedArray, stat
     )
 
 
-def histogram_bins(settings: dict[str, Any]) -> int:
-    bins = settings.get("norm_histogram_bins")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise DissectError(f"stats.norm_histogram_bins is {bins!r}; set it to a whole number of bins, at least 1 (e.g. 50)")
-    return bins
+@dataclass(frozen=True)
+class StatsSettings:
+    # Bins of the row-norm histogram (DVC plot data).
+    norm_histogram_bins: int = setting(50, whole_number(1, 100_000))
 
 
-def run(model_dir: Path, settings: dict[str, Any], rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, Any]:
-    """The stage on ``model_dir`` (``artifacts/<name>``); returns the stats.json content."""
-    model_dir = Path(model_dir)
-    bins = histogram_bins(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    token_ids, matrix = read_vectors(embeddings)
-    tokens = pq.read_table(embeddings, columns=["token"]).column("token")
-    stats = matrix_stats(matrix, bins, rows_per_chunk)
-    provenance = derived_provenance("stats", model_dir.name, embeddings, {"stats": settings})
-    write_table(model_dir / "dims.parquet", stats.dims, provenance)
-    write_table(model_dir / "tokens.parquet", tokens_table(token_ids, tokens, stats), provenance)
-    write_json_atomic(model_dir / "norm_hist.json", stats.histogram)
-    write_json_atomic(model_dir / "stats.json", stats.summary)
+def run(paths: ModelPaths, settings: StatsSettings, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, Any]:
+    """The stage on one model; returns the stats.json content."""
+    token_ids, matrix = read_vectors(paths.embeddings)
+    tokens = pq.read_table(paths.embeddings, columns=["token"]).column("token")
+    stats = matrix_stats(matrix, settings.norm_histogram_bins, rows_per_chunk)
+    provenance = derived_provenance("stats", paths.name, paths.embeddings, {"stats": as_params(settings)})
+    write_table(paths.dims, stats.dims, provenance)
+    write_table(paths.tokens, tokens_table(token_ids, tokens, stats), provenance)
+    write_json_atomic(paths.norm_hist, stats.histogram)
+    write_json_atomic(paths.stats, stats.summary)
     return stats.summary
 
 
-main = model_stage_main("stats", run)
+main = Stage("stats", "MODEL", model_paths, from_section(StatsSettings, "stats"), run).main
 
 
 if __name__ == "__main__":

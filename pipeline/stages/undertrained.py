@@ -53,8 +53,7 @@ Outputs in ``artifacts/<name>/``:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,10 +61,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.io import write_json_atomic
 from pipeline.core.knn import iter_blocks
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, from_section, list_of, one_of, real_number, setting, string, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 
@@ -87,32 +89,16 @@ ENCODE_BATCH = 8192
 
 @dataclass(frozen=True)
 class UndertrainedSettings:
-    percentile: float
-    reference: str
-    reference_tokens: list[str]
-    fallback_rows: int
-    top: int
+    # Flag tokens at or below this percentile of the centred cosine distance to the reference.
+    percentile: float = setting(2.0, real_number(0.0, 100.0, above_minimum=True))
+    reference: str = setting("auto", one_of(*REFERENCE_MODES))
+    reference_tokens: list[str] = setting([], list_of(string()))
+    fallback_rows: int = setting(16, whole_number(1, 1_000_000))
+    top: int = setting(25, whole_number(1, 100_000))
 
-
-def undertrained_settings(settings: dict[str, Any]) -> UndertrainedSettings:
-    """The ``undertrained`` params, checked; each mistake is a DissectError naming the fix."""
-    percentile = settings.get("percentile", 2.0)
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile < 100:
-        raise DissectError(f"undertrained.percentile is {percentile!r}; set it to a number between 0 and 100 (e.g. 2.0)")
-    reference = settings.get("reference", "auto")
-    if reference not in REFERENCE_MODES:
-        raise DissectError(f"undertrained.reference is {reference!r}; set it to one of {', '.join(REFERENCE_MODES)}")
-    tokens = settings.get("reference_tokens") or []
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise DissectError("undertrained.reference_tokens must be a list of token texts (e.g. ['<0xC0>'])")
-    if reference == "tokens" and not tokens:
-        raise DissectError("undertrained.reference is 'tokens' but undertrained.reference_tokens is empty; list the unused tokens")
-    fallback = settings.get("fallback_rows", 16)
-    top = settings.get("top", 25)
-    for name, value in (("fallback_rows", fallback), ("top", top)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DissectError(f"undertrained.{name} is {value!r}; set it to a positive integer")
-    return UndertrainedSettings(float(percentile), reference, list(tokens), fallback, top)
+    def __post_init__(self) -> None:
+        if self.reference == "tokens" and not self.reference_tokens:
+            raise DissectError("undertrained.reference is 'tokens' but undertrained.reference_tokens is empty; list the unused tokens")
 
 
 # --------------------------------------------------------------------------------------
@@ -353,28 +339,25 @@ def _json_value(value: Any) -> Any:
 # Stage
 
 
-def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The stage on ``model_dir`` (``artifacts/<name>``); returns the metrics it wrote."""
+def run(paths: ModelPaths, settings: UndertrainedSettings) -> dict[str, Any]:
+    """The stage on one model; returns the metrics it wrote."""
     from pipeline.tokenizers.load import special_token_ids, tokenizer_from_json
 
-    model_dir = Path(model_dir)
-    checked = undertrained_settings(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
-    columns = pq.read_table(embeddings, columns=["token", "token_bytes"])
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
+    columns = pq.read_table(paths.embeddings, columns=["token", "token_bytes"])
     token_array = columns.column("token").combine_chunks()
     tokens: list[str | None] = token_array.to_pylist()
     token_bytes: list[bytes | None] = columns.column("token_bytes").to_pylist()
-    tok = tokenizer_from_json(model_dir / "tokenizer.json")
+    tok = tokenizer_from_json(paths.tokenizer)
 
     with progress_bar(total=4, desc="under-trained tokens", unit="step") as bar:
         norms = row_norms(matrix)
-        reference = choose_reference(checked, tokens, token_bytes, norms)
+        reference = choose_reference(settings, tokens, token_bytes, norms)
         bar.update(1)
         ind = indicators(matrix, reference.rows, norms)
         bar.update(1)
         eligible = np.array([text is not None for text in tokens])
-        flags, threshold = flag(ind.cos_dist_ref_centered, eligible, checked.percentile)
+        flags, threshold = flag(ind.cos_dist_ref_centered, eligible, settings.percentile)
         rank = ranks(ind.cos_dist_ref_centered, eligible)
         special = np.zeros(len(tokens), bool)
         special[[i for i in special_token_ids(tok) if i < len(tokens)]] = True
@@ -383,15 +366,15 @@ def run(model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         bar.update(1)
 
     table = undertrained_table(token_array, ind, reference.rows, special, self_encodes, flags, rank)
-    metrics = summary(table, checked, reference, threshold)
-    provenance = derived_provenance(STAGE, model_dir.name, embeddings, {"undertrained": asdict(checked)})
+    metrics = summary(table, settings, reference, threshold)
+    provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"undertrained": as_params(settings)})
     provenance.update({"rule": RULE, "reference": metrics["reference"], "threshold": threshold})
-    write_table(model_dir / "undertrained.parquet", table, provenance)
-    write_json_atomic(model_dir / "undertrained.json", metrics)
+    write_table(paths.undertrained, table, provenance)
+    write_json_atomic(paths.undertrained_metrics, metrics)
     return metrics
 
 
-main = model_stage_main("undertrained", run)
+main = Stage(STAGE, "MODEL", model_paths, from_section(UndertrainedSettings, STAGE), run).main
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ largest |value|, largest first, ties to the lower dimension).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,60 +24,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tokenizers
 
-from pipeline.core.cli import model_stage_main, run_stage
-from pipeline.core.errors import DissectError
+from pipeline.core.cli import Stage
+from pipeline.core.errors import DissectError, run_stage
 from pipeline.lookup import POOLINGS, word_vectors
+from pipeline.core.params import model_paths
+from pipeline.core.paths import ModelPaths
+from pipeline.core.settings import as_params, boolean, from_section, list_of, one_of, setting, shown, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, vector_array, write_table
 
 FIRST_DIMS = 10
 
 
+def word_text(value: Any, where: str) -> str:
+    """A word to look up: text with something besides whitespace."""
+    if not isinstance(value, str):
+        # YAML reads unquoted yes/no/on/off as booleans and digits as numbers.
+        raise DissectError(f"{where} must be text, got {shown(value)}; quote it in the config, e.g. '{value}'")
+    if not value.strip():
+        raise DissectError(f"{where} must be a word, got {shown(value)}; remove it or give a word")
+    return value
+
+
 @dataclass(frozen=True)
 class WordSettings:
-    words: list[str]
-    leading_space: bool
-    pooling: str
-    top_k: int
-
-
-def word_settings(settings: dict[str, Any]) -> WordSettings:
-    """The ``words`` params, checked; each mistake is a DissectError naming the fix."""
-    words = settings.get("list")
-    if not isinstance(words, list) or not words:
-        raise DissectError("words.list is empty or missing; list at least one word, e.g. list: [Hello]")
-    check_words(words)
-    leading_space = settings.get("leading_space", True)
-    if not isinstance(leading_space, bool):
-        raise DissectError(f"words.leading_space is {leading_space!r}; set it to true or false")
-    pooling = settings.get("pooling", "mean")
-    if pooling not in POOLINGS:
-        raise DissectError(f"words.pooling is {pooling!r}; set it to one of {', '.join(POOLINGS)}")
-    top_k = settings.get("top_k", 10)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise DissectError(f"words.top_k is {top_k!r}; set it to a whole number of dimensions, at least 1")
-    return WordSettings(list(words), leading_space, pooling, top_k)
-
-
-def check_words(words: Sequence[Any]) -> None:
-    seen: set[str] = set()
-    for word in words:
-        if not isinstance(word, str):
-            # YAML reads unquoted yes/no/on/off as booleans and digits as numbers.
-            raise DissectError(f"words.list entry {word!r} is not text; quote it in the config, e.g. '{word}'")
-        if not word:
-            raise DissectError("words.list has an empty word; remove it")
-        if not word.strip():
-            raise DissectError(f"words.list entry {word!r} is only whitespace; remove it or give a word")
-        if word in seen:
-            raise DissectError(f"words.list has {word!r} twice; list each word once")
-        seen.add(word)
+    # The words looked up, each as written and (leading_space) with a leading space.
+    words: list[str] = setting(["Hello"], list_of(word_text, min_items=1, max_items=1000, unique=True), key="list")
+    leading_space: bool = setting(True, boolean())
+    # How a word that splits into several tokens becomes one vector.
+    pooling: str = setting("mean", one_of(*POOLINGS))
+    top_k: int = setting(10, whole_number(1, 100_000))
 
 
 def word_variants(words: Sequence[str], leading_space: bool) -> list[tuple[str, str]]:
     """(word, text looked up) pairs: the word as written, then with a leading space if asked."""
-    if not words:
-        raise DissectError("words.list is empty; list at least one word, e.g. list: [Hello]")
-    check_words(words)
     return [(word, text) for word in words for text in ([word, " " + word] if leading_space else [word])]
 
 
@@ -118,25 +96,21 @@ def words_table(
     )
 
 
-def run(model_dir: Path, settings: dict[str, Any]) -> pa.Table:
-    """The stage on ``model_dir`` (``artifacts/<name>``); returns the table written."""
+def run(paths: ModelPaths, settings: WordSettings) -> pa.Table:
+    """The stage on one model; returns the table written."""
     from pipeline.tokenizers.load import tokenizer_from_json
 
-    model_dir = Path(model_dir)
-    checked = word_settings(settings)
-    embeddings = model_dir / "embeddings.parquet"
-    matrix = read_matrix(embeddings)  # [vocab, dim]
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise DissectError(f"{tokenizer_file} is missing; run the extract stage first (`dvc repro extract@{model_dir.name}`)")
-    tokenizer = tokenizer_from_json(tokenizer_file)
-    token_texts = pq.read_table(embeddings, columns=["token"]).column("token")
-    table = words_table(matrix, tokenizer, token_texts, checked)
-    write_table(model_dir / "words.parquet", table, derived_provenance("words", model_dir.name, embeddings, {"words": settings}))
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
+    if not paths.tokenizer.is_file():
+        raise DissectError(f"{paths.tokenizer} is missing; run the extract stage first (`dvc repro extract@{paths.name}`)")
+    tokenizer = tokenizer_from_json(paths.tokenizer)
+    token_texts = pq.read_table(paths.embeddings, columns=["token"]).column("token")
+    table = words_table(matrix, tokenizer, token_texts, settings)
+    write_table(paths.words, table, derived_provenance("words", paths.name, paths.embeddings, {"words": as_params(settings)}))
     return table
 
 
-main = model_stage_main("words", run)
+main = Stage("words", "MODEL", model_paths, from_section(WordSettings, "words"), run).main
 
 
 if __name__ == "__main__":
