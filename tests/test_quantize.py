@@ -424,8 +424,8 @@ def test_words_come_from_words_parquet(tmp_path):
     write_words(model_dir, matrix, [("a", "a", [3, 5]), ("b", "b", [7])], pooling="last")
     queries, pooling = quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)
     assert [(q.text, q.token_ids) for q in queries] == [("a", (3, 5)), ("b", (7,))] and pooling == "last"
-    write_words(model_dir, matrix, [("a", "a", [39, 40])])
-    with pytest.raises(DissectError, match="outside the 40 rows"):
+    write_words(model_dir, np.zeros((50, 32), np.float32), [("a", "a", [39, 45])])  # another model's words
+    with pytest.raises(DissectError, match="outside the 40 rows of the matrix"):
         quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)
     (model_dir / "words.parquet").unlink()
     with pytest.raises(DissectError, match="dvc repro words@tiny"):

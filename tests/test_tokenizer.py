@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import gguf
@@ -151,10 +150,8 @@ def test_llama3_json_and_tiktoken_describe_the_same_pieces(llama3_tiktoken, llam
     assert from_json[128256] == TokenPiece("<|image|>")
 
 
-def test_token_pieces_is_fast_and_unique_on_llama3(llama3_tiktoken):
-    start = time.perf_counter()
+def test_token_pieces_are_unique_on_llama3(llama3_tiktoken):
     pieces = token_pieces(llama3_tiktoken)
-    assert time.perf_counter() - start < 2.0
     assert len({piece.text for piece in pieces}) == len(pieces)
     assert pieces[9906] == TokenPiece("Hello")
     assert pieces[128000] == TokenPiece("<|begin_of_text|>")

@@ -54,14 +54,17 @@ def whole_number(minimum: int = 1, maximum: int | None = None) -> Rule:
     return check
 
 
-def real_number(minimum: float, maximum: float, *, above_minimum: bool = False) -> Rule:
-    """A finite int or float within [minimum, maximum] (or (minimum, maximum] when ``above_minimum``)."""
-    expected = f"a number {'above' if above_minimum else 'from'} {minimum:g} {'and at most' if above_minimum else 'to'} {maximum:g}"
+def real_number(minimum: float, maximum: float, *, open_interval: bool = False) -> Rule:
+    """A finite int or float within [minimum, maximum], or strictly between them when ``open_interval``."""
+    expected = f"a number {'between' if open_interval else 'from'} {minimum:g} {'and' if open_interval else 'to'} {maximum:g}"
+    if open_interval:
+        expected += " (both excluded)"
 
     def check(value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _refuse(where, expected, value)
-        if value < minimum or value > maximum or (above_minimum and value == minimum):
+        outside = value <= minimum or value >= maximum if open_interval else value < minimum or value > maximum
+        if outside:
             raise _refuse(where, expected, value)
         return float(value)
 
@@ -101,13 +104,11 @@ def string(*, allow_empty: bool = False) -> Rule:
 
 def list_of(item: Rule, *, min_items: int = 0, max_items: int | None = None, unique: bool = False) -> Rule:
     """A YAML list whose every item passes ``item``; kept a list (provenance records it as written)."""
-    size = f" of {min_items} or more" if max_items is None else f" of {min_items} to {max_items}"
+    size = f"a list of {min_items} or more items" if max_items is None else f"a list of {min_items} to {max_items} items"
 
     def check(value: Any, where: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise _refuse(where, f"a list{size}", value)
-        if len(value) < min_items or (max_items is not None and len(value) > max_items):
-            raise _refuse(where, f"a list{size} items", value)
+        if not isinstance(value, list) or len(value) < min_items or (max_items is not None and len(value) > max_items):
+            raise _refuse(where, size, value)
         checked = [item(element, f"{where}[{index}]") for index, element in enumerate(value)]
         if unique:
             seen: set[Any] = set()

@@ -90,7 +90,7 @@ ENCODE_BATCH = 8192
 @dataclass(frozen=True)
 class UndertrainedSettings:
     # Flag tokens at or below this percentile of the centred cosine distance to the reference.
-    percentile: float = setting(2.0, real_number(0.0, 100.0, above_minimum=True))
+    percentile: float = setting(2.0, real_number(0.0, 100.0, open_interval=True))
     reference: str = setting("auto", one_of(*REFERENCE_MODES))
     reference_tokens: list[str] = setting([], list_of(string()))
     fallback_rows: int = setting(16, whole_number(1, 1_000_000))
