@@ -1,0 +1,1 @@
+"""Tokenizer loading and conversion (tokenizer.json, tiktoken, GGUF) and readable token pieces."""
