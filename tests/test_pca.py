@@ -20,7 +20,8 @@ from pipeline.core.errors import DissectError
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
 from pipeline.core.pca import fit_pca
-from pipeline.stages.pca import label_text, main, pca_settings, run
+from pipeline.report.figures import label_text
+from pipeline.stages.pca import main, pca_settings, run
 
 # Rows of a 4x3 matrix, worked out by hand:
 #   (3,1,1), (-1,1,1), (1,2,1), (1,0,1): mean (1,1,1)

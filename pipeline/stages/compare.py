@@ -19,7 +19,7 @@ from pipeline.core.errors import DissectError
 from pipeline.core.io import read_json, write_bytes_atomic
 from pipeline.core.parquet import read_provenance
 from pipeline.core.params import load_params
-from pipeline.report.sections import drift_section, export_section
+from pipeline.report.sections import Exports, drift_section, export_section
 
 ARTIFACTS_DIR = Path("artifacts")
 REPORTS_DIR = Path("reports")
@@ -108,13 +108,25 @@ def differences(summaries: list[ModelSummary]) -> str:
     return " ".join(sentences)
 
 
+def load_exports(model_dir: Path) -> Exports | None:
+    """What the export stage wrote for one model, or None when it has not run."""
+    config = model_dir / "projector" / "projector_config.json"
+    atlas = model_dir / "atlas.parquet"
+    if not config.is_file() or not atlas.is_file():
+        return None
+    return Exports(rows=pq.ParquetFile(atlas).metadata.num_rows, projector_tensors=len(read_json(config)["embeddings"]))
+
+
 def version_sections(summaries: list[ModelSummary], artifacts_dir: Path) -> list[str]:
     """Drift between versions (every pair in artifacts/drift/) and the exports that exist."""
     drift_dir = artifacts_dir / "drift"
     pairs = sorted(p for p in drift_dir.iterdir() if p.is_dir()) if drift_dir.is_dir() else []
-    sections = [drift_section(pair) for pair in pairs]
+    sections = []
+    for pair in pairs:
+        metrics = pair / "drift.json"
+        sections.append(drift_section(pair.name, read_json(metrics) if metrics.is_file() else None))
     exported = [s.name for s in summaries if (artifacts_dir / s.name / "atlas.parquet").is_file()]
-    sections += [export_section(artifacts_dir / name).replace("## Exports", f"## Exports: {name}", 1) for name in exported]
+    sections += [export_section(name, load_exports(artifacts_dir / name)) for name in exported]
     return sections
 
 
