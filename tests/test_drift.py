@@ -23,6 +23,7 @@ from pipeline.core.paths import DriftPaths
 from pipeline.core.settings import read_section
 from pipeline.quant.layout import dequantize_file
 from pipeline.core.errors import DissectError
+from pipeline.core.io import read_json
 from pipeline.core.parquet import read_vectors
 from pipeline.report.sections import drift_section
 
@@ -135,5 +136,5 @@ def test_smollm2_against_its_own_q4_0(smollm2_artifacts, tmp_path):
     assert 0.6 < metrics["knn_jaccard"]["mean"] < 0.9
     table = pq.read_table(tmp_path / "drift" / "smollm2-q4_0" / "drift.parquet")
     assert table.num_rows == 49152 and table.column("moved_rank").to_numpy().min() == 1
-    section = drift_section(tmp_path / "drift" / "smollm2-q4_0")
+    section = drift_section("smollm2-q4_0", read_json(tmp_path / "drift" / "smollm2-q4_0" / "drift.json"))
     assert "49,152 tokens aligned" in section and "Procrustes" in section

@@ -15,6 +15,7 @@ from pipeline.core.settings import read_section
 from pipeline.stages.export import ExportSettings, escape_tsv, neighbors_array, run, write_projector
 from pipeline.core.knn import brute_force_neighbors, unit_rows
 from pipeline.report.sections import export_section
+from pipeline.stages.compare import load_exports
 
 
 def projector_lines(path) -> list[str]:
@@ -116,7 +117,7 @@ def test_smollm2_end_to_end(smollm2_artifacts):
 
     assert duckdb.sql(f"SELECT count(*) FROM '{smollm2_artifacts / 'atlas.parquet'}'").fetchall()[0][0] == 49152
     assert polars.read_parquet(smollm2_artifacts / "atlas.parquet").height == 49152
-    assert "atlas.parquet" in export_section(smollm2_artifacts)
+    assert "atlas.parquet" in export_section(smollm2_artifacts.name, load_exports(smollm2_artifacts))
 
 
 @pytest.mark.parametrize("bad", [{"neighbors_k": 0}, {"projector_max_rows": 0}])

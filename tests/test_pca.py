@@ -21,7 +21,8 @@ from pipeline.core.parquet import read_provenance, read_vectors, vector_array, w
 from pipeline.core.pca import fit_pca
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
-from pipeline.stages.pca import PcaSettings, label_text, main, run
+from pipeline.report.figures import label_text
+from pipeline.stages.pca import PcaSettings, main, run
 
 from builders import write_params
 

@@ -1,38 +1,323 @@
-"""Report sections for the under-trained tokens, drift and export stages.
+"""Report sections: pure functions from loaded artifacts to markdown.
 
-Each is a pure function of files an earlier stage wrote and returns markdown; a missing
-input gives a short note saying which stage to run, never an error.
+Nothing here reads or writes a file or draws a figure. The per-model report's sections
+take an ``Artifacts`` and return their body without a heading: ``render.py`` orders them,
+numbers their headings from that order and names the figures each one shows. The drift
+and export sections of ``reports/index.md`` take the loaded metrics of one pair or one
+model and return a whole section, heading included; missing results give a short note
+saying which stage to run, never an error.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
+import numpy as np
 
 from pipeline.report import markdown as md
 
 TOP_SHOWN = 20
+FIRST_DIMS_PLOTTED = 100
+
+# The quantization scheme named the best trade-off: the fewest bits per weight among the
+# schemes that keep every row's direction (min row cosine) and the nearest neighbours.
+TRADE_OFF_MIN_ROW_COSINE = 0.99
+TRADE_OFF_MIN_RECALL = 0.9
+
+# The report's figures, as files under reports/<name>/figures/. The pca stage draws the
+# two PCA scatter plots under artifacts/<name>/figures/ with the same names.
+FIGURES_DIR = "figures"
+NORM_HISTOGRAM = "norm_histogram.png"
+FIRST_DIMS = "first_dims.png"
+SIMILARITY = "similarity.png"
+PCA_WORDS = "pca_words.png"
+PCA_VOCAB = "pca_vocab.png"
+EXPLAINED_VARIANCE = "explained_variance.png"
 
 
-def _json(path: Path) -> Any | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+@dataclass(frozen=True)
+class Artifacts:
+    """What one model's stages wrote, loaded once."""
+
+    name: str
+    provenance: dict[str, Any]
+    stats: dict[str, Any]
+    norm_hist: list[dict[str, Any]]
+    dims: dict[str, np.ndarray]
+    words: list[dict[str, Any]]
+    similarity: list[dict[str, Any]]
+    neighbors: list[dict[str, Any]]
+    pca_variance: list[dict[str, Any]]
+    quant: dict[str, dict[str, Any]] | None
+    undertrained: dict[str, Any] | None
+    figures_dir: Path  # artifacts/<name>/figures: the figures the pca stage drew
 
 
-def undertrained_section(model_dir: Path, top: int = TOP_SHOWN) -> str:
+@dataclass(frozen=True)
+class Exports:
+    """What the export stage wrote for one model."""
+
+    rows: int  # tokens in atlas.parquet
+    projector_tensors: int  # tensors in projector_config.json
+
+
+def _figure(name: str, alt: str) -> str:
+    return md.figure(f"{FIGURES_DIR}/{name}", alt)
+
+
+# ---- small helpers ----------------------------------------------------------------------
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """A word variant as shown everywhere: quoted, with the split mark when it splits."""
+    return md.token(row["variant"]) + (md.SPLIT_MARK if row["split"] else "")
+
+
+def split_variants(words: list[dict[str, Any]]) -> set[str]:
+    return {row["variant"] for row in words if row["split"]}
+
+
+def _is_synthetic(provenance: dict[str, Any]) -> bool:
+    source = provenance.get("params", {}).get("model", {}).get("source", {}) or {}
+    return source.get("synthetic") is not None
+
+
+def first_word_rows(a: Artifacts) -> list[dict[str, Any]]:
+    """The variants of the first configured word (words.parquet rows), the first one first."""
+    first_word = a.words[0]["word"]
+    return [row for row in a.words if row["word"] == first_word]
+
+
+def similarity_matrix(a: Artifacts) -> tuple[list[str], np.ndarray]:
+    """The word variants in words.parquet order and their [n, n] cosine similarities."""
+    order = [row["variant"] for row in a.words]
+    index = {variant: i for i, variant in enumerate(order)}
+    matrix = np.zeros((len(order), len(order)))
+    for pair in a.similarity:
+        matrix[index[pair["variant_a"]], index[pair["variant_b"]]] = pair["cosine"]
+    return order, matrix
+
+
+# ---- the per-model report: one body per section ------------------------------------------
+
+
+def model_section(a: Artifacts) -> str:
+    p = a.provenance
+    tokenizer = p["tokenizer"]
+    # Four spaces: every markdown renderer nests that, not only GitHub's.
+    files = "\n".join(f"    - `{f['path']}` ({md.number(f['bytes'])} bytes), sha256 `{f['sha256']}`" for f in p["source_files"])
+    padded = tokenizer.get("padded_rows", 0)
+    padding_note = f"; {md.number(padded)} rows beyond it are padding (no token)" if padded else ""
+    lines = [
+        f"- **Name:** `{a.name}`",
+        f"- **Format:** {p['format']}",
+        f"- **Source files:**\n{files}",
+        f"- **Tensor:** `{p['tensor_key']}`, stored as **{p['source_dtype']}**, shape **[{p['shape'][0]:,}, {p['shape'][1]:,}]** (vocabulary × dimension)",
+        f"- **Matrix sha256 (float32):** `{p['matrix_sha256']}`",
+        f"- **Tokenizer:** {tokenizer['kind']} (`{tokenizer['path']}`), {md.number(tokenizer['vocab_size'])} tokens{padding_note}",
+    ]
+    if _is_synthetic(p):
+        lines += ["", "> **Synthetic values.** This checkpoint was generated with the exact layout of the model but "
+                  "seeded random values: the shapes and the tokenizer are real, the numbers say nothing about the model."]
+    return "\n".join(lines)
+
+
+def what_the_numbers_say(a: Artifacts) -> list[str]:
+    """Plain-language readings of the statistics, each citing the artifact value it rests on."""
+    s = a.stats
+    notes = []
+    cos = s["anisotropy"]["mean_cos_to_mean"]
+    if cos is not None:
+        degree = "strongly anisotropic" if cos > 0.5 else "moderately anisotropic" if cos > 0.1 else "close to isotropic"
+        notes.append(f"The space is **{degree}**: the mean cosine of a row to the mean vector is {md.number(cos, 3)} "
+                     f"(0 would mean no shared direction), and the mean vector's norm is "
+                     f"{md.number(s['anisotropy']['mean_vector_norm'], 3)} against a median row norm of {md.number(s['row_norm']['p50'], 3)}.")
+    std = a.dims["std"]
+    top = int(np.argmax(std))
+    ratio = float(std[top] / np.median(std)) if np.median(std) > 0 else float("inf")
+    if ratio > 3:
+        order = np.argsort(-std, kind="stable")[:5]
+        notes.append(f"**A few dimensions dominate:** dimension {top} has a standard deviation {ratio:.1f}× the median "
+                     f"dimension's; the five largest are dimensions {', '.join(str(int(d)) for d in order)}.")
+    else:
+        notes.append(f"No dimension dominates: the largest per-dimension standard deviation (dimension {top}) is {ratio:.1f}× the median.")
+    norms = s["row_norm"]
+    notes.append(f"Row norms range from {md.number(norms['min'], 3)} to {md.number(norms['max'], 3)}; "
+                 f"the middle 98% lie between {md.number(norms['p01'], 3)} and {md.number(norms['p99'], 3)}.")
+    if s["rows"]["duplicate"]:
+        notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**, typically tokens "
+                     "that training never updated (see `duplicate_of` in `tokens.parquet`).")
+    nonfinite = s["values"]["nan_count"] + s["values"]["inf_count"]
+    if nonfinite:
+        notes.append(f"**The matrix holds {md.number(nonfinite)} NaN or Inf values** in {md.number(s['rows']['nonfinite'])} rows; "
+                     "they are left out of every statistic above.")
+    return notes
+
+
+def matrix_section(a: Artifacts) -> str:
+    s = a.stats
+    v, n = s["values"], s["row_norm"]
+    rows = [
+        ["values", md.number(v["count"]), md.number(v["mean"]), md.number(v["std"]), md.number(v["min"]), md.number(v["max"])],
+        ["row L2 norms", md.number(s["rows"]["total"]), md.number(n["mean"]), md.number(n["std"]), md.number(n["min"]), md.number(n["max"])],
+    ]
+    extra = [
+        ["max \\|x\\|", md.number(v["max_abs"])],
+        ["NaN / Inf values", f"{md.number(v['nan_count'])} / {md.number(v['inf_count'])}"],
+        ["row norm percentiles 1 / 50 / 99", " / ".join(md.number(n[k]) for k in ("p01", "p50", "p99"))],
+        ["norm of the mean vector", md.number(s["anisotropy"]["mean_vector_norm"])],
+        ["mean cosine of rows to the mean vector", md.number(s["anisotropy"]["mean_cos_to_mean"])],
+        ["rows that duplicate another row", md.number(s["rows"]["duplicate"])],
+        ["all-zero rows", md.number(s["rows"]["zero"])],
+    ]
+    return "\n".join([
+        md.table(["", "count", "mean", "std", "min", "max"], rows, "lrrrrr"),
+        "",
+        md.table(["statistic", "value"], extra, "lr"),
+        "",
+        _figure(NORM_HISTOGRAM, "Histogram of row norms"),
+        "",
+        *[f"- {note}" for note in what_the_numbers_say(a)],
+    ])
+
+
+def word_title(a: Artifacts) -> str:
+    return f"{md.token(a.words[0]['word'])} from text to vector"
+
+
+def word_section(a: Artifacts) -> str:
+    rows = first_word_rows(a)
+    main = rows[0]
+    splits = md.table(
+        ["variant", "token ids", "pieces", "tokens", "split"],
+        [[md.token(r["variant"]), ", ".join(str(i) for i in r["token_ids"]), " ".join(md.token(t) for t in r["tokens"]),
+          str(r["n_tokens"]), "**yes**, pooled by " + r["pooling"] if r["split"] else "no"] for r in rows],
+        "llllr",
+    )
+    first_ten = ", ".join(md.number(x) for x in main["first_10"])
+    top = md.table(["rank", "dimension", "value"],
+                   [[str(i + 1), str(d), md.number(val)] for i, (d, val) in enumerate(zip(main["top_dims"], main["top_values"]))], "rrr")
+    return "\n".join([
+        "How the tokenizer splits it (special tokens such as BOS never count as the word's tokens):",
+        "",
+        splits,
+        "",
+        f"The vector of {variant_label(main)} ({'the mean of its pieces' if main['split'] else 'one row of the matrix'}):",
+        "",
+        f"- **First 10 values:** {first_ten}",
+        f"- **L2 norm:** {md.number(main['l2_norm'])}",
+        f"- **The {len(main['top_dims'])} dimensions of largest |value|:**",
+        "",
+        top,
+        "",
+        _figure(FIRST_DIMS, f"First {FIRST_DIMS_PLOTTED} dimensions of {main['word']}"),
+    ])
+
+
+def similarity_section(a: Artifacts) -> str:
+    order, matrix = similarity_matrix(a)
+    index = {variant: i for i, variant in enumerate(order)}
+    split = split_variants(a.words)
+    labels = [md.token(v) + (md.SPLIT_MARK if v in split else "") for v in order]
+    cosines = md.table(["", *labels], [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(len(order)))] for i in range(len(order))],
+                       "l" + "r" * len(order))
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(a.neighbors, key=lambda r: (index[r["variant"]], r["rank"])):
+        by_variant.setdefault(row["variant"], []).append(row)
+    neighbours = md.table(
+        ["word", "nearest tokens in the vocabulary (cosine)"],
+        [[labels[index[v]], ", ".join(f"{md.token(r['token'])} ({r['cosine']:.2f})" for r in rows)] for v, rows in by_variant.items()],
+    )
+    return "\n".join([
+        "Cosine similarity of every pair of word variants:",
+        "",
+        cosines,
+        "",
+        _figure(SIMILARITY, "Cosine similarity heatmap"),
+        "",
+        "Each word's nearest tokens over the whole vocabulary (its own token excluded):",
+        "",
+        neighbours,
+    ])
+
+
+def pca_section(a: Artifacts) -> str:
+    shown = a.pca_variance[:10]
+    table = md.table(["component", *(str(v["component"]) for v in shown)],
+                     [["explained variance", *(md.percent(v["explained_variance_ratio"], 1) for v in shown)],
+                      ["cumulative", *(md.percent(v["cumulative"], 1) for v in shown)]], "l" + "r" * len(shown))
+    last = a.pca_variance[-1]
+    return "\n".join([
+        "The words projected to two dimensions, in the basis fitted on the whole vocabulary and in a PCA "
+        "fitted on the word vectors alone (what the walkthrough does):",
+        "",
+        _figure(PCA_WORDS, "Words in two PCA bases"),
+        "",
+        "The whole vocabulary as a density, with the words marked:",
+        "",
+        _figure(PCA_VOCAB, "Vocabulary density in the first two principal components"),
+        "",
+        table,
+        "",
+        f"The first {last['component']} components explain {md.percent(last['cumulative'], 1)} of the variance.",
+        "",
+        _figure(EXPLAINED_VARIANCE, "Explained variance ratio"),
+    ])
+
+
+def best_trade_off(quant: dict[str, dict[str, Any]]) -> str | None:
+    # Ties on size go to the scheme that keeps more nearest neighbours, then to the smaller error.
+    eligible = [
+        (metrics["bits_per_weight"], -(metrics.get("tokens_recall_at_k") or 0.0), metrics.get("rmse") or 0.0, scheme)
+        for scheme, metrics in quant.items()
+        if (metrics.get("row_cosine_min") or 0.0) >= TRADE_OFF_MIN_ROW_COSINE
+        and (metrics.get("tokens_recall_at_k") or 0.0) >= TRADE_OFF_MIN_RECALL
+    ]
+    return min(eligible)[-1] if eligible else None
+
+
+def _snr(metrics: dict[str, Any]) -> str:
+    # An exact round trip has no noise: quant.json stores its SNR as null.
+    if metrics["snr_db"] is None and metrics["rmse"] == 0:
+        return "∞ (exact)"
+    return md.number(metrics["snr_db"], 3)
+
+
+def quant_section(a: Artifacts) -> str:
+    if a.quant is None:
+        return "No quantization was run for this model (`quantize` stage)."
+    headers = ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB",
+               "row cos mean", "row cos min", "clipped", "recall@k words", "recall@k tokens", "max Δ similarity"]
+    rows = [[f"`{scheme}`", md.number(m["bits_per_weight"], 3), md.number(m["bytes_on_disk"] / 1e6, 3),
+             md.number(m["compression_vs_float32"], 3), md.number(m["rmse"], 3), md.number(m["max_abs_error"], 3),
+             _snr(m), md.number(m["row_cosine_mean"], 6), md.number(m["row_cosine_min"], 6),
+             md.percent(m["clipped_fraction"], 3), md.number(m["words_recall_at_k"], 3), md.number(m["tokens_recall_at_k"], 3),
+             md.number(m["words_similarity_max_change"], 3)] for scheme, m in a.quant.items()]
+    best = best_trade_off(a.quant)
+    verdict = (f"**Best trade-off: `{best}`**, the fewest bits per weight ({md.number(a.quant[best]['bits_per_weight'], 3)}) "
+               f"among the schemes whose worst row keeps a cosine of at least {TRADE_OFF_MIN_ROW_COSINE} to the original "
+               f"and whose nearest neighbours keep a recall of at least {TRADE_OFF_MIN_RECALL}."
+               if best else f"No scheme keeps every row above cosine {TRADE_OFF_MIN_ROW_COSINE} with recall above {TRADE_OFF_MIN_RECALL}.")
+    fixed = a.quant.get("int8_tensor_fixed")
+    clip_note = []
+    if fixed and fixed["clipped_values"]:
+        clip_note = ["", f"The walkthrough's fixed scale (0.01) clips every value beyond ±1.27: here "
+                     f"{md.number(fixed['clipped_values'])} values ({md.percent(fixed['clipped_fraction'], 3)})."]
+    return "\n".join([md.table(headers, rows, "l" + "r" * (len(headers) - 1)), "", verdict, *clip_note])
+
+
+def undertrained_section(a: Artifacts, top: int = TOP_SHOWN) -> str:
     """Under-trained token candidates of one model (``undertrained.json``)."""
-    metrics = _json(Path(model_dir) / "undertrained.json")
-    title = "## Under-trained tokens"
+    metrics = a.undertrained
     if metrics is None:
-        return f"{title}\n\nNot computed for this model (`undertrained` stage)."
+        return "Not computed for this model (`undertrained` stage)."
     headers = ["rank", "id", "token", "cos. distance (centred)", "L2 norm", "reference", "encodes to itself"]
     rows = [[md.number(r["rank"]), str(r["token_id"]), md.token(r["token"]), md.number(r["cos_dist_ref_centered"]),
              md.number(r["l2_norm"]), md.number(r["is_reference"]), md.number(r["encodes_to_self"])]
             for r in metrics["strongest"][:top]]
     return "\n".join([
-        title, "",
         f"Tokens whose embedding stayed close to that of tokens known to be unused (after Land & Bartolo, 2024, "
         f"\"Fishing for Magikarp\"), from the weights alone. Reference: {metrics['reference']['method']}, "
         f"{md.number(metrics['reference']['count'])} tokens. A token is flagged when its cosine distance to the "
@@ -43,15 +328,48 @@ def undertrained_section(model_dir: Path, top: int = TOP_SHOWN) -> str:
         f"{md.number(metrics['flagged_outside_reference'])} of them outside the reference set; "
         f"{md.number(metrics['flagged_not_encodable_to_self'])} cannot be produced by encoding their own text.",
         "", f"The {len(rows)} strongest candidates:", "", md.table(headers, rows, "rrlrrcc"), "",
-        f"All of them, with every indicator: `artifacts/{Path(model_dir).name}/undertrained.parquet`.",
+        f"All of them, with every indicator: `artifacts/{a.name}/undertrained.parquet`.",
     ])
 
 
-def drift_section(pair_dir: Path, top: int = TOP_SHOWN) -> str:
-    """Drift between the two sides of one pair (``artifacts/drift/<pair>/drift.json``)."""
-    pair_dir = Path(pair_dir)
-    metrics = _json(pair_dir / "drift.json")
-    title = f"## Drift: `{pair_dir.name}`"
+def usage_section(a: Artifacts) -> str:
+    path = f"artifacts/{a.name}/embeddings.parquet"
+    batch = len(a.words)
+    seq = max(row["n_tokens"] for row in a.words)
+    dim = a.provenance["shape"][1]
+    return "\n".join([
+        f"A batch lookup of the {batch} word variants above gives an array of shape **[{batch}, {seq}, {dim}]** "
+        "(batch, longest tokenization, dimension) and a mask that marks the padding:",
+        "",
+        "```python",
+        "import pyarrow.parquet as pq",
+        "from pipeline.lookup import batch_lookup, load_embedding_layer",
+        "from pipeline.core.parquet import read_vectors",
+        "from pipeline.tokenizers.load import tokenizer_from_json",
+        "",
+        f'_, matrix = read_vectors("{path}")',
+        f'tokenizer = tokenizer_from_json("artifacts/{a.name}/tokenizer.json")',
+        f'words = pq.read_table("artifacts/{a.name}/words.parquet").column("variant").to_pylist()',
+        "vectors, mask, ids = batch_lookup(matrix, tokenizer, words)",
+        f"vectors.shape  # ({batch}, {seq}, {dim})",
+        "",
+        f'layer = load_embedding_layer("{path}")  # a frozen torch.nn.Embedding',
+        "```",
+        "",
+        "The same rows from DuckDB:",
+        "",
+        "```sql",
+        f"SELECT token_id, token, vector[1:10] AS first_10 FROM '{path}' WHERE token IN ('Hello', ' Hello');",
+        "```",
+    ])
+
+
+# ---- reports/index.md: whole sections, heading included ----------------------------------
+
+
+def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOWN) -> str:
+    """Drift between the two sides of one pair (``artifacts/drift/<pair>/drift.json``, loaded)."""
+    title = f"## Drift: `{pair}`"
     if metrics is None:
         return f"{title}\n\nNot computed (`drift` stage)."
     lines = [title, "", f"`{metrics['base']}` against `{metrics['other']}`: {md.number(metrics['aligned'])} tokens aligned by text "
@@ -76,23 +394,18 @@ def drift_section(pair_dir: Path, top: int = TOP_SHOWN) -> str:
     return "\n".join(lines)
 
 
-def export_section(model_dir: Path) -> str:
-    """Where the exports are and how to open them."""
-    model_dir = Path(model_dir)
-    name = model_dir.name
-    title = "## Exports"
-    config = _json(model_dir / "projector" / "projector_config.json")
-    atlas = model_dir / "atlas.parquet"
-    if config is None or not atlas.is_file():
+def export_section(name: str, exports: Exports | None) -> str:
+    """Where one model's exports are and how to open them."""
+    title = f"## Exports: {name}"
+    if exports is None:
         return f"{title}\n\nNot exported for this model (`export` stage)."
-    rows = pq.ParquetFile(atlas).metadata.num_rows
-    shards = len(config["embeddings"])
+    shards = exports.projector_tensors
     shard_note = (f" TensorBoard serves at most 100,000 points per tensor, so the config splits the vocabulary into "
                   f"{shards} tensors of at most that size." if shards > 1 else "")
     return "\n".join([
         title, "",
         f"- **TensorBoard Embedding Projector**: `artifacts/{name}/projector/` holds `vectors.tsv` and `metadata.tsv` for all "
-        f"{md.number(rows)} tokens and `projector_config.pbtxt`; run `tensorboard --logdir artifacts/{name}/projector`, "
+        f"{md.number(exports.rows)} tokens and `projector_config.pbtxt`; run `tensorboard --logdir artifacts/{name}/projector`, "
         f"or load the two TSV files in the standalone projector.{shard_note}",
         f"- **embedding-atlas**: `artifacts/{name}/atlas.parquet` (text, PCA x and y, each token's nearest neighbours "
         f"with cosine distances): `embedding-atlas artifacts/{name}/atlas.parquet --text text --x x --y y --neighbors neighbors`.",

@@ -22,7 +22,7 @@ from pipeline.core.parquet import read_provenance
 from pipeline.core.params import project_paths
 from pipeline.core.paths import ModelPaths, ProjectPaths
 from pipeline.core.settings import NoSettings, no_settings
-from pipeline.report.sections import drift_section, export_section
+from pipeline.report.sections import Exports, drift_section, export_section
 
 NEIGHBOURS_SHOWN = 3
 
@@ -109,13 +109,25 @@ def differences(summaries: list[ModelSummary]) -> str:
     return " ".join(sentences)
 
 
+def load_exports(model_dir: Path) -> Exports | None:
+    """What the export stage wrote for one model, or None when it has not run."""
+    config = model_dir / "projector" / "projector_config.json"
+    atlas = model_dir / "atlas.parquet"
+    if not config.is_file() or not atlas.is_file():
+        return None
+    return Exports(rows=pq.ParquetFile(atlas).metadata.num_rows, projector_tensors=len(read_json(config)["embeddings"]))
+
+
 def version_sections(paths: ProjectPaths) -> list[str]:
     """Drift between versions (every pair in artifacts/drift/) and the exports that exist."""
     drift_dir = paths.drift_dir
     pairs = sorted(p for p in drift_dir.iterdir() if p.is_dir()) if drift_dir.is_dir() else []
-    sections = [drift_section(pair) for pair in pairs]
+    sections = []
+    for pair in pairs:
+        metrics = pair / "drift.json"
+        sections.append(drift_section(pair.name, read_json(metrics) if metrics.is_file() else None))
     exported = [model for model in paths.models if model.atlas.is_file()]
-    sections += [export_section(model.artifacts).replace("## Exports", f"## Exports: {model.name}", 1) for model in exported]
+    sections += [export_section(model.name, load_exports(model.artifacts)) for model in exported]
     return sections
 
 

@@ -13,7 +13,7 @@ Reads ``artifacts/<name>/embeddings.parquet`` and ``words.parquet`` and writes b
   anything there), float32;
 * ``figures/pca_words.png``: the words, labelled, in both bases side by side;
   ``figures/pca_vocab.png``: the whole vocabulary as a density (hexbin) with the words
-  marked.
+  marked (both drawn by ``pipeline.report.figures``).
 
 The fit is exact and deterministic, so the same matrix gives the same bytes every run:
 the rows are centred on their mean and the dim x dim covariance is accumulated block by
@@ -34,7 +34,6 @@ no variance to explain, and its ratios are 0 rather than NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +42,7 @@ import pyarrow.parquet as pq
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.hashing import file_sha256
-from pipeline.report.figures import label_points, label_text, new_figure, save_png, style
+from pipeline.report.figures import PcaVocab, PcaWords, pca_vocab_figure, pca_words_figure
 from pipeline.core.io import write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
@@ -98,75 +97,6 @@ def pca_words_table(words: WordVectors, vocab_xy: np.ndarray, words_xy: np.ndarr
 
 
 # --------------------------------------------------------------------------------------
-# Figures
-
-
-def _axis_label(pca: Pca, axis: int) -> str:
-    ratio = pca.explained_variance_ratio[axis] if axis < len(pca.explained_variance_ratio) else 0.0
-    return f"PC{axis + 1} ({100 * ratio:.1f}% of variance)"
-
-
-def words_figure(
-    path: Path, model: str, labels: list[str], vocab_xy: np.ndarray, vocab_pca: Pca, words_xy: np.ndarray, words_pca: Pca
-) -> None:
-    """The word variants in the whole-vocabulary basis (left) and the words-only basis (right)."""
-    with style():
-        figure = new_figure(12, 5.5)
-        panels = figure.subplots(1, 2)
-        for ax, xy, pca, title in (
-            (panels[0], vocab_xy, vocab_pca, "PCA of the whole vocabulary"),
-            (panels[1], words_xy, words_pca, "PCA of these word vectors only"),
-        ):
-            ax.scatter(xy[:, 0], xy[:, 1], s=18, color="tab:red")
-            ax.set_title(title)
-            ax.set_xlabel(_axis_label(pca, 0))
-            ax.set_ylabel(_axis_label(pca, 1))
-            ax.margins(0.15)
-        figure.suptitle(f"{model}: word variants in two PCA bases")
-        for ax, xy in zip(panels, (vocab_xy, words_xy)):
-            label_points(figure, ax, xy, labels)
-        save_png(figure, path)
-
-
-VIEW_PERCENTILES = (0.1, 99.9)  # a handful of outlier tokens must not shrink the bulk to a dot
-
-
-def view_box(coordinates: np.ndarray, words_xy: np.ndarray) -> np.ndarray:
-    """[[x_lo, y_lo], [x_hi, y_hi]]: the central 99.8% of tokens per axis, widened to every word."""
-    lo, hi = np.percentile(coordinates, VIEW_PERCENTILES, axis=0)  # [2] each
-    lo, hi = np.minimum(lo, words_xy.min(axis=0)), np.maximum(hi, words_xy.max(axis=0))
-    pad = (hi - lo) * 0.03
-    return np.stack([lo - pad, hi + pad])
-
-
-def vocab_figure(path: Path, model: str, coordinates: np.ndarray, pca: Pca, labels: list[str], words_xy: np.ndarray) -> None:
-    """Every token as a density (log-scaled hexbin), the words marked on top.
-
-    The view covers the central 99.8% of tokens on each axis (and every word); the title
-    says how many outlying tokens fall outside it.
-    """
-    box = view_box(coordinates, words_xy)
-    inside = ((coordinates >= box[0]) & (coordinates <= box[1])).all(axis=1)  # [vocab]
-    outside = int((~inside).sum())
-    with style():
-        figure = new_figure(8, 6.5)
-        ax = figure.subplots()
-        shown = coordinates[inside]
-        extent = (box[0, 0], box[1, 0], box[0, 1], box[1, 1])
-        cells = ax.hexbin(shown[:, 0], shown[:, 1], gridsize=90, bins="log", mincnt=1, cmap="viridis", extent=extent)
-        figure.colorbar(cells, ax=ax, label="tokens per cell")
-        ax.scatter(words_xy[:, 0], words_xy[:, 1], s=22, color="tab:red", edgecolors="white", linewidths=0.6)
-        ax.set_xlim(box[0, 0], box[1, 0])
-        ax.set_ylim(box[0, 1], box[1, 1])
-        note = f" ({outside} outliers outside the view)" if outside else ""
-        ax.set_title(f"{model}: all {len(coordinates)} tokens{note}, words in red")
-        ax.set_xlabel(_axis_label(pca, 0))
-        ax.set_ylabel(_axis_label(pca, 1))
-        label_points(figure, ax, words_xy, labels, boxed=True)
-        save_png(figure, path)
-
-
-# --------------------------------------------------------------------------------------
 # Stage
 
 
@@ -183,15 +113,16 @@ def run(paths: ModelPaths, settings: PcaSettings) -> None:
     vocab_xy = vocab_pca.transform(words.vectors)  # [w, 2]
     words_pca = fit_pca(words.vectors, n_components=2)
     words_xy = words_pca.transform(words.vectors)  # [w, 2]
-    labels = [label_text(text or "") for text in words.variant.to_pylist()]
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"pca": as_params(settings)})
     write_table(paths.pca, pca_table(coordinates, tokens), provenance)
     write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
     provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
     write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
-    words_figure(paths.figures / "pca_words.png", paths.name, labels, vocab_xy, vocab_pca, words_xy, words_pca)
-    vocab_figure(paths.figures / "pca_vocab.png", paths.name, coordinates, vocab_pca, labels, vocab_xy)
+    variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
+    pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
+                     paths.figures / "pca_words.png")
+    pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(PcaSettings, STAGE), run).main
