@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.cases.stages import STAGES
+from benchmarks.inputs import M1B, M405B
+
 GB = 1e9
 
 
@@ -133,17 +136,17 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
             others.append(f"{scheme} {r['elements'] / r['seconds'] / 1e6:.0f}")
     if others:
         lines.append(f"| quantize, the other schemes (encode only) | | | | | | ours, M elements/s: {', '.join(others)} |")
-    for model, label in (("llama-3-2-1b-synthetic", "1B"), ("llama-405b-embedding", "405B-shaped [128256, 16384]")):
-        stages = [(s, results.get(f"stage_{s}_{model}")) for s in ("extract", "stats", "words", "similarity", "pca", "quantize", "report")]
+    for model, label in ((M1B, "1B"), (M405B, "405B-shaped [128256, 16384]")):
+        stages = [(s, results.get(f"stage_{s}_{model}")) for s in STAGES]
         stages = [(s, r) for s, r in stages if r]
         if not stages:
             continue
         note = ""
         if label != "1B":
             note = (" The 405B shape is run for its memory: quantize with schemes q8_0 and q4_0 and 200 sampled"
-                    " tokens (see QUANTIZE_405B in run.py).")
+                    " tokens (see QUANTIZE_405B in benchmarks/inputs.py).")
         lines += ["", f"## Pipeline stages, {label}", "",
-                  f"Each stage's `python -m pipeline.<stage>` as DVC runs it; all-pairs neighbours off.{note}", "",
+                  f"Each stage's `python -m pipeline.stages.<stage>` as DVC runs it; all-pairs neighbours off.{note}", "",
                   "| stage | wall | peak RSS | peak / float32 matrix | torch imported |", "|---|---|---|---|---|"]
         f32 = 128256 * (2048 if label == "1B" else 16384) * 4
         total = 0.0
@@ -179,7 +182,7 @@ LIMITS = {
         "2 cores. The encoders alone run at hundreds of M elements/s (table above)."
     ),
     "405B shape within 24 GB": (
-        "405B shape: a stage that did not finish ran past the benchmark's time limit (TIMEOUTS in run.py); "
+        "405B shape: a stage that did not finish ran past the benchmark's time limit (PCA_405B_TIME_LIMIT in benchmarks/cases/stages.py); "
         "its peak RSS so far is in the table. The PCA there reduces a 16384 x 16384 covariance to "
         "tridiagonal form on one thread, minutes of memory-bound LAPACK work."
     ),
@@ -244,18 +247,18 @@ def targets(results: dict, f32: int) -> tuple[list[str], list[str]]:
     if rates:
         low = min(rates, key=rates.get)
         out.append(check("quantize: >= 100 M elements/s per scheme (encode)", rates[low] >= 100, f"slowest {low} {rates[low]:.0f} M/s"))
-    stage = results.get("stage_quantize_llama-3-2-1b-synthetic") or {}
+    stage = results.get(f"stage_quantize_{M1B}") or {}
     if stage.get("seconds"):
         per = 8 * f32 / 4 / stage["seconds"] / 1e6
         out.append(check("quantize: whole stage (8 schemes, each with its Parquet file and recall)", per >= 100,
                          f"{per:.0f} M elements/s per scheme pass ({stage['seconds']:.0f} s)"))
-    stages = [results.get(f"stage_{s}_llama-3-2-1b-synthetic") for s in ("extract", "stats", "words", "similarity", "pca", "quantize", "report")]
+    stages = [results.get(f"stage_{s}_{M1B}") for s in STAGES]
     if all(r and not r.get("exit") for r in stages):
         total = sum(r["seconds"] for r in stages)
         worst = max(r["peak_rss"] for r in stages) / f32
         out.append(check("1B pipeline in about two minutes", total <= 150, f"{total:.0f} s of stages"))
         out.append(check("1B: no stage's peak RSS above 2x float32", worst <= 2.0, f"worst {worst:.2f}x"))
-    big = [(s, results.get(f"stage_{s}_llama-405b-embedding")) for s in ("extract", "stats", "words", "similarity", "pca", "quantize")]
+    big = [(s, results.get(f"stage_{s}_{M405B}")) for s in STAGES if s != "report"]
     big = [(s, r) for s, r in big if r]
     if big:
         worst = max(r["peak_rss"] for _, r in big)
