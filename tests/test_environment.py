@@ -1,0 +1,53 @@
+"""library_versions(): the installed versions of the libraries that decide output bytes."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy
+import pyarrow
+import torch
+from packaging.version import Version
+
+from pipeline.environment import OUTPUT_LIBRARIES, library_versions
+
+EXPECTED = {
+    "numpy",
+    "scipy",
+    "pyarrow",
+    "torch",
+    "scikit-learn",
+    "gguf",
+    "safetensors",
+    "tokenizers",
+    "matplotlib",
+}
+
+
+def test_names_exactly_the_libraries_that_decide_output_bytes():
+    versions = library_versions()
+    assert set(versions) == EXPECTED
+    assert list(versions) == list(OUTPUT_LIBRARIES)
+
+
+def test_no_blas_library_or_kernel_is_recorded():
+    # Outputs must not depend on the BLAS build, so its name never enters provenance.
+    names = " ".join(library_versions()).lower()
+    assert not any(word in names for word in ("blas", "mkl", "lapack", "threadpoolctl"))
+
+
+def test_versions_are_the_installed_distributions_exact_versions():
+    versions = library_versions()
+    for name, version in versions.items():
+        assert version == metadata.version(name)
+        assert str(Version(version)) == version, f"{name} {version} is not a normalized version"
+    # The same versions the imported modules report, local build labels included.
+    assert versions["numpy"] == numpy.__version__
+    assert versions["pyarrow"] == pyarrow.__version__
+    assert versions["torch"] == torch.__version__
+
+
+def test_is_a_plain_dict_of_strings_and_the_same_every_call():
+    first, second = library_versions(), library_versions()
+    assert first == second and first is not second
+    assert all(isinstance(key, str) and isinstance(value, str) for key, value in first.items())
