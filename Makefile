@@ -8,7 +8,7 @@ PYTHON ?= python3
 LOCK := requirements.lock
 
 # The torch build the lock pins, and the index that serves it to machines without a local
-# copy. For a CUDA build: make lock TORCH=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# copy. For a CUDA build: make lock TORCH=torch==2.13.0+cu130 TORCH_INDEX=https://download.pytorch.org/whl/cu130
 TORCH ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # More pip-compile arguments, e.g. LOCK_ARGS='--upgrade-package numpy' or LOCK_ARGS=--upgrade.
@@ -52,8 +52,10 @@ $(INSTALLED): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(INSTALLED)
 
+# REPRO_ARGS=--force re-runs every stage, e.g. after the lock changed (DVC does not watch it).
+REPRO_ARGS ?=
 repro: $(INSTALLED)
-	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro $(REPRO_ARGS)
 
 test: $(INSTALLED)
 	PATH="$(abspath $(BIN)):$$PATH" python -m pytest
