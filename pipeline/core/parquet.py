@@ -25,7 +25,8 @@ Layout (see DESIGN.md, "Parquet conventions"):
   ``matrix_sha256``  sha256 of the float32 matrix (:func:`pipeline.core.hashing.matrix_sha256`)
   ``tokenizer``      ``{"kind", "path", "sha256", "vocab_size"}``
   ``params``         the stage's params as read from params.yaml
-  ``package``        ``{"name": "embedding-dissect", "version"}``
+  ``package``        ``{"name": "embedding-dissect", "version", "libraries": {name: version}}``:
+                     the exact versions of numpy, scipy, pyarrow, torch, ... (:mod:`pipeline.core.environment`)
   =================  ==========================================================
 
 Files derived from ``embeddings.parquet`` by later stages carry ``stage``, ``model``,
@@ -50,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+from pipeline.core.environment import library_versions
 from pipeline.core.errors import DissectError
 from pipeline.core.io import atomic_path
 
@@ -57,8 +59,9 @@ PROVENANCE_KEY = b"embedding_dissect"
 DEFAULT_ROW_GROUP_SIZE = 4096
 
 
-def package_record() -> dict[str, str]:
-    return {"name": "embedding-dissect", "version": __version__}
+def package_record() -> dict[str, Any]:
+    """This package's version and the exact versions of the libraries that decide output bytes."""
+    return {"name": "embedding-dissect", "version": __version__, "libraries": library_versions()}
 
 
 def derived_provenance(stage: str, model: str, embeddings_path: Path | str, params: dict[str, Any]) -> dict[str, Any]:
