@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: m
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml", "requirements.lock"]
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
