@@ -175,15 +175,15 @@ def test_experiment_adding_a_model_runs_only_its_stages(project):
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = {path for workspace in metrics.values() for path in workspace.get("data", {})}
-    assert {"artifacts/smollm2-135m/stats.json", "artifacts/minilm-l6/stats.json",
-            "artifacts/smollm2-135m/quant.json", "artifacts/minilm-l6/quant.json"} <= files
+    assert files == {"reports/smollm2-135m/headline.json", "reports/minilm-l6/headline.json",
+                     "artifacts/drift/smollm2-135m-q4_0/headline.json"}  # the headlines only, not the detail
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    assert "artifacts/minilm-l6/stats.json" in diff
-    assert diff["artifacts/minilm-l6/stats.json"]["vocab_size"]["new"] == 30522
+    assert diff["reports/minilm-l6/headline.json"]["minilm-l6.vocab"]["new"] == 30522
+    assert not any(isinstance(row["new"], str) for rows in diff.values() for row in rows.values())  # numbers only
 
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "artifacts/minilm-l6/stats.json" in shown  # the experiment's metrics, beside the baseline's
+    assert "minilm-l6" in shown and "smollm2-135m" in shown  # the experiment's metrics, beside the baseline's
     run(["dvc", "plots", "diff", "--json"], project)
 
     index = (project / "reports" / "index.md").read_text(encoding="utf-8")
