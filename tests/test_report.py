@@ -116,6 +116,7 @@ def toy_artifacts(root: Path, name: str = "toy") -> Path:
     write_table(model_dir / "embeddings.parquet", pa.table({"token_id": pa.array(range(6), pa.int32()), "token": tokens,
                                                           "vector": vector_array(matrix)}), provenance)
     write_json_atomic(model_dir / "stats.json", {
+        "vocab_size": 6, "dim": matrix.shape[1],
         "values": {"count": matrix.size, "mean": 0.01, "std": 0.9, "min": -2.0, "max": 2.0, "max_abs": 2.0, "nan_count": 0, "inf_count": 0},
         "row_norm": {"mean": 1.5, "std": 0.3, "min": 1.0, "max": 2.0, "p01": 1.01, "p50": 1.5, "p99": 1.99},
         "rows": {"total": 6, "duplicate": 0, "zero": 0, "nonfinite": 0},

@@ -308,6 +308,13 @@ def quant_section(a: Artifacts) -> str:
     return "\n".join([md.table(headers, rows, "l" + "r" * (len(headers) - 1)), "", verdict, *clip_note])
 
 
+def _reference(reference: dict[str, Any]) -> str:
+    """How the reference set was chosen, as the undertrained stage said it (older files: its method)."""
+    if reference.get("reason"):
+        return reference["reason"]
+    return f"{reference['method']}, {md.number(reference['count'])} tokens."
+
+
 def undertrained_section(a: Artifacts, top: int = TOP_SHOWN) -> str:
     """Under-trained token candidates of one model (``undertrained.json``)."""
     metrics = a.undertrained
@@ -319,8 +326,7 @@ def undertrained_section(a: Artifacts, top: int = TOP_SHOWN) -> str:
             for r in metrics["strongest"][:top]]
     return "\n".join([
         f"Tokens whose embedding stayed close to that of tokens known to be unused (after Land & Bartolo, 2024, "
-        f"\"Fishing for Magikarp\"), from the weights alone. Reference: {metrics['reference']['method']}, "
-        f"{md.number(metrics['reference']['count'])} tokens. A token is flagged when its cosine distance to the "
+        f"\"Fishing for Magikarp\"), from the weights alone. The reference: {_reference(metrics['reference'])} A token is flagged when its cosine distance to the "
         f"reference mean, once the vocabulary's mean row and first principal component are removed, is at most "
         f"percentile {md.number(metrics['percentile'])} of its distribution ({md.number(metrics['threshold_cos_dist_ref_centered'])}).",
         "",
