@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.report import markdown as md
 
 TOP_SHOWN = 20
+SIMILARITY_COLUMNS = 7  # word variants per similarity table: wider ones overflow the page
 FIRST_DIMS_PLOTTED = 100
 
 # The quantization scheme named the best trade-off: the fewest bits per weight among the
@@ -144,8 +145,8 @@ def what_the_numbers_say(a: Artifacts) -> list[str]:
     else:
         notes.append(f"No dimension dominates: the largest per-dimension standard deviation (dimension {top}) is {ratio:.1f}× the median.")
     norms = s["row_norm"]
-    notes.append(f"Row norms range from {md.number(norms['min'], 3)} to {md.number(norms['max'], 3)}; "
-                 f"the middle 98% lie between {md.number(norms['p01'], 3)} and {md.number(norms['p99'], 3)}.")
+    low, high, p01, p99 = md.distinct_numbers([norms["min"], norms["max"], norms["p01"], norms["p99"]], 3)
+    notes.append(f"Row norms range from {low} to {high}; the middle 98% lie between {p01} and {p99}.")
     if s["rows"]["duplicate"]:
         notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**, typically tokens "
                      "that training never updated (see `duplicate_of` in `tokens.parquet`).")
@@ -221,8 +222,14 @@ def similarity_section(a: Artifacts) -> str:
     index = {variant: i for i, variant in enumerate(order)}
     split = split_variants(a.words)
     labels = [md.token(v) + (md.SPLIT_MARK if v in split else "") for v in order]
-    cosines = md.table(["", *labels], [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(len(order)))] for i in range(len(order))],
-                       "l" + "r" * len(order))
+    # At most SIMILARITY_COLUMNS columns a table, so each fits a page (GitHub: ~920 px).
+    cosines = "\n\n".join(
+        md.table(["", *labels[start:start + SIMILARITY_COLUMNS]],
+                 [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(start, min(start + SIMILARITY_COLUMNS, len(order))))]
+                  for i in range(len(order))],
+                 "l" + "r" * len(labels[start:start + SIMILARITY_COLUMNS]))
+        for start in range(0, len(order), SIMILARITY_COLUMNS)
+    )
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(a.neighbors, key=lambda r: (index[r["variant"]], r["rank"])):
         by_variant.setdefault(row["variant"], []).append(row)
@@ -267,15 +274,29 @@ def pca_section(a: Artifacts) -> str:
     ])
 
 
-def best_trade_off(quant: dict[str, dict[str, Any]]) -> str | None:
-    # Ties on size go to the scheme that keeps more nearest neighbours, then to the smaller error.
+def qualified(quant: dict[str, dict[str, Any]]) -> list[str]:
+    """The schemes that keep every row's direction and the nearest neighbours, best first.
+
+    Fewest bits per weight first; ties on size go to the scheme that keeps more nearest
+    neighbours, then to the smaller error.
+    """
     eligible = [
         (metrics["bits_per_weight"], -(metrics.get("tokens_recall_at_k") or 0.0), metrics.get("rmse") or 0.0, scheme)
         for scheme, metrics in quant.items()
         if (metrics.get("row_cosine_min") or 0.0) >= TRADE_OFF_MIN_ROW_COSINE
         and (metrics.get("tokens_recall_at_k") or 0.0) >= TRADE_OFF_MIN_RECALL
     ]
-    return min(eligible)[-1] if eligible else None
+    return [entry[-1] for entry in sorted(eligible)]
+
+
+def best_trade_off(quant: dict[str, dict[str, Any]]) -> str | None:
+    found = qualified(quant)
+    return found[0] if found else None
+
+
+def _names(schemes: list[str]) -> str:
+    quoted = [f"`{scheme}`" for scheme in schemes]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _snr(metrics: dict[str, Any]) -> str:
@@ -288,24 +309,35 @@ def _snr(metrics: dict[str, Any]) -> str:
 def quant_section(a: Artifacts) -> str:
     if a.quant is None:
         return "No quantization was run for this model (`quantize` stage)."
-    headers = ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB",
-               "row cos mean", "row cos min", "clipped", "recall@k words", "recall@k tokens", "max Δ similarity"]
-    rows = [[f"`{scheme}`", md.number(m["bits_per_weight"], 3), md.number(m["bytes_on_disk"] / 1e6, 3),
-             md.number(m["compression_vs_float32"], 3), md.number(m["rmse"], 3), md.number(m["max_abs_error"], 3),
-             _snr(m), md.number(m["row_cosine_mean"], 6), md.number(m["row_cosine_min"], 6),
-             md.percent(m["clipped_fraction"], 3), md.number(m["words_recall_at_k"], 3), md.number(m["tokens_recall_at_k"], 3),
-             md.number(m["words_similarity_max_change"], 3)] for scheme, m in a.quant.items()]
+    k = next(iter(a.quant.values())).get("recall_k")
+    at_k = f"@{k}" if k else "@k"
+    size = md.table(
+        ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB"],
+        [[f"`{scheme}`", md.number(m["bits_per_weight"], 3), md.number(m["bytes_on_disk"] / 1e6, 3),
+          md.number(m["compression_vs_float32"], 3), md.number(m["rmse"], 3), md.number(m["max_abs_error"], 3), _snr(m)]
+         for scheme, m in a.quant.items()], "lrrrrrr")
+    kept = md.table(
+        ["scheme", "row cos mean", "row cos min", "clipped", f"recall{at_k} words", f"recall{at_k} tokens", "max Δ similarity"],
+        [[f"`{scheme}`", md.number(m["row_cosine_mean"], 6), md.number(m["row_cosine_min"], 6), md.percent(m["clipped_fraction"], 3),
+          md.number(m["words_recall_at_k"], 3), md.number(m["tokens_recall_at_k"], 3), md.number(m["words_similarity_max_change"], 3)]
+         for scheme, m in a.quant.items()], "lrrrrrr")
     best = best_trade_off(a.quant)
+    others = [scheme for scheme in qualified(a.quant) if scheme != best]
+    also = (f" {_names(others)} also qualif{'y' if len(others) > 1 else 'ies'}, with more bits per weight." if others
+            else " No other scheme qualifies.")
     verdict = (f"**Best trade-off: `{best}`**, the fewest bits per weight ({md.number(a.quant[best]['bits_per_weight'], 3)}) "
                f"among the schemes whose worst row keeps a cosine of at least {TRADE_OFF_MIN_ROW_COSINE} to the original "
-               f"and whose nearest neighbours keep a recall of at least {TRADE_OFF_MIN_RECALL}."
+               f"and whose nearest neighbours keep a recall{at_k} of at least {TRADE_OFF_MIN_RECALL} (sampled tokens).{also}"
                if best else f"No scheme keeps every row above cosine {TRADE_OFF_MIN_ROW_COSINE} with recall above {TRADE_OFF_MIN_RECALL}.")
     fixed = a.quant.get("int8_tensor_fixed")
     clip_note = []
     if fixed and fixed["clipped_values"]:
         clip_note = ["", f"The walkthrough's fixed scale (0.01) clips every value beyond ±1.27: here "
                      f"{md.number(fixed['clipped_values'])} values ({md.percent(fixed['clipped_fraction'], 3)})."]
-    return "\n".join([md.table(headers, rows, "l" + "r" * (len(headers) - 1)), "", verdict, *clip_note])
+    return "\n".join(["What each scheme costs and how far its values move:", "", size, "",
+                      f"What it keeps: the direction of every row and the nearest neighbours (recall{at_k}: the share of "
+                      f"each token's {k or 'k'} nearest tokens that stay among its {k or 'k'} nearest):", "", kept, "",
+                      verdict, *clip_note])
 
 
 def _reference(reference: dict[str, Any]) -> str:
@@ -365,7 +397,9 @@ def usage_section(a: Artifacts) -> str:
         "The same rows from DuckDB:",
         "",
         "```sql",
-        f"SELECT token_id, token, vector[1:10] AS first_10 FROM '{path}' WHERE token IN ('Hello', ' Hello');",
+        "SELECT token_id, token, vector[1:10] AS first_10",
+        f"FROM '{path}'",
+        "WHERE token IN ('Hello', ' Hello');",
         "```",
     ])
 
