@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.report import markdown as md
 
 TOP_SHOWN = 20
-SIMILARITY_COLUMNS = 7  # word variants per similarity table: wider ones overflow the page
+SIMILARITY_COLUMNS = 6  # word variants per similarity table: wider ones overflow the page
 FIRST_DIMS_PLOTTED = 100
 
 # The quantization scheme named the best trade-off: the fewest bits per weight among the
@@ -222,13 +222,14 @@ def similarity_section(a: Artifacts) -> str:
     index = {variant: i for i, variant in enumerate(order)}
     split = split_variants(a.words)
     labels = [md.token(v) + (md.SPLIT_MARK if v in split else "") for v in order]
-    # At most SIMILARITY_COLUMNS columns a table, so each fits a page (GitHub: ~920 px).
+    # At most SIMILARITY_COLUMNS columns a table, as even as they come, so each fits a page (GitHub: ~920 px).
+    tables = -(-len(order) // SIMILARITY_COLUMNS)
+    bounds = [round(len(order) * t / tables) for t in range(tables + 1)]
     cosines = "\n\n".join(
-        md.table(["", *labels[start:start + SIMILARITY_COLUMNS]],
-                 [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(start, min(start + SIMILARITY_COLUMNS, len(order))))]
-                  for i in range(len(order))],
-                 "l" + "r" * len(labels[start:start + SIMILARITY_COLUMNS]))
-        for start in range(0, len(order), SIMILARITY_COLUMNS)
+        md.table(["", *labels[start:stop]],
+                 [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(start, stop))] for i in range(len(order))],
+                 "l" + "r" * (stop - start))
+        for start, stop in zip(bounds, bounds[1:])
     )
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(a.neighbors, key=lambda r: (index[r["variant"]], r["rank"])):
@@ -311,19 +312,25 @@ def quant_section(a: Artifacts) -> str:
         return "No quantization was run for this model (`quantize` stage)."
     k = next(iter(a.quant.values())).get("recall_k")
     at_k = f"@{k}" if k else "@k"
+    schemes = list(a.quant)
+
+    def cells(key: str, digits: int = 3, scale: float = 1.0) -> list[str]:  # one number format down a column
+        return md.column([None if a.quant[x][key] is None else a.quant[x][key] * scale for x in schemes], digits)
+
     size = md.table(
         ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB"],
-        [[f"`{scheme}`", md.number(m["bits_per_weight"], 3), md.number(m["bytes_on_disk"] / 1e6, 3),
-          md.number(m["compression_vs_float32"], 3), md.number(m["rmse"], 3), md.number(m["max_abs_error"], 3), _snr(m)]
-         for scheme, m in a.quant.items()], "lrrrrrr")
+        [[f"`{x}`", *row, _snr(a.quant[x])] for x, *row in zip(schemes, cells("bits_per_weight"), cells("bytes_on_disk", 3, 1e-6),
+                                                                cells("compression_vs_float32"), cells("rmse"), cells("max_abs_error"))],
+        "lrrrrrr")
     kept = md.table(
         ["scheme", "row cos mean", "row cos min", "clipped", f"recall{at_k} words", f"recall{at_k} tokens", "max Δ similarity"],
-        [[f"`{scheme}`", md.number(m["row_cosine_mean"], 6), md.number(m["row_cosine_min"], 6), md.percent(m["clipped_fraction"], 3),
-          md.number(m["words_recall_at_k"], 3), md.number(m["tokens_recall_at_k"], 3), md.number(m["words_similarity_max_change"], 3)]
-         for scheme, m in a.quant.items()], "lrrrrrr")
+        [[f"`{x}`", *row] for x, *row in zip(schemes, cells("row_cosine_mean", 6), cells("row_cosine_min", 6),
+                                              [md.percent(a.quant[x]["clipped_fraction"], 3) for x in schemes],
+                                              cells("words_recall_at_k"), cells("tokens_recall_at_k"), cells("words_similarity_max_change"))],
+        "lrrrrrr")
     best = best_trade_off(a.quant)
     others = [scheme for scheme in qualified(a.quant) if scheme != best]
-    also = (f" {_names(others)} also qualif{'y' if len(others) > 1 else 'ies'}, with more bits per weight." if others
+    also = (f" Also qualif{'y' if len(others) > 1 else 'ies'}, from fewest bits per weight: {_names(others)}." if others
             else " No other scheme qualifies.")
     verdict = (f"**Best trade-off: `{best}`**, the fewest bits per weight ({md.number(a.quant[best]['bits_per_weight'], 3)}) "
                f"among the schemes whose worst row keeps a cosine of at least {TRADE_OFF_MIN_ROW_COSINE} to the original "
