@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages.drift import (
-    align_by_text,
+    align_by_key,
     compare,
     DriftSettings,
     jaccard,
@@ -53,14 +53,26 @@ def test_jaccard_by_hand():
     assert jaccard(a, b).tolist() == [0.5, 1.0, 0.5, 0.0]
 
 
-def test_alignment_by_text_with_permuted_ids():
+def test_alignment_by_key_with_permuted_ids():
     base = ["a", "b", "c", None, "d"]
     other = ["d", "c", "a", "e", "b"]
-    found = align_by_text(base, other)
+    found = align_by_key(base, other)
     assert found.base_rows.tolist() == [0, 1, 2, 4] and found.other_rows.tolist() == [2, 4, 1, 0]
-    assert (found.only_base, found.only_other, found.ids_differ) == (0, 1, 4)
+    assert (found.only_base, found.only_other, found.ambiguous, found.ids_differ) == (0, 1, 0, 4)
     with pytest.raises(DissectError, match="share only"):
-        align_by_text(["a", "b", "c"], ["x", "y", "c"])
+        align_by_key(["a", "b", "c"], ["x", "y", "c"])
+
+
+def test_a_repeated_key_is_left_out_and_counted():
+    # Files written before token_key existed: byte-fallback "\n" (id 3) repeats the piece "\n" (id 1).
+    base = ["a", "\n", "b", "\n", "c"]
+    other = ["a", "\n", "b", "\n", "c"]
+    found = align_by_key(base, other)
+    assert found.base_rows.tolist() == [0, 2, 4] and found.other_rows.tolist() == [0, 2, 4]
+    assert (found.only_base, found.only_other, found.ambiguous) == (0, 0, 2)
+    # With token_key the byte piece keeps its name and every row lines up.
+    keyed = align_by_key(["a", "\n", "b", "<0x0A>", "c"], ["a", "\n", "b", "<0x0A>", "c"])
+    assert keyed.base_rows.tolist() == [0, 1, 2, 3, 4] and keyed.ambiguous == 0
 
 
 def test_synthetic_pair_rotated_noised_and_permuted(tmp_path):

@@ -74,11 +74,11 @@ def test_output_reads_in_pandas_polars_and_duckdb(project):
 
     parquet = project / "artifacts" / "smollm2-135m" / "embeddings.parquet"
     frame = pd.read_parquet(parquet)
-    assert frame.shape == (49152, 4)
+    assert frame.shape == (49152, 6)
     assert len(frame["vector"].iloc[0]) == 576
 
     polars_frame = pl.read_parquet(parquet)
-    assert polars_frame.shape == (49152, 4)
+    assert polars_frame.shape == (49152, 6)
     assert polars_frame.schema["vector"] == pl.Array(pl.Float32, 576)
 
     duck = duckdb.connect()
@@ -108,6 +108,13 @@ def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
     assert all(len(row[2]) == 10 for row in hello_rows)
     norms = [row[2] for row in duck.execute(queries[1]).fetchall()]
     assert len(norms) == 10 and norms == sorted(norms, reverse=True)
+    nearest = duck.execute(queries[2]).fetchall()
+    assert len(nearest) == 10 and nearest[0][1] == " Hello" and abs(nearest[0][2] - 1.0) < 1e-6
+    assert [row[2] for row in nearest] == sorted((row[2] for row in nearest), reverse=True)
+    # The cast the README names makes the array_* functions take the column.
+    cast = queries[2].replace("list_cosine_similarity(e.vector, hello.vector)",
+                              "array_cosine_similarity(e.vector::FLOAT[576], hello.vector::FLOAT[576])")
+    assert [row[0] for row in duck.execute(cast).fetchall()] == [row[0] for row in nearest]
 
 
 def test_forced_rerun_of_every_stage_gives_the_same_dvc_hashes(project):
@@ -175,15 +182,15 @@ def test_experiment_adding_a_model_runs_only_its_stages(project):
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = {path for workspace in metrics.values() for path in workspace.get("data", {})}
-    assert {"artifacts/smollm2-135m/stats.json", "artifacts/minilm-l6/stats.json",
-            "artifacts/smollm2-135m/quant.json", "artifacts/minilm-l6/quant.json"} <= files
+    assert files == {"reports/smollm2-135m/headline.json", "reports/minilm-l6/headline.json",
+                     "artifacts/drift/smollm2-135m-q4_0/headline.json"}  # the headlines only, not the detail
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    assert "artifacts/minilm-l6/stats.json" in diff
-    assert diff["artifacts/minilm-l6/stats.json"]["vocab_size"]["new"] == 30522
+    assert diff["reports/minilm-l6/headline.json"]["minilm-l6.vocab"]["new"] == 30522
+    assert not any(isinstance(row["new"], str) for rows in diff.values() for row in rows.values())  # numbers only
 
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "artifacts/minilm-l6/stats.json" in shown  # the experiment's metrics, beside the baseline's
+    assert "minilm-l6" in shown and "smollm2-135m" in shown  # the experiment's metrics, beside the baseline's
     run(["dvc", "plots", "diff", "--json"], project)
 
     index = (project / "reports" / "index.md").read_text(encoding="utf-8")

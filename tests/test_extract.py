@@ -111,3 +111,28 @@ def test_minilm_extract(tmp_path, minilm_dir, monkeypatch):
     assert record["tokenizer"]["padded_rows"] == 0
     tokens = pq.read_table(tmp_path / "artifacts" / "minilm" / "embeddings.parquet", columns=["token"]).column("token").to_pylist()
     assert tokens[101] == "[CLS]" and "##ing" in tokens and "hello" in tokens
+
+
+def test_byte_fallback_vocabulary_gets_a_unique_key_and_a_kind(tmp_path, monkeypatch):
+    """A SentencePiece vocabulary whose byte <0x0A> and piece "\\n" share a text: one row each by key."""
+    import duckdb
+    from builders import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer()
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    rows = tok.get_vocab_size() + 2  # two padding rows
+    save_file({"model.embed_tokens.weight": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)}, folder / "model.safetensors")
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    monkeypatch.chdir(tmp_path)
+    run_extract(tmp_path, {"format": "safetensors", "source": {"path": str(folder)}})
+    parquet = tmp_path / "artifacts" / "m" / "embeddings.parquet"
+    table = pq.read_table(parquet)
+    assert table.column_names == ["token_id", "token", "token_key", "kind", "token_bytes", "vector"]
+    keys = table.column("token_key").to_pylist()
+    assert len({key for key in keys if key is not None}) == rows - 2 and keys[-2:] == [None, None]
+    assert table.column("kind").to_pylist() == ["special"] * 3 + ["byte"] * 3 + ["normal"] * 5 + ["unused"] * 3 + ["padding"] * 2
+    duck = duckdb.connect()
+    assert duck.execute(f"SELECT count(*) FROM '{parquet}' WHERE token = chr(10)").fetchone()[0] == 2
+    assert duck.execute(f"SELECT token_id, kind FROM '{parquet}' WHERE token_key = chr(10)").fetchall() == [(6, "normal")]
+    assert duck.execute(f"SELECT token_id, kind FROM '{parquet}' WHERE token_key = '<0x0A>'").fetchall() == [(3, "byte")]

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = list(SCHEMES)
 METRIC_KEYS = {
     "bits_per_weight",
+    "recall_k",
     "bytes_on_disk",
     "compression_vs_float32",
     "compression_vs_source",

@@ -22,6 +22,8 @@ from pipeline.core.paths import ModelPaths, ProjectPaths
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
+# Sections of a stage's settings that a model's config may set for itself.
+MODEL_STAGE_SECTIONS = ("undertrained",)
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -36,7 +38,14 @@ class ModelConfig:
     source: dict[str, Any]
     tokenizer: dict[str, Any] | None
     tensor: str | None
-    entry: dict[str, Any]  # the model's mapping as params.yaml holds it, for provenance
+    entry: dict[str, Any]  # the model's mapping as params.yaml holds it
+
+    @property
+    def weights_entry(self) -> dict[str, Any]:
+        """What says which weights and tokenizer are read (for provenance): the entry without
+        the model's own stage settings (``undertrained:``), so changing those leaves the
+        extracted matrix's file as it was."""
+        return {key: value for key, value in self.entry.items() if key not in MODEL_STAGE_SECTIONS}
 
     @property
     def source_kind(self) -> str:

@@ -3,7 +3,25 @@
 Layout (see DESIGN.md, "Parquet conventions"):
 
 * vectors are a ``fixed_size_list<float32>[dim]`` column named ``vector`` next to
-  ``token_id int32`` and ``token string``;
+  ``token_id int32`` and ``token string``; ``embeddings.parquet`` (the extract stage) has, in
+  order:
+
+  ===============  ======================================================================
+  column           value
+  ===============  ======================================================================
+  ``token_id``     ``int32``, the row of the matrix
+  ``token``        the piece as text, exactly (``" Hello"``); null for padding rows. Not
+                   unique: a byte-fallback vocabulary's byte ``<0x0A>`` reads ``"\n"`` too
+  ``token_key``    unique: ``token``, but a byte-fallback piece keeps its name (``<0x0A>``),
+                   and a text that would still repeat gets ``<id:N>`` appended; null for
+                   padding. Drift aligns two files on it
+  ``kind``         ``normal`` | ``byte`` | ``special`` | ``unused`` | ``padding``
+                   (:data:`pipeline.tokenizers.load.TOKEN_KINDS`)
+  ``token_bytes``  the raw bytes of a piece that is not valid UTF-8 alone, else null
+  ``vector``       ``fixed_size_list<float32>[dim]`` (DuckDB reads it as ``FLOAT[]``: cast
+                   to ``FLOAT[dim]`` for the ``array_*`` functions)
+  ===============  ======================================================================
+
 * zstd compression, BYTE_STREAM_SPLIT on every float column (it puts the four bytes of
   each float in separate streams, so the zero low bytes of a bf16-sourced matrix compress
   to almost nothing), no dictionary encoding unless a writer names the columns (the

@@ -5,7 +5,7 @@ A stage never spells a file name; it is handed one of these objects and asks it:
     models/<model>/                 fetch: the weight files, tokenizer, manifest.json
     artifacts/<model>/              every per-model stage (see README, "What you get")
     artifacts/drift/<pair>/         drift between two files of one vocabulary
-    reports/<model>/                report.md and its figures (committed)
+    reports/<model>/                report.md, its figures, headline.json (committed)
     reports/index.md                the comparison of all models (committed)
 
 Paths are relative to the project root (DVC runs every stage there), so the provenance
@@ -149,6 +149,11 @@ class ModelPaths:
     def report_figures(self) -> Path:
         return self.reports / "figures"
 
+    @property
+    def headline(self) -> Path:
+        """The few numbers DVC compares between versions (the report stage's DVC metrics)."""
+        return self.reports / "headline.json"
+
 
 @dataclass(frozen=True)
 class DriftPaths:
@@ -171,6 +176,11 @@ class DriftPaths:
     @property
     def metrics(self) -> Path:
         return self.out / "drift.json"
+
+    @property
+    def headline(self) -> Path:
+        """The few numbers DVC compares between versions (the drift stage's DVC metrics)."""
+        return self.out / "headline.json"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,11 @@ model's ``artifacts/<m>/embeddings.parquet``, or one of its quantized variants
 ``artifacts/<m>/quant/<scheme>.parquet`` (dequantized here with the scheme's own decode in
 :mod:`pipeline.quant`). The two must share a tokenizer's vocabulary; tokens are aligned
 by their text (the ``token`` column), so the same vocabulary with ids in another order
-still lines up. Tokens only one side has, and padding rows, are left out and counted.
+still lines up. Tokens are matched by ``token_key`` (unique in every file extract writes:
+the text, but ``<0x0A>`` for a byte-fallback piece whose text ``"\\n"`` another piece also
+has; files without the column are matched by ``token``). Tokens only one side has, keys
+that occur more than once on either side (``ambiguous``: only possible in files without
+``token_key``), and padding rows are left out and counted.
 
 Per aligned token (float32):
 
@@ -22,12 +26,14 @@ Per aligned token (float32):
   (largest first), else by ``knn_jaccard`` (smallest first); ties by base token id.
 
 Outputs in ``artifacts/drift/<pair>/``: ``drift.parquet`` (``base_id``, ``other_id``
-int32, ``token``, the columns above) and ``drift.json`` (DVC metrics: alignment counts,
-summaries of each column, Procrustes fit, the ``drift.top_moved`` tokens that moved most).
+int32, ``token``, the columns above), ``drift.json`` (alignment counts, summaries of each
+column, Procrustes fit, the ``drift.top_moved`` tokens that moved most) and
+``headline.json`` (DVC metrics: a few of those numbers under the pair's name).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
+from pipeline.core.headline import drift_headline
 from pipeline.core.io import write_json_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import check_name
@@ -91,6 +98,7 @@ read_settings = from_section(DriftSettings, STAGE)
 class Side:
     path: Path
     tokens: list[str | None]  # [rows] text per row (row = token id)
+    keys: list[str | None]  # [rows] token_key per row: what the two sides are aligned on
     matrix: np.ndarray  # [rows, dim] float32
     matrix_sha256: str | None  # of the embeddings it comes from
 
@@ -107,11 +115,14 @@ def read_side(path: Path) -> Side:
     else:
         embeddings = path
         matrix = read_matrix(path)
-    tokens = pq.read_table(embeddings, columns=["token"]).column("token").to_pylist()
+    columns = [name for name in ("token", "token_key") if name in pq.read_schema(embeddings).names]
+    table = pq.read_table(embeddings, columns=columns)
+    tokens = table.column("token").to_pylist()
+    keys = table.column(columns[-1]).to_pylist()
     if len(tokens) != len(matrix):
         raise DissectError(f"{path} has {len(matrix)} rows but its embeddings {embeddings} {len(tokens)}; rebuild both with `dvc repro`")
     sha = provenance.get("matrix_sha256") or (provenance.get("input") or {}).get("matrix_sha256")
-    return Side(path=path, tokens=tokens, matrix=matrix, matrix_sha256=sha)
+    return Side(path=path, tokens=tokens, keys=keys, matrix=matrix, matrix_sha256=sha)
 
 
 def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
@@ -137,25 +148,36 @@ def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
 class Alignment:
     base_rows: np.ndarray  # [n] int64
     other_rows: np.ndarray  # [n] int64
-    only_base: int
+    only_base: int  # base tokens whose key the other side lacks
     only_other: int
+    ambiguous: int  # base tokens left out because their key occurs more than once on a side
     ids_differ: int  # aligned tokens whose ids differ
 
 
-def align_by_text(base: list[str | None], other: list[str | None]) -> Alignment:
-    """Rows of the tokens both vocabularies have, matched by text, in base id order."""
-    other_index = {text: row for row, text in enumerate(other) if text is not None}
-    pairs = [(row, other_index[text]) for row, text in enumerate(base) if text is not None and text in other_index]
+def align_by_key(base: list[str | None], other: list[str | None]) -> Alignment:
+    """Rows of the tokens both vocabularies have, matched by key, in base id order.
+
+    A key that occurs more than once on either side cannot say which row is which: its
+    rows are left out on both sides and counted as ``ambiguous``.
+    """
+    counts_base, counts_other = Counter(k for k in base if k is not None), Counter(k for k in other if k is not None)
+    both = set(counts_base) & set(counts_other)
+    repeated = {key for key in both if counts_base[key] > 1 or counts_other[key] > 1}
+    shared = both - repeated
+    other_index = {key: row for row, key in enumerate(other) if key in shared}
+    pairs = [(row, other_index[key]) for row, key in enumerate(base) if key in shared]
     base_rows = np.asarray([a for a, _ in pairs], np.int64)
     other_rows = np.asarray([b for _, b in pairs], np.int64)
-    base_texts = sum(text is not None for text in base)
-    if len(pairs) < MIN_SHARED_FRACTION * max(base_texts, len(other_index), 1):
+    ambiguous = sum(counts_base[key] for key in repeated)
+    base_keys, other_keys = sum(counts_base.values()), sum(counts_other.values())
+    if len(pairs) < MIN_SHARED_FRACTION * max(base_keys, other_keys, 1):
         raise DissectError(
-            f"the two vocabularies share only {len(pairs)} of {base_texts} / {len(other_index)} token texts; "
+            f"the two vocabularies share only {len(pairs)} of {base_keys} / {other_keys} tokens; "
             "drift compares versions with one tokenizer: pick a pair that shares it"
         )
-    return Alignment(base_rows, other_rows, base_texts - len(pairs), len(other_index) - len(pairs),
-                     int((base_rows != other_rows).sum()))
+    only_base = sum(count for key, count in counts_base.items() if key not in counts_other)
+    only_other = sum(count for key, count in counts_other.items() if key not in counts_base)
+    return Alignment(base_rows, other_rows, only_base, only_other, ambiguous, int((base_rows != other_rows).sum()))
 
 
 def take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -249,7 +271,7 @@ class Drift:
 
 def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
     """Everything the stage writes, for two sides."""
-    alignment = align_by_text(base.tokens, other.tokens)
+    alignment = align_by_key(base.keys, other.keys)
     a = take_rows(base.matrix, alignment.base_rows)  # [n, dim_a]
     b = take_rows(other.matrix, alignment.other_rows)  # [n, dim_b]
     same_dim = a.shape[1] == b.shape[1]
@@ -262,7 +284,7 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
     }
     metrics: dict[str, Any] = {
         "aligned": n, "only_in_base": alignment.only_base, "only_in_other": alignment.only_other,
-        "ids_differ": alignment.ids_differ, "dim_base": int(a.shape[1]), "dim_other": int(b.shape[1]),
+        "ambiguous": alignment.ambiguous, "ids_differ": alignment.ids_differ, "dim_base": int(a.shape[1]), "dim_other": int(b.shape[1]),
     }
     relative_residual = None
     if same_dim:
@@ -325,6 +347,7 @@ def run(paths: DriftPaths, settings: DriftSettings) -> dict[str, Any]:
     provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in (base, other)]
     write_table(paths.table, result.table, provenance)
     write_json_atomic(paths.metrics, metrics)
+    write_json_atomic(paths.headline, drift_headline(paths.name, metrics))
     return metrics
 
 

@@ -4,9 +4,11 @@ Reads ``models/<name>/manifest.json`` (written by ``fetch``), opens the weights 
 the format's reader, loads the tokenizer, checks that they fit each other, and writes:
 
 * ``embeddings.parquet``: ``token_id int32``, ``token string`` (the piece as readable text,
-  null for padding rows beyond the tokenizer), ``token_bytes binary`` (the raw bytes of
-  pieces that are not valid UTF-8 on their own, else null), ``vector
-  fixed_size_list<float32>[dim]``; provenance in the file metadata (:mod:`pipeline.core.parquet`);
+  null for padding rows beyond the tokenizer), ``token_key string`` (unique: the text, but
+  ``<0xNN>`` for byte-fallback pieces), ``kind string`` (normal, byte, special, unused,
+  padding), ``token_bytes binary`` (the raw bytes of pieces that are not valid UTF-8 on
+  their own, else null), ``vector fixed_size_list<float32>[dim]``; the layout and the
+  provenance in the file metadata are documented in :mod:`pipeline.core.parquet`;
 * ``tokenizer.json``: the tokenizer in Hugging Face's format, so later stages load it fast.
 """
 
@@ -44,6 +46,8 @@ class Vocabulary:
     texts: list[str | None]  # [rows]; None for padding rows the tokenizer never produces
     raw_bytes: list[bytes | None]  # [rows]; set only where the piece is not valid UTF-8 alone
     tokenizer_size: int
+    keys: list[str | None]  # [rows]; unique; None for padding rows
+    kinds: list[str]  # [rows]; TOKEN_KINDS
 
     @property
     def padded_rows(self) -> int:
@@ -55,6 +59,8 @@ def embeddings_schema(dim: int) -> pa.Schema:
         [
             pa.field("token_id", pa.int32(), nullable=False),
             pa.field("token", pa.string()),
+            pa.field("token_key", pa.string()),
+            pa.field("kind", pa.string(), nullable=False),
             pa.field("token_bytes", pa.binary()),
             pa.field("vector", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False),
         ]
@@ -85,7 +91,9 @@ def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
         )
     texts = [piece.text for piece in pieces] + [None] * padding
     raw = [piece.raw for piece in pieces] + [None] * padding
-    return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces))
+    keys = [piece.key for piece in pieces] + [None] * padding
+    kinds = [piece.kind for piece in pieces] + ["padding"] * padding
+    return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces), keys=keys, kinds=kinds)
 
 
 def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -96,6 +104,8 @@ def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, 
             columns = [
                 pa.array(np.arange(start, stop, dtype=np.int32)),
                 pa.array(vocab.texts[start:stop], type=pa.string()),
+                pa.array(vocab.keys[start:stop], type=pa.string()),
+                pa.array(vocab.kinds[start:stop], type=pa.string()),
                 pa.array(vocab.raw_bytes[start:stop], type=pa.binary()),
                 vector_array(matrix[start:stop]).cast(schema.field("vector").type),
             ]
@@ -163,7 +173,7 @@ def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
     tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
     embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
     vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name)
-    stage_params = {"model": settings.model.entry, "extract": as_params(settings.options)}
+    stage_params = {"model": settings.model.weights_entry, "extract": as_params(settings.options)}
     record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
 
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)

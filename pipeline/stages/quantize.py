@@ -274,6 +274,7 @@ class SchemeRun:
             "compression_vs_float32": 32 / bits,
             "compression_vs_source": ref.source_bits / bits if ref.source_bits else None,
             **self.errors.summary(),
+            "recall_k": self.k,
             "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.top.ids[:tokens]),
             "words_recall_at_k": recall(ref.neighbours[tokens:], self.top.ids[tokens:]),
             "words_similarity_max_change": float(words_change) if words_change is not None else None,

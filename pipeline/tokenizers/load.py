@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, get_args
 
@@ -62,6 +62,18 @@ GGUF_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
 GGUF_UNKNOWN, GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 2, 1, 3, 4, 5, 6
 
 SENTENCEPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible space
+
+# What a row of the matrix is (embeddings.parquet's ``kind`` column):
+#   normal   an ordinary piece of text;
+#   byte     a byte-fallback piece (SentencePiece's <0x00>..<0xFF>: Llama 2, Gemma, Mistral);
+#   special  a control token (BOS, EOS, [CLS], <|im_start|>, ...);
+#   unused   a placeholder no text produces, named so: <unusedN>, [unusedN], <extra_id_N>,
+#            <|reserved_special_token_N|>, <|extra_N|>, ... (see UNUSED_NAME);
+#   padding  a row beyond the tokenizer, which no token uses.
+TOKEN_KINDS = ("normal", "byte", "special", "unused", "padding")
+# A placeholder's name: in <...>, <|...|> or [...], a word containing unused, reserved or
+# extra, then a number.
+UNUSED_NAME = re.compile(r"(?:<\|?|\[)[A-Za-z_]*?(?:unused|reserved|extra)[A-Za-z_]*?\d+\|?[>\]]", re.IGNORECASE)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -96,11 +108,18 @@ class TokenPiece:
     ``raw`` holds the piece's bytes when they are not valid UTF-8 on their own (half of a
     multi-byte character); ``text`` then spells each undecodable byte ``<0xNN>``, as
     SentencePiece names its byte pieces. Python's ``\\xNN`` escapes would not do: Llama 3
-    has pieces that literally read ``\\xaa`` and ``\\xff``, and texts must stay unique.
+    has pieces that literally read ``\\xaa`` and ``\\xff``.
+
+    ``kind`` is one of :data:`TOKEN_KINDS`; ``key`` is unique over the vocabulary
+    (:func:`token_keys`), where ``text`` is not: a byte-fallback vocabulary has both the
+    piece ``"\\n"`` and the byte ``<0x0A>``, whose text is also ``"\\n"``.
     """
 
     text: str
     raw: bytes | None = None
+    # Set by token_pieces; a piece equals another with the same text and bytes.
+    kind: str = field(default="normal", compare=False)
+    key: str | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -470,11 +489,47 @@ def detect_tokenizer(folder: Path) -> tuple[str, Path] | None:
 
 
 def token_pieces(tok: tokenizers.Tokenizer) -> list[TokenPiece]:
-    """The readable piece of every id, 0 .. vocabulary size (with added tokens) - 1."""
+    """The readable piece of every id, 0 .. vocabulary size (with added tokens) - 1, with its kind and key."""
     by_id = _tokens_by_id(tok)
     added = {index: token.content for index, token in tok.get_added_tokens_decoder().items()}
     decode = _piece_decoder(tok)
-    return [TokenPiece(added[index]) if index in added else decode(token) for index, token in enumerate(by_id)]
+    pieces = [TokenPiece(added[index]) if index in added else decode(token) for index, token in enumerate(by_id)]
+    kinds = token_kinds(tok, by_id)
+    keys = token_keys([piece.text for piece in pieces], kinds, by_id)
+    return [replace(piece, kind=kind, key=key) for piece, kind, key in zip(pieces, kinds, keys)]
+
+
+def token_kinds(tok: tokenizers.Tokenizer, by_id: list[str] | None = None) -> list[str]:
+    """The kind (:data:`TOKEN_KINDS`, never padding) of every id, from its name and the tokenizer.
+
+    A placeholder name (:data:`UNUSED_NAME`) makes a token ``unused`` whether or not it is
+    special; then special tokens; then, in a byte-fallback vocabulary, ``<0xNN>`` pieces.
+    """
+    by_id = _tokens_by_id(tok) if by_id is None else by_id
+    special = special_token_ids(tok)
+    byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
+    return [
+        "unused" if UNUSED_NAME.fullmatch(token)
+        else "special" if index in special
+        else "byte" if byte_fallback and _BYTE_PIECE.fullmatch(token)
+        else "normal"
+        for index, token in enumerate(by_id)
+    ]
+
+
+def token_keys(texts: list[str], kinds: list[str], entries: list[str]) -> list[str]:
+    """A unique key per id: the text, but a byte-fallback piece keeps its name (``<0x0A>``).
+
+    Those names are what makes keys unique in real vocabularies; should a text still repeat,
+    each later id's key gets ``<id:N>`` appended (the first keeps its text).
+    """
+    keys = [entry if kind == "byte" else text for text, kind, entry in zip(texts, kinds, entries)]
+    seen: set[str] = set()
+    for index, key in enumerate(keys):
+        if key in seen:
+            keys[index] = f"{key}<id:{index}>"
+        seen.add(keys[index])
+    return keys
 
 
 def _tokens_by_id(tok: tokenizers.Tokenizer) -> list[str]:
