@@ -12,10 +12,11 @@ free of that in one of two ways:
   error (:func:`float32_dot_error`) proves that nothing it left out could have ranked;
 * **rounded**: where a LAPACK solver is unavoidable (eigenvectors, an SVD), its last bits
   vary with the kernel; the pipeline first makes those last bits as small as float64 allows
-  and then publishes the value rounded to a stated number of significant bits
-  (:func:`round_significant`) or decimal digits (:func:`round_decimal`). Two machines then
-  write different bytes only if their results fall on either side of a rounding boundary,
-  which for a variation of ~1e-15 and a grid of ~1e-6 happens about once in 10^9 values.
+  and then publishes the value on a fixed grid (:func:`round_to_scale`, :func:`quantize`:
+  ``PUBLISHED_BITS`` binary digits below the values' scale) or to stated decimal digits
+  (:func:`round_decimal`). Two machines then write different bytes only if their results
+  fall on either side of a grid point, which for a variation of ~1e-15 and a grid of ~1e-6
+  happens about once in 10^9 values.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
 def cosine_table(vectors: np.ndarray) -> np.ndarray:
     """float64 [w, w]: cosine of every pair of rows of a small ``vectors`` [w, dim], in a fixed order.
 
-    Exactly symmetric, clipped to [-1, 1]; a zero row has cosine 0 with everything, itself
-    included. For a handful of word vectors, not for a vocabulary.
+    Exactly symmetric, clipped to [-1, 1], 1 on the diagonal; a zero row has cosine 0 with
+    everything, itself included. For a handful of word vectors, not for a vocabulary.
     """
     wide = np.asarray(vectors, dtype=np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))  # [w]
@@ -69,6 +70,7 @@ def cosine_table(vectors: np.ndarray) -> np.ndarray:
     table = np.zeros((len(unit), len(unit)))
     table[upper_a, upper_b] = dots
     table[upper_b, upper_a] = dots
+    np.fill_diagonal(table, (norms > 0).astype(np.float64))
     return np.clip(table, -1.0, 1.0)
 
 
@@ -86,15 +88,35 @@ def float32_dot_error(dim: int) -> float:
     return n_u / (1 - n_u) * (1 + 2.0**-20) ** 2 + FLOAT32_UNIT + 1e-12
 
 
-def round_significant(values: np.ndarray, bits: int) -> np.ndarray:
-    """float64 ``values`` rounded to ``bits`` significant bits (nearest, ties to even).
+PUBLISHED_BITS = 20  # values that went through a LAPACK solver keep this many bits below their scale
 
-    Exact arithmetic (frexp, ldexp, rint), so the result depends on the value alone; with
-    bits <= 24 the result is exactly representable as float32. 0, inf and NaN pass through.
+
+def quantize(values: np.ndarray, quantum: np.ndarray | float) -> np.ndarray:
+    """float64 ``values`` rounded to the nearest multiple of ``quantum`` (powers of two, scalar or
+    broadcast), ties to even: exact arithmetic, so the result depends on the value alone."""
+    return np.rint(np.asarray(values, np.float64) / quantum) * quantum
+
+
+def scale_quantum(scale: np.ndarray | float, bits: int = PUBLISHED_BITS) -> np.ndarray:
+    """2^(e - bits) where 2^(e-1) <= |scale| < 2^e: a grid ``bits`` binary digits below ``scale``
+    (1 where the scale is 0 or not finite)."""
+    scale = np.abs(np.asarray(scale, np.float64))
+    _, exponent = np.frexp(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0))
+    return np.ldexp(1.0, exponent - bits)
+
+
+def round_to_scale(values: np.ndarray, bits: int = PUBLISHED_BITS) -> np.ndarray:
+    """``values`` on a fixed-point grid ``bits`` binary digits below their largest magnitude.
+
+    For a column of coordinates or distances computed through an eigensolver: values near 0
+    get the same absolute grid as the rest (significant-digit rounding would leave their
+    solver noise in place). The result has at most ``bits`` + 1 significant bits, so it is
+    exact in float32.
     """
-    values = np.asarray(values, dtype=np.float64)
-    mantissa, exponent = np.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
-    return np.ldexp(np.rint(np.ldexp(mantissa, bits)), exponent - bits)
+    values = np.asarray(values, np.float64)
+    finite = np.abs(values[np.isfinite(values)])
+    largest = float(finite.max()) if finite.size else 0.0
+    return quantize(values, scale_quantum(largest, bits)) if largest > 0 else values.copy()
 
 
 def round_decimal(value: float, digits: int) -> float:
