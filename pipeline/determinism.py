@@ -12,10 +12,10 @@ free of that in one of two ways:
   error (:func:`float32_dot_error`) proves that nothing it left out could have ranked;
 * **rounded**: where a LAPACK solver is unavoidable (eigenvectors, an SVD), its last bits
   vary with the kernel; the pipeline first makes those last bits as small as float64 allows
-  and then publishes the value on a fixed grid (:func:`round_to_scale`, :func:`quantize`:
+  and then publishes the value on a fixed grid (:func:`quantize`, :func:`scale_quantum`:
   ``PUBLISHED_BITS`` binary digits below the values' scale) or to stated decimal digits
   (:func:`round_decimal`). Two machines then write different bytes only if their results
-  fall on either side of a grid point, which for a variation of ~1e-15 and a grid of ~1e-6
+  fall on either side of a midpoint between grid points, which for a variation of ~1e-15 and a grid of ~1e-6
   happens about once in 10^9 values.
 """
 
@@ -103,20 +103,6 @@ def scale_quantum(scale: np.ndarray | float, bits: int = PUBLISHED_BITS) -> np.n
     scale = np.abs(np.asarray(scale, np.float64))
     _, exponent = np.frexp(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0))
     return np.ldexp(1.0, exponent - bits)
-
-
-def round_to_scale(values: np.ndarray, bits: int = PUBLISHED_BITS) -> np.ndarray:
-    """``values`` on a fixed-point grid ``bits`` binary digits below their largest magnitude.
-
-    For a column of coordinates or distances computed through an eigensolver: values near 0
-    get the same absolute grid as the rest (significant-digit rounding would leave their
-    solver noise in place). The result has at most ``bits`` + 1 significant bits, so it is
-    exact in float32.
-    """
-    values = np.asarray(values, np.float64)
-    finite = np.abs(values[np.isfinite(values)])
-    largest = float(finite.max()) if finite.size else 0.0
-    return quantize(values, scale_quantum(largest, bits)) if largest > 0 else values.copy()
 
 
 def round_decimal(value: float, digits: int) -> float:
