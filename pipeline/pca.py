@@ -129,9 +129,9 @@ def fit_pca(
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
     screen = _upper_float32(scatter)  # [dim, dim]: the covariance as the refinement below solves with it
-    # One opaque LAPACK call: seconds at dim 2048, minutes at 16384; the bar shows it runs.
     # One more axis than refined, so the refinement knows the gap below the last refined one.
     solved = min(dim, max(keep, REFINED_AXES + 1))
+    # One opaque LAPACK call: seconds at dim 2048, minutes at 16384; the bar shows it runs.
     with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
         eigenvalues, eigenvectors = _top_eigh(scatter, solved)  # [solved] descending, [dim, solved]
         bar.update(1)
@@ -202,9 +202,9 @@ def refine_axes(
         rotation = rotation[:, ::-1]
         mu, axes, product = ritz[::-1], axes @ rotation, product @ rotation
         residual = product - axes * mu  # [dim, r]
-        small = float(np.abs(residual).max()) <= CONVERGED * mu[0]
         if not np.isfinite(residual).all():
             return values[:r], vectors
+        small = float(np.abs(residual).max()) <= CONVERGED * mu[0]
         correction = np.column_stack([
             _solve_shifted(screen, value, axes, residual[:, j]) for j, value in enumerate(mu)
         ])
@@ -368,7 +368,6 @@ def variance_plot_data(pca: Pca, n_components: int) -> list[dict[str, float | in
         {"component": i + 1, "explained_variance_ratio": r, "cumulative": c}
         for i, (r, c) in enumerate(zip(ratios, cumulative))
     ]
-
 
 
 def pca_table(coordinates: np.ndarray, tokens: pa.Array) -> pa.Table:
