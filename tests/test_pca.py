@@ -217,7 +217,7 @@ def test_stage_outputs(tmp_path):
     assert [row["component"] for row in variance] == [1, 2, 3, 4, 5]
     # Published to 4 decimals (README, Reproducibility).
     assert variance[0]["explained_variance_ratio"] == pytest.approx(reference.explained_variance_ratio_[0], abs=5e-5)
-    assert variance[-1]["cumulative"] == pytest.approx(sum(row["explained_variance_ratio"] for row in variance), abs=1e-9)
+    assert variance[-1]["cumulative"] == pytest.approx(sum(row["explained_variance_ratio"] for row in variance), abs=3e-4)
 
     words = pq.read_table(model_dir / "pca_words.parquet")
     assert words.schema.names == ["word", "variant", "vocab_pc1", "vocab_pc2", "words_pc1", "words_pc2"]
