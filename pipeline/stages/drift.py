@@ -220,15 +220,25 @@ def procrustes(a: np.ndarray, b: np.ndarray, block_rows: int = BLOCK_ROWS) -> np
 
 def procrustes_residuals(a: np.ndarray, b: np.ndarray, rotation: np.ndarray,
                          block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """(``|| a_i R - b_i ||``, the same / ``|| b_i ||``), each [n] float32."""
+    """(``|| a_i R - b_i ||``, the same / ``|| b_i ||``), each [n] float32.
+
+    R comes from an SVD whose last bits vary with the BLAS kernel, so both are published on
+    a grid: the residual 2^-20 below its row's ``|| b_i ||`` (or ``|| a_i ||`` when b_i is 0),
+    the relative residual 2^-20 absolute; the relative one is the published residual divided
+    by ``|| b_i ||``, so the two columns agree.
+    """
+    from pipeline.core.determinism import PUBLISHED_BITS, quantize, scale_quantum
+
     residual = np.empty(len(a), np.float32)
     relative = np.empty(len(a), np.float32)
     for start, block in iter_blocks(a, block_rows):
+        x = block.astype(np.float64)
         y = b[start : start + len(block)].astype(np.float64)
-        diff = np.linalg.norm(block.astype(np.float64) @ rotation - y, axis=1)
-        ny = np.linalg.norm(y, axis=1)
+        nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        diff = quantize(np.linalg.norm(x @ rotation - y, axis=1), scale_quantum(np.where(ny > 0, ny, nx)))
         residual[start : start + len(block)] = diff
-        relative[start : start + len(block)] = np.divide(diff, ny, out=np.full_like(diff, np.inf), where=ny > 0)
+        ratio = np.divide(diff, ny, out=np.full_like(diff, np.inf), where=ny > 0)
+        relative[start : start + len(block)] = quantize(ratio, 2.0**-PUBLISHED_BITS)
     return residual, relative
 
 
@@ -327,7 +337,11 @@ def procrustes_fit(a: np.ndarray, b: np.ndarray, residual: np.ndarray, rotation:
     """How well one rotation explains the change: ``||AR - B||_F / ||B||_F`` and R's distance from identity."""
     total_b = sum(float(np.einsum("ij,ij->", blk.astype(np.float64), blk.astype(np.float64))) for _, blk in iter_blocks(b, BLOCK_ROWS))
     relative = float(np.sqrt(np.square(residual.astype(np.float64)).sum() / total_b)) if total_b > 0 else 0.0
-    return {"relative_residual": relative, "rotation_distance_from_identity": float(np.linalg.norm(rotation - np.eye(len(rotation))))}
+    from pipeline.core.determinism import round_decimal
+
+    # R's distance from I carries the SVD's last bits: published to 9 significant digits.
+    distance = round_decimal(float(np.sqrt(np.einsum("ij,ij->", rotation - np.eye(len(rotation)), rotation - np.eye(len(rotation))))), 9)
+    return {"relative_residual": relative, "rotation_distance_from_identity": distance}
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -60,12 +60,21 @@ class PcaSettings:
     n_components: int = setting(50, whole_number(1, 100_000))
 
 
+RATIO_DECIMALS = 4  # explained variance ratios are published to 0.0001 (0.01% of the variance)
+
+
 def variance_plot_data(pca: Pca, n_components: int) -> list[dict[str, float | int]]:
-    """DVC plot data: explained variance ratio of the first ``n_components`` axes, and its running sum."""
-    ratios = pca.explained_variance_ratio[:n_components]
-    cumulative = np.cumsum(ratios)
+    """DVC plot data: explained variance ratio of the first ``n_components`` axes, and its running sum.
+
+    Both are rounded to RATIO_DECIMALS decimals (the running sum of the unrounded ratios):
+    beyond the refined axes an eigenvalue of the float32 covariance carries ~1e-9 of
+    kernel-dependent noise, far below that grid.
+    """
+    raw = pca.explained_variance_ratio[:n_components]
+    ratios = [round(float(r), RATIO_DECIMALS) for r in raw]
+    cumulative = [round(float(c), RATIO_DECIMALS) for c in np.cumsum(raw)]
     return [
-        {"component": i + 1, "explained_variance_ratio": float(r), "cumulative": float(c)}
+        {"component": i + 1, "explained_variance_ratio": r, "cumulative": c}
         for i, (r, c) in enumerate(zip(ratios, cumulative))
     ]
 

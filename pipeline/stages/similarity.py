@@ -58,17 +58,15 @@ class SimilaritySettings:
 def word_cosines(vectors: np.ndarray) -> np.ndarray:
     """Cosines of every pair of rows of ``vectors`` [w, dim], float64 [w, w].
 
-    Exactly symmetric (one product of the unit rows with themselves); the diagonal is 1,
-    or 0 for a zero vector, which has no direction.
+    Exactly symmetric, summed in a fixed order (no BLAS, so the same bits on every kernel);
+    the diagonal is 1, or 0 for a zero vector, which has no direction.
     """
+    from pipeline.core.determinism import cosine_table
+
     wide = np.asarray(vectors, dtype=np.float64)
     if not np.isfinite(wide).all():
         raise DissectError("a word vector holds NaN or Inf; rebuild words.parquet from intact embeddings")
-    norms = np.linalg.norm(wide, axis=1)  # [w]
-    unit = wide * np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)[:, None]
-    cosines = np.clip(unit @ unit.T, -1.0, 1.0)  # [w, w]
-    np.fill_diagonal(cosines, (norms > 0).astype(np.float64))
-    return cosines
+    return cosine_table(wide)
 
 
 def similarity_table(words: WordVectors) -> pa.Table:

@@ -209,7 +209,7 @@ def second_pass(
 
     def measure(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         finite, wide = _finite_part(block)  # [rows_per_chunk, dim] float64
-        chunk_dots = wide @ mean_row  # rows with a non-finite value are discarded later
+        chunk_dots = np.einsum("ij,j->i", wide, mean_row)  # no BLAS: the same bits on any kernel; non-finite rows are discarded later
         wide -= dim_mean
         if not finite.all():
             wide[~finite] = 0.0
@@ -334,7 +334,7 @@ def matrix_stats(matrix: np.ndarray, histogram_bins: int = 50, rows_per_chunk: i
 
     l2_norm = np.where(rows.finite, rows.l2_norm, np.nan)  # [vocab]
     max_abs = np.where(rows.finite, rows.max_abs, np.float32(np.nan))  # [vocab]
-    mean_vector_norm = float(np.sqrt(mean_row @ mean_row)) if n_finite_rows else float("nan")
+    mean_vector_norm = float(np.sqrt(np.einsum("i,i->", mean_row, mean_row))) if n_finite_rows else float("nan")
     cos = cosines(dots, l2_norm, mean_vector_norm)
     finite_norms = l2_norm[rows.finite]
     defined_cos = cos[np.isfinite(cos)]

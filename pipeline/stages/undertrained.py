@@ -255,26 +255,31 @@ def cosine_distances(matrix: np.ndarray, target: np.ndarray, mean: np.ndarray | 
     ``target`` is given in the same (centred) space. A zero row or target has cosine 0,
     hence distance 1 (it has no direction to be close in).
     """
+    from pipeline.core.determinism import PUBLISHED_BITS, dot_rows, quantize
+
     target = target.astype(np.float64)
-    target_norm = np.linalg.norm(target)
+    target_norm = np.sqrt(np.einsum("i,i->", target, target))
     out = np.empty(matrix.shape[0], np.float32)  # [vocab]
     for start, block in iter_blocks(matrix, block_rows):
         rows = block.astype(np.float64)  # [block, dim]
         if mean is not None:
             rows -= mean
         if axis is not None:
-            rows -= np.outer(rows @ axis, axis)
+            rows -= np.outer(dot_rows(rows, axis), axis)
         norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)) * target_norm  # [block]
-        dots = rows @ target
+        dots = dot_rows(rows, target)
         cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-        out[start : start + len(block)] = 1.0 - np.clip(cos, -1.0, 1.0)
+        distance = 1.0 - np.clip(cos, -1.0, 1.0)
+        # The principal axis comes from an eigensolver (last bits vary with the BLAS kernel):
+        # the distances measured after removing it are published on a 2^-20 grid.
+        out[start : start + len(block)] = distance if axis is None else quantize(distance, 2.0**-PUBLISHED_BITS)
     return out
 
 
 def remove_directions(vector: np.ndarray, mean: np.ndarray, axis: np.ndarray) -> np.ndarray:
     """``vector`` [dim] minus ``mean``, then minus its component along unit ``axis``."""
     centred = vector - mean
-    return centred - (centred @ axis) * axis
+    return centred - float(np.einsum("i,i->", centred, axis)) * axis
 
 
 def indicators(matrix: np.ndarray, reference_rows: np.ndarray, norms: np.ndarray | None = None) -> Indicators:
