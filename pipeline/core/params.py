@@ -53,15 +53,42 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
         raise DissectError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix it or recompose it") from None
     if not isinstance(params, dict):
         raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.core.params`")
+    check_names(params)
     return params
 
 
-def check_name(name: str, what: str = "model") -> str:
+def check_name(name: Any, what: str = "model", where: str | None = None) -> str:
     """``name`` if it is safe as a folder and a stage suffix; else one line saying what a name may hold."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        hint = "; use '-' instead of '.'" if isinstance(name, str) and "." in name and "/" not in name else ""
-        raise DissectError(f"{what} name {name!r} is not {NAME_RULE}{hint}")
+        if isinstance(name, str) and "." in name and "/" not in name:
+            hint = "; use '-' instead of '.'"
+        elif isinstance(name, (int, float)) and not isinstance(name, bool):
+            hint = "; YAML reads it as a number: quote it"
+        else:
+            hint = ""
+        place = f" in {where}" if where else ""
+        raise DissectError(f"{what} name {name!r}{place} is not {NAME_RULE}{hint}")
     return name
+
+
+def check_names(params: dict[str, Any]) -> None:
+    """Every name params.yaml gives (models, export.models, drift.pairs), checked before any
+    stage runs: a name becomes a folder, so one bad name must stop every stage, not only its own."""
+    models = params.get("models")
+    if models is not None and not isinstance(models, dict):
+        raise DissectError("models must map each model name to its config; recompose params.yaml with `python -m pipeline.core.params`")
+    for name in models or {}:
+        check_name(name, "model", "models")
+    export = params.get("export")
+    exported = export.get("models") if isinstance(export, dict) else None
+    if isinstance(exported, list):  # any other type is refused with the export settings
+        for name in exported:
+            check_name(name, "model", "export.models")
+    drift = params.get("drift")
+    pairs = drift.get("pairs") if isinstance(drift, dict) else None
+    if isinstance(pairs, dict):  # any other type is refused with the drift settings
+        for name in pairs:
+            check_name(name, "drift pair", "drift.pairs")
 
 
 def model_config(params: dict[str, Any], name: str) -> ModelConfig:
