@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import atomic_path, write_bytes_atomic
+from pipeline.core.io import atomic_path, output_set, write_bytes_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
@@ -222,9 +222,10 @@ def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     token_array = pq.read_table(paths.embeddings, columns=["token"]).column("token").combine_chunks()
     tokens = token_array.to_pylist()
-    projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
-    table = atlas_table(token_array, pca_xy(matrix), knn(matrix, settings.neighbors_k, settings.block_rows))
-    write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
+    with output_set():
+        projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
+        table = atlas_table(token_array, pca_xy(matrix), knn(matrix, settings.neighbors_k, settings.block_rows))
+        write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 
 

@@ -24,7 +24,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import Embedding, read_embedding
 from pipeline.core.hashing import matrix_sha256
-from pipeline.core.io import write_bytes_atomic
+from pipeline.core.io import output_set, write_bytes_atomic
 from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
 from pipeline.core.params import ModelConfig, model_config, model_paths
 from pipeline.core.paths import ModelPaths
@@ -168,14 +168,15 @@ def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
 
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
     rows_per_group = settings.options.row_group_size
-    write_batches(
-        paths.embeddings,
-        schema,
-        embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
-        row_group_size=rows_per_group,
-        compression_level=settings.options.compression_level,
-    )
-    write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
+    with output_set():
+        write_batches(
+            paths.embeddings,
+            schema,
+            embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
+            row_group_size=rows_per_group,
+            compression_level=settings.options.compression_level,
+        )
+        write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
     return record
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import read_json, write_bytes_atomic
+from pipeline.core.io import output_set, read_json, write_bytes_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.parquet import read_provenance
 from pipeline.core.paths import ModelPaths
@@ -64,9 +64,10 @@ def load_artifacts(model_dir: Path) -> Artifacts:
 def run(paths: ModelPaths, settings: NoSettings) -> Path:
     artifacts = load_artifacts(paths.artifacts)
     report = render(artifacts)
-    for figure in report.figures:
-        figure.run(paths.report_figures)
-    write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
+    with output_set():
+        for figure in report.figures:
+            figure.run(paths.report_figures)
+        write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
     return paths.report
 
 
