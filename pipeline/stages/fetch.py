@@ -9,7 +9,9 @@ Three kinds of source (``models.<name>.source`` in params.yaml):
   touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
 * ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`).
 
-The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
+The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that, and checks
+the files are still the bytes it lists (cheaply, by the size and times recorded in
+``models/<name>.hashed.json`` when they were hashed). The stage
 is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
 when nothing changed: unpacked files and generated checkpoints are kept and re-checked.
 """
@@ -29,7 +31,7 @@ from typing import Any
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
-from pipeline.core.hashing import file_sha256
+from pipeline.core.hashing import file_sha256, hashed_file
 from pipeline.core.io import atomic_path, write_json_atomic
 from pipeline.core.params import PIN_PATTERN, ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
@@ -228,17 +230,22 @@ def _kind_of_file(path: Path) -> str:
     return kind
 
 
-def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str]) -> dict[str, Any]:
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], hashed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of the files reading the model touches; ``hashed`` (when given) receives
+    each file's :func:`pipeline.core.hashing.hashed_file` record by its manifest path."""
     files = [*weight_files(cfg.format, weights)]
     if Path(tokenizer["path"]) not in files:
         files.append(Path(tokenizer["path"]))
+    records = {_display(f): hashed_file(f) for f in files}
+    if hashed is not None:
+        hashed.update(records)
     return {
         "model": cfg.name,
         "format": cfg.format,
         "tensor": cfg.tensor,
         "weights": _display(weights),
         "tokenizer": {**tokenizer, "path": _display(Path(tokenizer["path"]))},
-        "files": [{"path": _display(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+        "files": [{"path": path, "bytes": record["bytes"], "sha256": record["sha256"]} for path, record in records.items()],
     }
 
 
@@ -254,8 +261,10 @@ def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
     """Materialise the model's files in ``paths.models`` and write their manifest."""
     weights = materialise(settings.source, paths.models, f"models.{settings.name}.source")
     tokenizer = resolve_tokenizer(settings, weights, paths.models)
-    manifest = build_manifest(settings, weights, tokenizer)
+    hashed: dict[str, Any] = {}
+    manifest = build_manifest(settings, weights, tokenizer, hashed)
     write_json_atomic(paths.manifest, manifest)
+    write_json_atomic(paths.hashed, {"files": hashed})
     return manifest
 
 
