@@ -78,7 +78,7 @@ def test_a_name_split_at_a_space_by_dvc_says_so(monkeypatch):
     stage = Stage("extract", "MODEL", lambda params, name: called.append(name), no_settings, lambda paths, settings: None)
     with pytest.raises(DissectError) as error:
         stage.main(["my", "model"])
-    assert str(error.value).startswith("model name 'my model' holds a space; a name is a name of letters")
+    assert str(error.value).startswith("model name 'my model' holds a space; use a name of letters")
     assert not called
     pair_stage = Stage("drift", "PAIR", lambda params, name: None, no_settings, lambda paths, settings: None)
     with pytest.raises(DissectError, match="drift pair name 'a b c' holds a space"):
@@ -105,3 +105,32 @@ def test_no_stage_writes_anything_for_a_bad_name(tmp_path, name):
         assert "is not a name of letters" in lines[0] or "holds a space" in lines[0], lines[0]
     assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]
     assert not outside.exists()
+
+
+DVC_FETCH = """stages:
+  fetch:
+    foreach: ${models}
+    do:
+      cmd: python -m pipeline.stages.fetch ${key}
+      params:
+        - models.${key}
+      outs:
+        - models/${key}:
+            cache: false
+            persist: true
+"""
+
+
+def test_under_dvc_a_name_with_a_space_says_so(tmp_path):
+    """DVC splits `cmd: ... ${key}` at the space: the stage names the space, not its usage."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDDING_DISSECT_NO_PROGRESS": "1",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=environment)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with(["my model"])))
+    (tmp_path / "dvc.yaml").write_text(DVC_FETCH)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: model name 'my model' holds a space; use a name of letters" in result.stdout + result.stderr
+    assert "usage:" not in result.stdout + result.stderr
+    assert not (tmp_path / "models").exists()

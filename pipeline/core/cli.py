@@ -39,7 +39,7 @@ class Stage(Generic[P, S]):
         if self.target is not None and len(argv) > 1:
             # DVC splits `cmd: ... ${key}` at spaces, so a name holding one arrives as several words.
             what = "drift pair" if self.target == "PAIR" else "model"
-            raise DissectError(f"{what} name {' '.join(argv)!r} holds a space; a name is {NAME_RULE}: rename it in conf/ and params.yaml")
+            raise DissectError(f"{what} name {' '.join(argv)!r} holds a space; use {NAME_RULE}: rename it in conf/ and params.yaml")
         if len(argv) != expected:
             usage = f"python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
             raise DissectError(f"usage: {usage}")
