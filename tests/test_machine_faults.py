@@ -290,8 +290,9 @@ def test_temporaries_of_dead_runs_are_removed(tmp_path):
     alive = tmp_path / f".stats.json.{os.getpid()}.zzzz9999.tmp"
     for path in (*left, alive):
         path.write_bytes(b"partial")
-    other = tmp_path / ".other.json.1.abcd.tmp"
-    other.write_bytes(b"another output's")
+    others = [tmp_path / ".other.json.1.abcd.tmp", tmp_path / f".stats.json.bak.{dead}.abcd1234.tmp"]  # stats.json.bak's
+    for path in others:
+        path.write_bytes(b"another output's")
     write_json_atomic(target, {})
     assert not any(path.exists() for path in left)
-    assert alive.exists() and other.exists()
+    assert alive.exists() and all(path.exists() for path in others)

@@ -65,10 +65,13 @@ def _remove_stale_temporaries(destination: Path) -> None:
     the next write of the same output; those of a process still running are its own."""
     prefix = f".{destination.name}."
     for stale in destination.parent.glob(f"{prefix}*{TEMP_SUFFIX}"):
-        owner = stale.name[len(prefix) : -len(TEMP_SUFFIX)].split(".")[0]
-        if owner.isdigit() and _process_alive(int(owner)):
+        parts = stale.name[len(prefix) : -len(TEMP_SUFFIX)].split(".")
+        if len(parts) == 2 and parts[0].isdigit():  # <pid>.<random>
+            if _process_alive(int(parts[0])):
+                continue
+        elif len(parts) != 1:  # the temporary of another output (a name this one begins)
             continue
-        stale.unlink(missing_ok=True)
+        stale.unlink(missing_ok=True)  # a dead run's, or one named before temporaries held a pid
 
 
 def _process_alive(pid: int) -> bool:
