@@ -36,8 +36,9 @@ from pipeline.core.errors import DissectError
 
 # Bounds of the search settings (similarity.k, drift.k, export.neighbors_k, *.block_rows):
 # past them a search would ask for more memory than any machine has, not a bigger answer.
+# A tile is block_rows x block_rows float32 cosines: 1 GiB at the bound.
 MAX_K = 10_000
-MAX_BLOCK_ROWS = 1 << 20
+MAX_BLOCK_ROWS = 1 << 14
 
 EMPTY_ID = np.iinfo(np.int64).max  # id of an unfilled slot: it loses every tie
 

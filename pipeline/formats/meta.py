@@ -239,14 +239,20 @@ def _load_state(shard: Path) -> dict[str, Any]:
 
 
 def _refusal_reason(error: Exception) -> str:
-    """The line of torch's weights-only refusal that names what the pickle wanted to load.
+    """What the pickle wanted beside tensors, in our words.
 
-    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
-    what must not be done with an untrusted file, so only the specific line is kept.
+    torch's message advises retrying with ``weights_only=False`` or allowing the refused
+    global (``add_safe_globals([eval])``): exactly what must not be done with an untrusted
+    file, so none of its sentences are repeated, only the name of what was refused.
     """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
-    return (specific or lines[-1:] or ["not a plain state dict"])[0][:200]
+    text = str(error)
+    wanted = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text)
+    if wanted:
+        return f"it asks for {wanted.group(1)}, which is code, not a tensor"
+    opcode = re.search(r"[Uu]nsupported operand\s+(\S+)", text)
+    if opcode:
+        return f"it uses the pickle operation {opcode.group(1).strip('.,')}, which a state dict does not need"
+    return "it is not a plain state dict"
 
 
 def _tensor_bits(tensor: Any, key: str, shard: Path) -> tuple[np.ndarray, str]:

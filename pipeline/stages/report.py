@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.headline import model_headline
-from pipeline.core.io import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.core.io import output_set, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.parquet import read_provenance
 from pipeline.core.paths import ModelPaths
@@ -68,10 +68,11 @@ def load_artifacts(model_dir: Path) -> Artifacts:
 def run(paths: ModelPaths, settings: NoSettings) -> Path:
     artifacts = load_artifacts(paths.artifacts)
     report = render(artifacts)
-    for figure in report.figures:
-        figure.run(paths.report_figures)
-    write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
-    write_json_atomic(paths.headline, model_headline(paths.name, artifacts.stats, artifacts.quant, artifacts.undertrained))
+    with output_set():
+        for figure in report.figures:
+            figure.run(paths.report_figures)
+        write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
+        write_json_atomic(paths.headline, model_headline(paths.name, artifacts.stats, artifacts.quant, artifacts.undertrained))
     return paths.report
 
 

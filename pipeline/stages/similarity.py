@@ -36,6 +36,7 @@ from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, knn_graph, neare
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, one_of, setting, whole_number
+from pipeline.core.io import output_set
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 from pipeline.core.words import WordVectors, read_words
@@ -147,9 +148,10 @@ def run(paths: ModelPaths, settings: SimilaritySettings) -> None:
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"similarity": as_params(settings)})
     provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
-    write_table(paths.similarity, similarity, provenance)
-    write_table(paths.neighbors, neighbors, provenance)
-    write_table(paths.knn, knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
+    with output_set():
+        write_table(paths.similarity, similarity, provenance)
+        write_table(paths.neighbors, neighbors, provenance)
+        write_table(paths.knn, knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(SimilaritySettings, STAGE), run).main

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import run_stage
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.parquet import derived_provenance, read_vectors, write_table
 from pipeline.core.paths import ModelPaths
@@ -403,10 +403,11 @@ def run(paths: ModelPaths, settings: StatsSettings, rows_per_chunk: int = ROWS_P
     tokens = pq.read_table(paths.embeddings, columns=["token"]).column("token")
     stats = matrix_stats(matrix, settings.norm_histogram_bins, rows_per_chunk)
     provenance = derived_provenance("stats", paths.name, paths.embeddings, {"stats": as_params(settings)})
-    write_table(paths.dims, stats.dims, provenance)
-    write_table(paths.tokens, tokens_table(token_ids, tokens, stats), provenance)
-    write_json_atomic(paths.norm_hist, stats.histogram)
-    write_json_atomic(paths.stats, stats.summary)
+    with output_set():
+        write_table(paths.dims, stats.dims, provenance)
+        write_table(paths.tokens, tokens_table(token_ids, tokens, stats), provenance)
+        write_json_atomic(paths.norm_hist, stats.histogram)
+        write_json_atomic(paths.stats, stats.summary)
     return stats.summary
 
 

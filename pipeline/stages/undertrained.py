@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.knn import iter_blocks
 from pipeline.core.params import model_config, model_paths
 from pipeline.core.paths import ModelPaths
@@ -424,8 +424,9 @@ def run(paths: ModelPaths, settings: UndertrainedSettings) -> dict[str, Any]:
     metrics = summary(table, settings, reference, threshold)
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"undertrained": as_params(settings)})
     provenance.update({"rule": RULE, "reference": metrics["reference"], "threshold": threshold})
-    write_table(paths.undertrained, table, provenance)
-    write_json_atomic(paths.undertrained_metrics, metrics)
+    with output_set():
+        write_table(paths.undertrained, table, provenance)
+        write_json_atomic(paths.undertrained_metrics, metrics)
     return metrics
 
 
