@@ -20,6 +20,9 @@ import numpy as np
 from pipeline.core.errors import DissectError
 
 MAX_JSON_DEPTH = 64  # a safetensors header, index.json or params.json nests 3 levels deep
+# Values parsed cost ~100 bytes each: this keeps a header within ~200 MB (a real one holds
+# ~6 a tensor: 330,000 tensors).
+MAX_JSON_ITEMS = 2_000_000
 MAX_JSON_FILE_BYTES = 64 * 1024 * 1024  # an index.json or params.json takes kilobytes
 
 
@@ -74,17 +77,20 @@ _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # open: +1, close: -1 (a
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
-def json_depth(raw: bytes) -> int:
-    """How deep the arrays and objects of ``raw`` nest (a bound, for text that is not JSON)."""
-    steps = _STRING.sub(b"", raw).translate(_STEPS, _NOT_BRACKETS)  # +1/-1 per bracket, strings left out
-    if steps.count(1) <= MAX_JSON_DEPTH:
-        return steps.count(1)  # cannot nest deeper than it opens
+def _json_shape(raw: bytes) -> tuple[int, int]:
+    """(nesting depth, a bound on the values) of the JSON ``raw``: brackets and commas outside strings."""
+    outside_strings = _STRING.sub(b"", raw)
+    steps = outside_strings.translate(_STEPS, _NOT_BRACKETS)  # +1/-1 per bracket
+    opens = steps.count(1)
+    items = opens + outside_strings.count(b",")  # every value but a container's first follows a comma
+    if opens <= MAX_JSON_DEPTH:
+        return opens, items  # cannot nest deeper than it opens
     values = np.frombuffer(steps, dtype=np.int8)
     depth = peak = 0
     for start in range(0, len(values), 1 << 20):  # running depth, a MiB of brackets at a time
         running = np.cumsum(values[start : start + (1 << 20)], dtype=np.int64) + depth
         peak, depth = max(peak, int(running.max())), int(running[-1])
-    return peak
+    return peak, items
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -102,8 +108,11 @@ def parse_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise JSONProblem("not UTF-8 text") from None
-    if json_depth(raw) > MAX_JSON_DEPTH:
+    depth, items = _json_shape(raw)
+    if depth > MAX_JSON_DEPTH:
         raise JSONProblem(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if items > MAX_JSON_ITEMS:
+        raise JSONProblem(f"more than {MAX_JSON_ITEMS:,} values")
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except JSONProblem:
