@@ -59,10 +59,11 @@ def file_inside(folder: Path, name: str | Path, described: str, fix: str) -> Pat
         raise outside if str(name) else DissectError(f"{described} is an empty name; {fix}")
     try:
         real, root = candidate.resolve(), folder.resolve()
-        is_file = real.is_file()
+        inside = real == root or real.is_relative_to(root)
+        is_file = inside and real.is_file()
     except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL in the name
         raise DissectError(f"{described} {quoted(str(name))} is not a usable file name; {fix}") from None
-    if real != root and not real.is_relative_to(root):
+    if not inside:
         raise outside
     if not is_file:
         missing = not candidate.exists() and not candidate.is_symlink()
