@@ -159,7 +159,7 @@ def test_a_fault_between_two_outputs_replaces_neither(tmp_path):
             write_bytes_atomic(first, b"new embeddings")
             assert first.read_bytes() == OLD  # not yet in place
             assert written_path(first).read_bytes() == b"new embeddings"
-            with atomic_path(second) as tmp:
+            with atomic_path(second):
                 raise fault(errno.ENOSPC)
     assert first.read_bytes() == OLD and second.read_bytes() == OLD
     assert not temporaries(tmp_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import DissectError
+from pipeline.formats.checks import quoted
 
 # Names under which common architectures store the token-embedding matrix, most common first.
 KNOWN_EMBEDDING_KEYS: tuple[str, ...] = (
@@ -67,13 +68,13 @@ def _closest_hint(available: list[str], wanted: str) -> str:
     closest = embedding_like or difflib.get_close_matches(wanted, available, n=5, cutoff=0.0)
     if not closest:
         return "the file holds no tensors"
-    names = ", ".join(repr(name) for name in closest[:5])
+    names = ", ".join(quoted(name) for name in closest[:5])
     return f"closest names: {names}; set `tensor:` in the model's config to the right one"
 
 
 def require_2d(shape: tuple[int, ...], key: str, where: Path) -> tuple[int, int]:
     if len(shape) != 2 or min(shape) <= 0:
         raise DissectError(
-            f"tensor {key!r} in {where} has shape {list(shape)}, not [vocab, dim]; set `tensor:` to the embedding matrix"
+            f"tensor {quoted(key)} in {where} has shape {quoted(list(shape))}, not [vocab, dim]; set `tensor:` to the embedding matrix"
         )
     return int(shape[0]), int(shape[1])

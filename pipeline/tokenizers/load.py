@@ -21,6 +21,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from pipeline.core.errors import DissectError
+from pipeline.formats.checks import JSONProblem, file_inside, is_whole, parse_json
 
 TokenizerKind = Literal["tokenizer.json", "tiktoken", "gguf"]
 TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
@@ -153,11 +154,12 @@ def tokenizer_from_json(path: Path) -> tokenizers.Tokenizer:
 def _json_problem(path: Path, error: Exception) -> DissectError:
     """Say whether the file is not JSON at all or JSON that is not a tokenizer."""
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        return DissectError(f"tokenizer file {path} is not valid JSON (not UTF-8 text); {JSON_FIX}")
-    except json.JSONDecodeError as bad_json:
-        return DissectError(f"tokenizer file {path} is not valid JSON: {bad_json}; {JSON_FIX}")
+        parse_json(path.read_bytes())  # bounded: deep nesting is refused, not recursed into
+    except JSONProblem as problem:
+        text = str(problem)
+        if text.startswith("not valid JSON"):
+            return DissectError(f"tokenizer file {path} is {text}; {JSON_FIX}")
+        return DissectError(f"tokenizer file {path} is not valid JSON ({text}); {JSON_FIX}")
     except OSError as unreadable:
         return DissectError(f"tokenizer file {path} cannot be read ({unreadable.strerror}); {JSON_FIX}")
     return DissectError(f"{path} is not a Hugging Face tokenizer.json ({_first_line(error)}); {JSON_FIX}")
@@ -458,6 +460,8 @@ def _gguf_token_id(meta: dict[str, Any], key: str, tokens: list[str], path: Path
     index = meta.get(key)
     if index is None:
         return None
+    if not is_whole(index):
+        raise DissectError(f"{path} has {key} of type {type(index).__name__}, not a whole number; {GGUF_FIX}")
     if not 0 <= index < len(tokens):
         raise DissectError(f"{path} has {key} = {index}, outside its {len(tokens)} tokens; {GGUF_FIX}")
     return int(index)
@@ -474,13 +478,14 @@ def detect_tokenizer(folder: Path) -> tuple[str, Path] | None:
     it is tiktoken (Llama 3). A SentencePiece ``tokenizer.model`` is a :class:`DissectError`.
     """
     folder = Path(folder)
-    json_file = folder / "tokenizer.json"
-    if json_file.is_file():
-        return "tokenizer.json", json_file
-    model_file = folder / "tokenizer.model"
-    if model_file.is_file():
-        _check_tiktoken_head(model_file, _read_head(model_file, 256))
-        return "tiktoken", model_file
+    for kind, name in (("tokenizer.json", "tokenizer.json"), ("tiktoken", "tokenizer.model")):
+        candidate = folder / name
+        if not (candidate.exists() or candidate.is_symlink()):
+            continue
+        found = file_inside(folder, name, "the tokenizer file", "point `tokenizer` at a tokenizer file you trust")
+        if kind == "tiktoken":
+            _check_tiktoken_head(found, _read_head(found, 256))
+        return kind, found
     return None
 
 
