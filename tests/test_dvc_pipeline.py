@@ -4,9 +4,6 @@ experiment that adds a second model, compared with DVC's own tools."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,36 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.parquet import read_provenance, read_vectors
+from project_repo import ROOT, copy_project, run
 
 pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: minutes
-
-ROOT = Path(__file__).resolve().parent.parent
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml", "requirements.lock"]
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project in a new git repo, with `dvc repro` run once."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        target = repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "init"], repo)
+    repo = copy_project(tmp_path_factory.mktemp("repo"))
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "repro"], repo)
