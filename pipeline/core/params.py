@@ -20,7 +20,7 @@ from pipeline.core.errors import DissectError
 from pipeline.core.paths import ModelPaths, ProjectPaths
 
 PARAMS_FILE = Path("params.yaml")
-FORMATS = ("meta", "safetensors", "gguf")
+FORMATS = ("meta", "safetensors", "gguf", "onnx")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be

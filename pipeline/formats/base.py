@@ -54,15 +54,15 @@ def choose_tensor_key(available: list[str], requested: str | None, where: Path) 
         if requested in available:
             return requested
         raise DissectError(
-            f"tensor {requested!r} is not in {where}; {_closest_hint(available, requested)}"
+            f"tensor {requested!r} is not in {where}; {closest_hint(available, requested)}"
         )
     for key in KNOWN_EMBEDDING_KEYS:
         if key in available:
             return key
-    raise DissectError(f"no token-embedding tensor found in {where}; {_closest_hint(available, 'embed_tokens.weight')}")
+    raise DissectError(f"no token-embedding tensor found in {where}; {closest_hint(available, 'embed_tokens.weight')}")
 
 
-def _closest_hint(available: list[str], wanted: str) -> str:
+def closest_hint(available: list[str], wanted: str) -> str:
     embedding_like = [name for name in available if "emb" in name.lower() or "wte" in name.lower()]
     closest = embedding_like or difflib.get_close_matches(wanted, available, n=5, cutoff=0.0)
     if not closest:
