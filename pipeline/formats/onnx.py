@@ -170,6 +170,11 @@ class Graph:
             raise DissectError(f"{file} is not a valid ONNX model ({first}); {FIX}") from None
         if not model.HasField("graph"):
             raise DissectError(f"{file} holds no ONNX graph; {FIX}")
+        graph = model.graph
+        names = [*(t.name for t in graph.initializer), *(v.name for v in graph.input),
+                 *(n for node in graph.node for n in (node.op_type, *node.input, *node.output))]
+        if not all(isinstance(name, str) for name in names):  # proto2 strings that are not UTF-8 come back as bytes
+            raise DissectError(f"{file} has names that are not UTF-8 text (a damaged file?); {FIX}")
         return cls(file, model)
 
     # ---- following values back to initializers
@@ -331,6 +336,8 @@ def _external(model_file: Path, tensor: Any, nbytes: int | None = None) -> tuple
     """(data file, offset, length) of a tensor stored outside the model, checked against the file."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
+    if not isinstance(location, str) or "\0" in location:
+        raise DissectError(f"initializer {tensor.name!r} of {model_file} names external data that is not a file name; {FIX}")
     parts = PurePosixPath(location.replace("\\", "/")).parts
     if not location or PurePosixPath(location).is_absolute() or ".." in parts:
         raise DissectError(f"initializer {tensor.name!r} of {model_file} names external data {location!r}, not a file beside "
