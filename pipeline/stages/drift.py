@@ -10,7 +10,7 @@ still lines up. Tokens only one side has, and padding rows, are left out and cou
 Per aligned token (float32):
 
 * ``cosine``: cosine of the two rows (same dim only); ``relative_frobenius`` in drift.json is
-  ``|| A - B ||_F / || A ||_F`` over the aligned rows;
+  ``|| A - B ||_F / || A ||_F`` over the aligned rows, and ``identical_rows`` counts rows equal in both;
 * ``l2_change`` and ``l2_change_relative`` (divided by the base row's norm);
 * ``procrustes_residual`` and ``procrustes_residual_relative``: ``|| a R - b ||`` after the
   orthogonal Procrustes rotation R = argmin over orthogonal R of ``|| A R - B ||_F`` (the
@@ -272,7 +272,8 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
         residual, relative_residual = procrustes_residuals(a, b, rotation)
         columns.update(cosine=cosine, l2_change=l2, l2_change_relative=l2_relative,
                        procrustes_residual=residual, procrustes_residual_relative=relative_residual)
-        metrics.update(relative_frobenius=relative_frobenius(l2, a), cosine=describe(cosine), l2_change=describe(l2),
+        metrics.update(relative_frobenius=relative_frobenius(l2, a), identical_rows=int((l2 == 0).sum()),
+                       cosine=describe(cosine), l2_change=describe(l2),
                        l2_change_relative=describe(l2_relative), procrustes=procrustes_fit(a, b, residual, rotation))
     else:
         columns.update({name: nulls for name in ("cosine", "l2_change", "l2_change_relative",
