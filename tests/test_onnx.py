@@ -295,3 +295,71 @@ def test_published_int8_minilm_matches_numpy_helper(minilm_int8_onnx):
     expected = independent_matrix(minilm_int8_onnx, "inner.embeddings.word_embeddings.weight_q",
                                   "inner.embeddings.word_embeddings.weight_scale")
     assert np.array_equal(embedding.matrix, expected)
+
+
+def extracted_versions(root: Path, minilm_dir: Path, onnx_files: dict[str, Path]) -> dict[str, Path]:
+    """fetch + extract of minilm-l6 and ONNX versions of it borrowing its tokenizer; embeddings.parquet per model."""
+    import os
+
+    from pipeline.core.params import model_config
+    from pipeline.core.paths import ModelPaths
+    from pipeline.stages import extract, fetch
+    from tests.conftest import model_conf
+
+    models = {"minilm-l6": {"format": "safetensors", "source": {"path": str(minilm_dir)}}}
+    for name, path in onnx_files.items():
+        models[name] = {**model_conf(name), "source": {"path": str(path)}}
+        assert models[name]["tokenizer"] == {"from": "minilm-l6"}
+    params = {"models": models, "extract": {"row_group_size": 4096, "compression_level": 3}}
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for name in models:
+            paths = ModelPaths.in_project(name, root)
+            fetch.run(paths, model_config(params, name))
+            extract.run(paths, extract.read_settings(params, name))
+    finally:
+        os.chdir(cwd)
+    return {name: ModelPaths.in_project(name, root).embeddings for name in models}
+
+
+def test_real_versions_of_minilm_end_to_end(tmp_path, minilm_dir, paraphrase_onnx, minilm_int8_onnx):
+    """Both packaged ONNX models through fetch and extract with minilm-l6's tokenizer, and how far they are from it."""
+    from pipeline.core.parquet import read_provenance, read_vectors
+    from pipeline.stages.drift import relative_frobenius, row_changes
+
+    files = extracted_versions(tmp_path, minilm_dir, {"paraphrase-minilm-l3": paraphrase_onnx, "minilm-l6-int8": minilm_int8_onnx})
+    tokens = {name: pq_tokens(path) for name, path in files.items()}
+    assert tokens["paraphrase-minilm-l3"] == tokens["minilm-l6"] == tokens["minilm-l6-int8"]
+    assert read_provenance(files["minilm-l6-int8"])["source_dtype"] == "int8 per-row scale"
+    assert read_provenance(files["paraphrase-minilm-l3"])["tokenizer"]["from"] == "minilm-l6"
+    base = read_vectors(files["minilm-l6"])[1]
+    int8 = read_vectors(files["minilm-l6-int8"])[1]
+    assert np.array_equal(int8, independent_matrix(minilm_int8_onnx, "inner.embeddings.word_embeddings.weight_q",
+                                                   "inner.embeddings.word_embeddings.weight_scale"))
+    cosine, l2, _ = row_changes(base, int8)
+    assert 0.006 < relative_frobenius(l2, base) < 0.008 and 0.999 < cosine.min() < 0.9996
+    paraphrase = read_vectors(files["paraphrase-minilm-l3"])[1]
+    cosine, l2, _ = row_changes(base, paraphrase)
+    assert 0.45 < relative_frobenius(l2, base) < 0.53 and 0.85 < cosine.mean() < 0.91
+
+
+def pq_tokens(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["token"]).column("token").to_pylist()
+
+
+def test_published_int8_is_our_int8_row_scheme(minilm_dir, minilm_int8_onnx):
+    """Same scheme (per-row absmax / 127, symmetric), same scales up to float rounding, nearly every code equal."""
+    from pipeline.formats import read_embedding as read
+    from pipeline.quant import SCHEMES
+
+    tables = {t.name: t for t in onnx.load(str(minilm_int8_onnx)).graph.initializer}
+    published_codes = numpy_helper.to_array(tables["inner.embeddings.word_embeddings.weight_q"])
+    published_scales = numpy_helper.to_array(tables["inner.embeddings.word_embeddings.weight_scale"])  # [30522, 1]
+    ours = SCHEMES["int8_row"]().encode(np.asarray(read("safetensors", minilm_dir).matrix))
+    assert np.allclose(ours.scales, published_scales, rtol=1e-6, atol=0)
+    assert (np.abs(published_codes).max(axis=1) == 127).all()  # absmax maps to 127 in every row
+    differ = ours.codes != published_codes
+    assert differ.mean() < 1e-4 and np.abs(ours.codes.astype(int) - published_codes).max() == 1  # rounding ties only
