@@ -77,3 +77,13 @@ def require_2d(shape: tuple[int, ...], key: str, where: Path) -> tuple[int, int]
             f"tensor {key!r} in {where} has shape {list(shape)}, not [vocab, dim]; set `tensor:` to the embedding matrix"
         )
     return int(shape[0]), int(shape[1])
+
+
+def single_file(folder: Path, suffix: str) -> Path:
+    """The one ``*<suffix>`` file in a model folder; none or several is a :class:`DissectError`."""
+    candidates = sorted(folder.glob(f"*{suffix}"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise DissectError(f"no {suffix} file in {folder}; point `source.path` at the {suffix} file")
+    raise DissectError(f"{folder} holds several {suffix} files; point `source.path` at one of them")

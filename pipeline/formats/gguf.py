@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import DissectError
-from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d, single_file
 from pipeline.core.memory import empty_float32, reuse_freed_memory
 from pipeline.formats.convert import MappedFile, parallel_rows
 from pipeline.formats.gguf_file import read_gguf
@@ -138,9 +138,4 @@ def _dequantize(gguf, chunk: np.ndarray, qtype, key: str) -> np.ndarray:
 
 
 def _single_file(folder: Path) -> Path:
-    candidates = sorted(folder.glob("*.gguf"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise DissectError(f"no .gguf file in {folder}; point `source.path` at the .gguf file")
-    raise DissectError(f"{folder} holds several .gguf files; point `source.path` at one of them")
+    return single_file(folder, ".gguf")

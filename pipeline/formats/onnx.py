@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.core.errors import DissectError
 from pipeline.core.memory import empty_float32, reuse_freed_memory
 from pipeline.core.progress import progress_bar
-from pipeline.formats.base import Embedding, SourceRecord, closest_hint, require_2d
+from pipeline.formats.base import Embedding, SourceRecord, closest_hint, require_2d, single_file
 from pipeline.formats.convert import MappedFile, parallel_rows, rows_to_float32
 
 # TensorProto.DataType numbers -> (numpy dtype of the stored bits, our name for it)
@@ -69,12 +69,7 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
 
 
 def _single_file(folder: Path) -> Path:
-    candidates = sorted(folder.glob("*.onnx"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise DissectError(f"no .onnx file in {folder}; point `source.path` at the .onnx file")
-    raise DissectError(f"{folder} holds several .onnx files; point `source.path` at one of them")
+    return single_file(folder, ".onnx")
 
 
 # --------------------------------------------------------------------------------------
