@@ -392,6 +392,7 @@ def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOW
 # Thresholds of the plain-words drift summary.
 PRACTICALLY_SAME = 1e-3  # relative Frobenius difference
 KEPT_DIRECTION = 0.999  # lowest row cosine
+CLOSE_DIRECTION = 0.99  # mean row cosine
 MOSTLY_ROTATION = 0.5  # Procrustes residual below this fraction of the raw difference
 NEIGHBOURHOODS_HELD, NEIGHBOURHOODS_PARTLY = 0.9, 0.5  # mean Jaccard of the nearest neighbours
 MOVED_NAMED = 5
@@ -410,7 +411,8 @@ def drift_story(metrics: dict[str, Any]) -> str:
                              f"{md.number(difference, 3)}).")
         else:
             kept = ("every token kept its direction" if cosine["min"] >= KEPT_DIRECTION
-                    else "tokens changed direction" if cosine["mean"] < KEPT_DIRECTION else "most tokens kept their direction")
+                    else "tokens kept their direction closely" if cosine["mean"] >= CLOSE_DIRECTION
+                    else "tokens changed direction")
             sentences.append(f"The second matrix differs from the first by {md.percent(difference)} of its norm "
                              f"(relative Frobenius difference) and {kept}: row cosine mean {md.number(cosine['mean'])}, "
                              f"lowest {md.number(cosine['min'])}.")
@@ -429,8 +431,8 @@ def drift_story(metrics: dict[str, Any]) -> str:
     if jaccard.get("mean") is not None:
         held = ("Neighbourhoods held" if jaccard["mean"] >= NEIGHBOURHOODS_HELD
                 else "Neighbourhoods partly held" if jaccard["mean"] >= NEIGHBOURHOODS_PARTLY else "Neighbourhoods did not hold")
-        sentences.append(f"{held}: a token shares on average {md.percent(jaccard['mean'], 1)} of its {jaccard['k']} nearest "
-                         f"neighbours across the two (Jaccard), and {md.percent(jaccard['identical_fraction'], 1)} keep exactly the same ones.")
+        sentences.append(f"{held}: a token shares on average {md.percent(jaccard['mean'])} of its {jaccard['k']} nearest "
+                         f"neighbours across the two (Jaccard), and {md.percent(jaccard['identical_fraction'])} keep exactly the same ones.")
     moved = [md.token(row["token"]) for row in metrics.get("top_moved", [])[:MOVED_NAMED]]
     if moved:
         sentences.append(f"The tokens that moved most: {', '.join(moved)}.")
