@@ -351,7 +351,7 @@ def pq_tokens(path: Path) -> list:
 
 
 def test_published_int8_is_our_int8_row_scheme(minilm_dir, minilm_int8_onnx):
-    """Same scheme (per-row absmax / 127, symmetric), same scales up to float rounding, nearly every code equal."""
+    """Same scheme (per-row absmax / 127, symmetric), the same scales, nearly every code equal (39 of 11.7 M differ)."""
     from pipeline.formats import read_embedding as read
     from pipeline.quant import SCHEMES
 
@@ -359,7 +359,7 @@ def test_published_int8_is_our_int8_row_scheme(minilm_dir, minilm_int8_onnx):
     published_codes = numpy_helper.to_array(tables["inner.embeddings.word_embeddings.weight_q"])
     published_scales = numpy_helper.to_array(tables["inner.embeddings.word_embeddings.weight_scale"])  # [30522, 1]
     ours = SCHEMES["int8_row"]().encode(np.asarray(read("safetensors", minilm_dir).matrix))
-    assert np.allclose(ours.scales, published_scales, rtol=1e-6, atol=0)
+    assert np.array_equal(ours.scales, published_scales)  # bit for bit
     assert (np.abs(published_codes).max(axis=1) == 127).all()  # absmax maps to 127 in every row
     differ = ours.codes != published_codes
-    assert differ.mean() < 1e-4 and np.abs(ours.codes.astype(int) - published_codes).max() == 1  # rounding ties only
+    assert differ.sum() < 100 and np.abs(ours.codes.astype(int) - published_codes).max() == 1  # rounding near a half only
