@@ -38,6 +38,22 @@ def test_repro_builds_the_default_model(project):
     assert (project / "dvc.lock").is_file()
 
 
+def test_repro_compares_real_versions_of_minilm(project):
+    import json
+
+    drift = project / "artifacts" / "drift"
+    published = json.loads((drift / "minilm-l6-published-int8" / "drift.json").read_text())
+    assert 0.006 < published["relative_frobenius"] < 0.008 and published["cosine"]["min"] > 0.999
+    ours = json.loads((drift / "minilm-l6-int8_row-published-int8" / "drift.json").read_text())
+    assert ours["relative_frobenius"] < 1e-3 and ours["identical_rows"] > 0.99 * ours["aligned"]
+    paraphrase = json.loads((drift / "minilm-l6-paraphrase-l3" / "drift.json").read_text())
+    assert 0.45 < paraphrase["relative_frobenius"] < 0.53 and 0.85 < paraphrase["cosine"]["mean"] < 0.91
+    index = (project / "reports" / "index.md").read_text(encoding="utf-8")
+    assert "## Drift: `minilm-l6-paraphrase-l3`" in index and "Neighbourhoods did not hold" in index
+    provenance = read_provenance(project / "artifacts" / "minilm-l6-int8" / "embeddings.parquet")
+    assert provenance["source_dtype"] == "int8 per-row scale" and provenance["tokenizer"]["from"] == "minilm-l6"
+
+
 def test_second_repro_only_rechecks_the_source(project):
     result = run(["dvc", "repro"], project)
     assert "Stage 'extract@smollm2-135m' didn't change, skipping" in result.stdout
@@ -150,25 +166,28 @@ def test_report_is_byte_identical_when_rendered_again(project):
 def test_experiment_adding_a_model_runs_only_its_stages(project):
     import json
 
-    result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-l6=minilm-l6"], project)
+    # minilm-l6 again under another name: a model the default run does not have
+    result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-copy=minilm-l6"], project)
     for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "undertrained", "report"):
-        assert f"Running stage '{stage}@minilm-l6'" in result.stdout, stage
-        assert f"Running stage '{stage}@smollm2-135m'" not in result.stdout, stage
+        assert f"Running stage '{stage}@minilm-copy'" in result.stdout, stage
+        for other in ("smollm2-135m", "minilm-l6", "minilm-l6-int8", "paraphrase-minilm-l3"):
+            assert f"Running stage '{stage}@{other}'" not in result.stdout, (stage, other)
+    assert "Running stage 'drift@" not in result.stdout
     assert "Running stage 'compare'" in result.stdout
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = {path for workspace in metrics.values() for path in workspace.get("data", {})}
-    assert files == {"reports/smollm2-135m/headline.json", "reports/minilm-l6/headline.json",
-                     "artifacts/drift/smollm2-135m-q4_0/headline.json"}  # the headlines only, not the detail
+    assert "reports/minilm-copy/headline.json" in files and "reports/smollm2-135m/headline.json" in files
+    assert all(path.endswith("headline.json") for path in files)  # the headlines only, not the detail
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    assert diff["reports/minilm-l6/headline.json"]["minilm-l6.vocab"]["new"] == 30522
+    assert diff["reports/minilm-copy/headline.json"]["minilm-copy.vocab"]["new"] == 30522
     assert not any(isinstance(row["new"], str) for rows in diff.values() for row in rows.values())  # numbers only
 
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "minilm-l6" in shown and "smollm2-135m" in shown  # the experiment's metrics, beside the baseline's
+    assert "minilm-copy" in shown and "smollm2-135m" in shown  # the experiment's metrics, beside the baseline's
     run(["dvc", "plots", "diff", "--json"], project)
 
     index = (project / "reports" / "index.md").read_text(encoding="utf-8")
-    assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-l6](minilm-l6/report.md)" in index
-    assert "2 models from params.yaml" in index
+    assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-copy](minilm-copy/report.md)" in index
+    assert "5 models from params.yaml" in index

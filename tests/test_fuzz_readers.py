@@ -1,4 +1,4 @@
-"""Hostile safetensors headers, Meta checkpoints, JSON and GGUF tables: only DissectError comes out (hypothesis).
+"""Hostile safetensors headers, Meta checkpoints, ONNX models, JSON and GGUF tables: only DissectError comes out (hypothesis).
 
 A longer run: EMBEDDING_DISSECT_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_readers.py
 """
@@ -76,12 +76,78 @@ def test_fuzzed_meta_checkpoints(tmp_path, checkpoint_bytes, data):
     expect_only_dissect_error("meta", folder)
 
 
+def onnx_model(external: bool = False):
+    """A small int8 per-row model (Cast * scale, as exporters write it): codes [8, 4], scale [8, 1]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT), helper.make_node("Mul", ["w_f", "w_scale"], ["w"]),
+             helper.make_node("Gather", ["w", "input_ids"], ["out"])]
+    inits = [numpy_helper.from_array(np.arange(32, dtype=np.int8).reshape(8, 4), "w_q"),
+             numpy_helper.from_array(np.full((8, 1), 0.5, np.float32), "w_scale")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    if external:
+        from onnx.external_data_helper import convert_model_to_external_data
+
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx_bytes() -> bytes:
+    return onnx_model().SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def onnx_external_bytes(tmp_path_factory) -> tuple[bytes, bytes]:
+    """(model bytes, model.onnx.data bytes) of the same model with its tensors stored outside."""
+    from onnx.external_data_helper import write_external_data_tensors
+
+    folder = tmp_path_factory.mktemp("onnx-external")
+    model = write_external_data_tensors(onnx_model(external=True), str(folder))
+    return model.SerializeToString(), (folder / "model.onnx.data").read_bytes()
+
+
+@FUZZ
+@given(data=st.data(), external=st.booleans())
+def test_fuzzed_onnx_models(tmp_path, onnx_bytes, onnx_external_bytes, data, external):
+    """Damaged model bytes, the tensors inside the file or in an external data file beside it."""
+    if external:
+        (tmp_path / "model.onnx.data").write_bytes(onnx_external_bytes[1])
+    blob = bytearray(onnx_external_bytes[0] if external else onnx_bytes)
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.just(len(blob)), st.integers(0, len(blob))))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(bytes(blob[:cut]))
+    expect_only_dissect_error("onnx", path)
+
+
+@FUZZ
+@given(entries=st.dictionaries(st.sampled_from(["location", "offset", "length", "checksum"]),
+                               st.sampled_from(["model.onnx.data", "../x", "/etc/hostname", "", "nul\x00"]) |
+                               st.integers(-(2**40), 2**40).map(str) | st.text(max_size=6), max_size=4),
+       data=st.binary(max_size=80))
+def test_fuzzed_onnx_external_data(tmp_path, entries, data):
+    model = onnx_model(external=True)
+    for tensor in model.graph.initializer:
+        del tensor.external_data[:]
+        for key, value in entries.items():
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    (tmp_path / "model.onnx").write_bytes(model.SerializeToString())
+    (tmp_path / "model.onnx.data").write_bytes(data)
+    expect_only_dissect_error("onnx", tmp_path / "model.onnx")
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.3, 0.5, 0.9, 0.999])
-def test_truncated_files_of_each_format(tmp_path, checkpoint_bytes, fraction):
+def test_truncated_files_of_each_format(tmp_path, checkpoint_bytes, onnx_bytes, fraction):
     from safetensors.numpy import save
 
     safetensors_bytes = save({"model.embed_tokens.weight": np.ones((64, 8), np.float32)})
-    for name, fmt, whole in [("consolidated.00.pth", "meta", checkpoint_bytes), ("model.safetensors", "safetensors", safetensors_bytes)]:
+    for name, fmt, whole in [("consolidated.00.pth", "meta", checkpoint_bytes), ("model.safetensors", "safetensors", safetensors_bytes),
+                             ("model.onnx", "onnx", onnx_bytes)]:
         folder = tmp_path / fmt
         folder.mkdir(exist_ok=True)
         (folder / name).write_bytes(whole[: int(len(whole) * fraction)])

@@ -21,14 +21,16 @@ from pipeline.core.paths import ModelPaths, ProjectPaths
 from pipeline.core.settings import shown, string, whole_number
 
 PARAMS_FILE = Path("params.yaml")
-FORMATS = ("meta", "safetensors", "gguf")
+FORMATS = ("meta", "safetensors", "gguf", "onnx")
 SOURCE_KINDS = ("path", "pypi", "synthetic")
 # Sections of a stage's settings that a model's config may set for itself.
 MODEL_STAGE_SECTIONS = ("undertrained",)
 MODEL_KEYS = ("format", "source", "tokenizer", "tensor", *MODEL_STAGE_SECTIONS)
-SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed")}
+SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed"), "from": ("from",)}
 PIN_PATTERN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
+# A tokenizer: a file or folder, a pinned wheel's member, or another model's of the same run.
+TOKENIZER_KINDS = ("path", "pypi", "from")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -51,6 +53,8 @@ class ModelConfig:
         the model's own stage settings (``undertrained:``), so changing those leaves the
         extracted matrix's file as it was."""
         return {key: value for key, value in self.entry.items() if key not in MODEL_STAGE_SECTIONS}
+    # `tokenizer: {from: OTHER}`: the model of the run whose tokenizer this one uses.
+    tokenizer_from: ModelConfig | None = None
 
     @property
     def source_kind(self) -> str:
@@ -123,12 +127,32 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
     source = entry.get("source")
     source_kind(source, f"models.{name}.source")
     tokenizer = entry.get("tokenizer")
-    if tokenizer is not None:
-        source_kind(tokenizer, f"models.{name}.tokenizer", allowed=("path", "pypi"))
+    tokenizer_from = None
+    if tokenizer is not None and source_kind(tokenizer, f"models.{name}.tokenizer", allowed=TOKENIZER_KINDS) == "from":
+        tokenizer_from = lender(params, name, tokenizer["from"])
     tensor = entry.get("tensor")
     if tensor is not None and not (isinstance(tensor, str) and tensor):
         raise DissectError(f"models.{name}.tensor must be a tensor name or null, got {shown(tensor)}")
-    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry)
+    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry,
+                       tokenizer_from=tokenizer_from)
+
+
+def lender(params: dict[str, Any], name: str, other: Any) -> ModelConfig:
+    """The model of the run whose own tokenizer model ``name`` borrows (`tokenizer: {from: other}`)."""
+    where = f"models.{name}.tokenizer.from"
+    if not isinstance(other, str) or other == name:
+        raise DissectError(f"{where} must name another model of the run, not {other!r}")
+    check_name(other)
+    if other not in (params.get("models") or {}):
+        raise DissectError(f"{where} names {other!r}, which is not in params.yaml; add it to the run with "
+                           f"-S '+model@models.{other}={other}'")
+    config = model_config(params, other)
+    if config.tokenizer_from is not None:
+        raise DissectError(f"{where} names {other!r}, which itself takes its tokenizer from {config.tokenizer_from.name!r}; "
+                           f"set it to {config.tokenizer_from.name!r}")
+    if config.tokenizer is None and config.source_kind == "synthetic":
+        raise DissectError(f"{where} names {other!r}, a synthetic checkpoint without a tokenizer of its own; name a model that has one")
+    return config
 
 
 def model_settings(params: dict[str, Any], name: str | None) -> ModelConfig:
@@ -143,8 +167,7 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one), once every
-    key of the source is checked."""
+    """Which of ``allowed`` (``path:``, ``pypi:``, ``synthetic:``, ``from:``) a source uses (exactly one)."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
@@ -160,6 +183,8 @@ def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS
         if not isinstance(source["pypi"], str) or not PIN_PATTERN.fullmatch(source["pypi"]):
             raise DissectError(f"{where}.pypi must be pinned as 'package==version', got {shown(source['pypi'])}")
         check_pins(source.get("files"), f"{where}.files")
+    elif kind == "from":
+        check_name(source["from"], "model", f"{where}.from")
     else:
         string()(source["synthetic"], f"{where}.synthetic")
         whole_number(0, 2**32 - 1)(source.get("seed", 0), f"{where}.seed")

