@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.core.errors import DissectError
+from pipeline.core.progress import progress_bar
 
 # Bounds of the search settings (similarity.k, drift.k, export.neighbors_k, *.block_rows):
 # past them a search would ask for more memory than any machine has, not a bigger answer.
@@ -261,25 +262,26 @@ def nearest_keys(
     k: int,
     block_rows: int = 4096,
     exclude: list[np.ndarray] | None = None,
-    progress: Callable[[int], object] | None = None,
+    desc: str | None = None,
 ) -> Neighbors:
     """The k nearest rows of ``keys`` [n, dim] for each row of ``queries`` [q, dim].
 
     Both must already be unit rows (:func:`unit_rows`). ``exclude[i]`` lists key ids query
     i may not return (a word's own tokens). One pass over ``keys``: each block of
-    ``block_rows`` keys is multiplied against all queries at once.
+    ``block_rows`` keys is multiplied against all queries at once. With a ``desc`` the
+    search shows a progress bar of that name, in rows.
     """
     exclude = exclude if exclude is not None else [np.empty(0, np.int64)] * len(queries)
     slack = max((len(e) for e in exclude), default=0)
     excluder = _pair_excluder(exclude, keys.shape[0]) if slack else None
     state = RunningTopK(len(queries), k, screen_margin(queries))
     query_ids = np.arange(len(queries))
-    for start, block in iter_blocks(keys, block_rows):
-        tile = queries @ block.T  # [q, block]
-        np.clip(tile, -1.0, 1.0, out=tile)
-        _merge_excluding(state, _candidates_per_row(tile, query_ids, start, state, slack), excluder)
-        if progress is not None:
-            progress(len(block))
+    with progress_bar(total=keys.shape[0], desc=desc or "", unit="rows", enabled=desc is not None) as bar:
+        for start, block in iter_blocks(keys, block_rows):
+            tile = queries @ block.T  # [q, block]
+            np.clip(tile, -1.0, 1.0, out=tile)
+            _merge_excluding(state, _candidates_per_row(tile, query_ids, start, state, slack), excluder)
+            bar.update(len(block))
     return exact_top_k(state, queries, keys)
 
 
@@ -292,36 +294,33 @@ def _pair_excluder(exclude: list[np.ndarray], n_keys: int) -> Excluder:
     return excluded
 
 
-def knn_graph(
-    unit: np.ndarray, k: int, block_rows: int = 4096, progress: Callable[[int], object] | None = None
-) -> Neighbors:
+def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None = None) -> Neighbors:
     """The k nearest other rows of every row of ``unit`` [n, dim] (unit rows), self excluded.
 
     Tiles ``block_rows`` x ``block_rows`` on and above the diagonal are each multiplied
     once; a tile offers candidates to the queries of its rows and of its columns. Diagonal
     tiles go first so every row has a full top-k (a threshold) before the off-diagonal
-    tiles, which are then mostly discarded by one comparison. ``progress`` is called with
-    the number of tiles done.
+    tiles, which are then mostly discarded by one comparison. With a ``desc`` the search
+    shows a progress bar of that name, in tiles.
     """
     n = unit.shape[0]
     state = RunningTopK(n, k, screen_margin(unit))
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
-    for start in starts:
-        rows = np.arange(start, min(start + block_rows, n))
-        tile = _tile(unit, rows, rows)
-        _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
-        if progress is not None:
-            progress(1)
-    for a, start_a in enumerate(starts):
-        rows_a = np.arange(start_a, min(start_a + block_rows, n))
-        for start_b in starts[a + 1 :]:
-            rows_b = np.arange(start_b, min(start_b + block_rows, n))
-            tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
-            state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
-            state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
-            if progress is not None:
-                progress(1)
+    with progress_bar(total=len(starts) * (len(starts) + 1) // 2, desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
+        for start in starts:
+            rows = np.arange(start, min(start + block_rows, n))
+            tile = _tile(unit, rows, rows)
+            _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
+            bar.update(1)
+        for a, start_a in enumerate(starts):
+            rows_a = np.arange(start_a, min(start_a + block_rows, n))
+            for start_b in starts[a + 1 :]:
+                rows_b = np.arange(start_b, min(start_b + block_rows, n))
+                tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
+                state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
+                state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
+                bar.update(1)
     return exact_top_k(state, unit, unit)
 
 
