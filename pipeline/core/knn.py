@@ -256,6 +256,74 @@ def _merge_excluding(
 
 
 
+class TopK:
+    """The k nearest rows of each query, over rows added chunk by chunk: the streaming engine.
+
+    ``queries`` [q, dim] are unit rows (:func:`unit_rows`); ``exclude[i]`` lists the row ids
+    query i may not return (its own row, a word's own tokens). :meth:`add` screens a chunk
+    in float32 against the running top-k with its margin (:func:`screen_margin`) and scores
+    the survivors in float64 at once (:func:`pipeline.core.determinism.row_dots`), so the
+    rows need not be kept; :meth:`finish` ranks the kept pairs by that cosine, then id
+    (:func:`pipeline.core.determinism.top_k_pairs`), exactly as :func:`exact_top_k` does.
+    Rows with NaN or Inf have no direction and are never returned. With a ``desc`` it shows
+    a progress bar of that name over ``total`` rows, closed by :meth:`finish`.
+    """
+
+    def __init__(
+        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None,
+        desc: str | None = None, total: int | None = None,
+    ):
+        self.queries, self.k = queries, k
+        self.slack = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        self.excluder = _pair_excluder(exclude, EXCLUDE_SPAN) if self.slack else None
+        self.state = RunningTopK(len(queries), k, screen_margin(queries))
+        self.query_ids = np.arange(len(queries))
+        self.scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, id, float64 cosine)
+        self.bar = progress_bar(total=total, desc=desc or "", unit="rows", enabled=desc is not None)
+
+    def add(self, start: int, rows: np.ndarray, unit: bool = False) -> None:
+        """Fold in rows ``start .. start + len(rows)`` [n, dim]; ``unit`` when they are unit rows already."""
+        if len(rows) and len(self.queries):
+            finite = np.ones(len(rows), bool) if unit else np.isfinite(rows).all(axis=1)  # [n]
+            keys = rows if unit else unit_rows(np.where(finite[:, None], rows, 0))  # [n, dim]
+            tile = self.queries @ keys.T  # [q, n]
+            np.clip(tile, -1.0, 1.0, out=tile)
+            q, ids, s = _candidates_per_row(tile, self.query_ids, start, self.state, self.slack)
+            keep = finite[ids - start] if self.excluder is None else finite[ids - start] & ~self.excluder(q, ids)
+            q, ids, s = q[keep], ids[keep], s[keep]
+            self.state.merge(q, ids, s)
+            from pipeline.core.determinism import row_dots_at
+
+            self.scored.append((q, ids, np.clip(row_dots_at(self.queries, q, keys, ids - start), -1.0, 1.0)))
+        self.bar.update(len(rows))
+
+    def finish(self) -> Neighbors:
+        """The k nearest rows of each query, nearest first (cosine down, then id up)."""
+        from pipeline.core.determinism import top_k_pairs
+
+        self.bar.close()
+        query, found = self.state.candidates()
+        if self.scored:
+            q, ids, exact = (np.concatenate(part) for part in zip(*self.scored))
+        else:
+            q, ids, exact = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+        # Every kept pair was scored when its chunk came: find it among the scored pairs.
+        scored_keys, wanted = q * EXCLUDE_SPAN + ids, query * EXCLUDE_SPAN + found
+        order = np.argsort(scored_keys, kind="stable")
+        at = order[np.searchsorted(scored_keys, wanted, sorter=order)]
+        ids, cosines = top_k_pairs(query, found, exact[at], len(self.queries), self.k)
+        # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
+        return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))
+
+
+EXCLUDE_SPAN = 1 << 32  # (query, row) pairs are keyed query * EXCLUDE_SPAN + row
+
+
+def excluding_own(self_rows: np.ndarray) -> list[np.ndarray]:
+    """The ``exclude`` lists of queries that are rows themselves: ``self_rows`` [q], -1 for none."""
+    return [np.array([row], np.int64) if row >= 0 else np.empty(0, np.int64) for row in self_rows]
+
+
 def nearest_keys(
     queries: np.ndarray,
     keys: np.ndarray,
@@ -267,22 +335,14 @@ def nearest_keys(
     """The k nearest rows of ``keys`` [n, dim] for each row of ``queries`` [q, dim].
 
     Both must already be unit rows (:func:`unit_rows`). ``exclude[i]`` lists key ids query
-    i may not return (a word's own tokens). One pass over ``keys``: each block of
-    ``block_rows`` keys is multiplied against all queries at once. With a ``desc`` the
-    search shows a progress bar of that name, in rows.
+    i may not return (a word's own tokens). One pass of :class:`TopK` over ``keys``: each
+    block of ``block_rows`` keys is multiplied against all queries at once. With a ``desc``
+    the search shows a progress bar of that name, in rows.
     """
-    exclude = exclude if exclude is not None else [np.empty(0, np.int64)] * len(queries)
-    slack = max((len(e) for e in exclude), default=0)
-    excluder = _pair_excluder(exclude, keys.shape[0]) if slack else None
-    state = RunningTopK(len(queries), k, screen_margin(queries))
-    query_ids = np.arange(len(queries))
-    with progress_bar(total=keys.shape[0], desc=desc or "", unit="rows", enabled=desc is not None) as bar:
-        for start, block in iter_blocks(keys, block_rows):
-            tile = queries @ block.T  # [q, block]
-            np.clip(tile, -1.0, 1.0, out=tile)
-            _merge_excluding(state, _candidates_per_row(tile, query_ids, start, state, slack), excluder)
-            bar.update(len(block))
-    return exact_top_k(state, queries, keys)
+    top = TopK(queries, k, exclude, desc, keys.shape[0])
+    for start, block in iter_blocks(keys, block_rows):
+        top.add(start, block, unit=True)
+    return top.finish()
 
 
 def _pair_excluder(exclude: list[np.ndarray], n_keys: int) -> Excluder:
