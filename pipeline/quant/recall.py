@@ -16,7 +16,6 @@ import numpy as np
 
 from pipeline.core.knn import TopK, excluding_own
 from pipeline.core.parallel import row_chunks
-from pipeline.core.progress import progress_bar
 from pipeline.lookup import pool
 from pipeline.quant.layout import ROWS_PER_CHUNK
 from pipeline.quant.measure import OriginalSums, similarity_table, unit_rows
@@ -110,11 +109,9 @@ def reference(
     similarity, bits = similarity_table(words), source_bits(source_dtype)
     keep = min(CANDIDATES, matrix.shape[0])
     prune = matrix.shape[0] >= PRUNE_MIN_ROWS and keep > k
-    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0)
-    with progress_bar(total=matrix.shape[0], desc="neighbours (original)", unit="rows") as bar:
-        for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
-            top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
-            bar.update(stop - start)
+    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0, desc="neighbours (original)", total=matrix.shape[0])
+    for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
+        top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
     if not top.finish():
         return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
     if not prune:
