@@ -23,6 +23,13 @@ most of a tile is discarded by one comparison pass, and only the few survivors a
 sorted. For the kNN graph of a whole vocabulary the cosine matrix is symmetric, so only
 the tiles on and above the diagonal are multiplied and each serves both its rows and its
 columns, which halves the matmul work.
+
+The entry points: :class:`TopK` streams keys chunk by chunk (raw or unit rows) against fixed
+queries, :func:`nearest_keys` is one pass of it over a matrix, and :func:`knn_graph` is the
+symmetric search of a whole vocabulary. All rank with
+:func:`pipeline.core.determinism.top_k_pairs` and, given a ``desc``, show their own progress
+bar. The quantize stage's bfloat16 screen (:mod:`pipeline.quant.screen`) ranks with the same
+rule and falls back to :class:`TopK`.
 """
 
 from __future__ import annotations
