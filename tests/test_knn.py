@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
-from pipeline.core.knn import _nonzero, brute_force_neighbors, knn_graph, nearest_keys, unit_rows
+from pipeline.core.knn import TopK, _nonzero, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)
@@ -154,3 +154,31 @@ def test_fast_nonzero_equals_numpy(mask):
     expected_rows, expected_cols = np.nonzero(mask)
     assert rows.tolist() == expected_rows.tolist()
     assert cols.tolist() == expected_cols.tolist()
+
+
+def test_streaming_topk_on_raw_rows_excludes_own_rows_and_rows_without_direction():
+    # Raw (not unit) rows in chunks of 3: the zero query ties at cosine 0 with every row, so
+    # its k are the lowest ids, never its own row (0) nor the row with a NaN (1).
+    matrix = np.random.default_rng(5).standard_normal((20, 6)).astype(np.float32)
+    matrix[1, 0] = np.nan
+    queries = np.zeros((2, 6), np.float32)
+    top = TopK(queries, 4, excluding_own(np.array([0, -1])))
+    for start in range(0, 20, 3):
+        top.add(start, matrix[start : start + 3])
+    found = top.finish()
+    assert found.ids.tolist() == [[2, 3, 4, 5], [0, 2, 3, 4]]
+    assert (found.cosines == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_streaming_topk_is_nearest_keys_to_the_byte(chunk):
+    rng = np.random.default_rng(9)
+    keys = unit_rows(rng.standard_normal((200, 12)).astype(np.float32))
+    queries = unit_rows(np.concatenate([keys[[4, 150]], rng.standard_normal((3, 12)).astype(np.float32)]))
+    exclude = excluding_own(np.array([4, 150, -1, -1, -1]))
+    top = TopK(queries, 6, exclude)
+    for start in range(0, 200, chunk):
+        top.add(start, keys[start : start + chunk], unit=True)
+    found, expected = top.finish(), nearest_keys(queries, keys, 6, 4096, exclude)
+    assert found.ids.tobytes() == expected.ids.tobytes()
+    assert found.cosines.tobytes() == expected.cosines.tobytes()

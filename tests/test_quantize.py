@@ -29,7 +29,8 @@ from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors
 from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
-from pipeline.quant.measure import ErrorStats, TopK, recall, unit_rows
+from pipeline.core.knn import TopK, excluding_own
+from pipeline.quant.measure import ErrorStats, recall, unit_rows
 from pipeline.quant.screen import ScreenedTopK, ScreenPrecision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,13 +124,15 @@ def test_topk_equals_brute_force_across_chunks_and_excludes_self():
     query_rows = np.array([0, 5, 999, 500])
     queries = np.concatenate([matrix[query_rows], rng.standard_normal((2, 16)).astype(np.float32)])
     self_rows = np.r_[query_rows, -1, -1]
-    top = TopK(unit_rows(queries), self_rows, k=7)
+    top = TopK(unit_rows(queries), 7, excluding_own(self_rows))
     for start in range(0, 1000, 128):
         top.add(start, matrix[start : start + 128])
+    found = top.finish()
     cosines = unit_rows(queries).astype(np.float64) @ unit_rows(matrix).astype(np.float64).T  # [q, vocab]
     cosines[np.arange(4), query_rows] = -np.inf
     expected = np.argsort(-cosines, axis=1)[:, :7]
-    assert [set(row) for row in top.ids] == [set(row) for row in expected]
+    assert [set(row) for row in found.ids] == [set(row) for row in expected]
+    assert (np.diff(found.cosines, axis=1) <= 0).all()
 
 
 def brute_force_ids(matrix: np.ndarray, queries: np.ndarray, self_rows: np.ndarray, k: int) -> list[set]:
@@ -214,8 +217,8 @@ def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeyp
     broken = quantize.SchemeRun(scheme, matrix, queries, 5)
     for _ in broken.batches(layout.quant_schema(scheme, 32)):
         pass
-    assert isinstance(broken.top, TopK)  # the screen was not trusted
-    assert [set(row) for row in broken.top.ids] == [set(row) for row in honest.top.ids]
+    assert not broken.top.bound_held  # the screen was not trusted: the engine's float32 search ran
+    assert broken.top.ids.tolist() == honest.top.ids.tolist()  # the same exact answer, ties and order
 
 
 def test_recall_by_hand():

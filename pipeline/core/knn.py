@@ -23,6 +23,13 @@ most of a tile is discarded by one comparison pass, and only the few survivors a
 sorted. For the kNN graph of a whole vocabulary the cosine matrix is symmetric, so only
 the tiles on and above the diagonal are multiplied and each serves both its rows and its
 columns, which halves the matmul work.
+
+The entry points: :class:`TopK` streams keys chunk by chunk (raw or unit rows) against fixed
+queries, :func:`nearest_keys` is one pass of it over a matrix, and :func:`knn_graph` is the
+symmetric search of a whole vocabulary. All rank with
+:func:`pipeline.core.determinism.top_k_pairs` and, given a ``desc``, show their own progress
+bar. The quantize stage's bfloat16 screen (:mod:`pipeline.quant.screen`) ranks with the same
+rule and falls back to :class:`TopK`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.core.errors import DissectError
+from pipeline.core.progress import progress_bar
 
 # Bounds of the search settings (similarity.k, drift.k, export.neighbors_k, *.block_rows):
 # past them a search would ask for more memory than any machine has, not a bigger answer.
@@ -255,32 +263,93 @@ def _merge_excluding(
 
 
 
+class TopK:
+    """The k nearest rows of each query, over rows added chunk by chunk: the streaming engine.
+
+    ``queries`` [q, dim] are unit rows (:func:`unit_rows`); ``exclude[i]`` lists the row ids
+    query i may not return (its own row, a word's own tokens). :meth:`add` screens a chunk
+    in float32 against the running top-k with its margin (:func:`screen_margin`) and scores
+    the survivors in float64 at once (:func:`pipeline.core.determinism.row_dots`), so the
+    rows need not be kept; :meth:`finish` ranks the kept pairs by that cosine, then id
+    (:func:`pipeline.core.determinism.top_k_pairs`), exactly as :func:`exact_top_k` does.
+    Rows with NaN or Inf have no direction and are never returned. With a ``desc`` it shows
+    a progress bar of that name over ``total`` rows, closed by :meth:`finish`.
+    """
+
+    def __init__(
+        self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None,
+        desc: str | None = None, total: int | None = None,
+    ):
+        self.queries, self.k = queries, k
+        self.slack = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        self.excluder = _pair_excluder(exclude, EXCLUDE_SPAN) if self.slack else None
+        self.state = RunningTopK(len(queries), k, screen_margin(queries))
+        self.query_ids = np.arange(len(queries))
+        self.scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, id, float64 cosine)
+        self.bar = progress_bar(total=total, desc=desc or "", unit="rows", enabled=desc is not None)
+
+    def add(self, start: int, rows: np.ndarray, unit: bool = False) -> None:
+        """Fold in rows ``start .. start + len(rows)`` [n, dim]; ``unit`` when they are unit rows already."""
+        if len(rows) and len(self.queries):
+            finite = np.ones(len(rows), bool) if unit else np.isfinite(rows).all(axis=1)  # [n]
+            keys = rows if unit else unit_rows(np.where(finite[:, None], rows, 0))  # [n, dim]
+            tile = self.queries @ keys.T  # [q, n]
+            np.clip(tile, -1.0, 1.0, out=tile)
+            q, ids, s = _candidates_per_row(tile, self.query_ids, start, self.state, self.slack)
+            keep = finite[ids - start] if self.excluder is None else finite[ids - start] & ~self.excluder(q, ids)
+            q, ids, s = q[keep], ids[keep], s[keep]
+            self.state.merge(q, ids, s)
+            from pipeline.core.determinism import row_dots_at
+
+            self.scored.append((q, ids, np.clip(row_dots_at(self.queries, q, keys, ids - start), -1.0, 1.0)))
+        self.bar.update(len(rows))
+
+    def finish(self) -> Neighbors:
+        """The k nearest rows of each query, nearest first (cosine down, then id up)."""
+        from pipeline.core.determinism import top_k_pairs
+
+        self.bar.close()
+        query, found = self.state.candidates()
+        if self.scored:
+            q, ids, exact = (np.concatenate(part) for part in zip(*self.scored))
+        else:
+            q, ids, exact = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+        # Every kept pair was scored when its chunk came: find it among the scored pairs.
+        scored_keys, wanted = q * EXCLUDE_SPAN + ids, query * EXCLUDE_SPAN + found
+        order = np.argsort(scored_keys, kind="stable")
+        at = order[np.searchsorted(scored_keys, wanted, sorter=order)]
+        ids, cosines = top_k_pairs(query, found, exact[at], len(self.queries), self.k)
+        # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
+        return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))
+
+
+EXCLUDE_SPAN = 1 << 32  # (query, row) pairs are keyed query * EXCLUDE_SPAN + row
+
+
+def excluding_own(self_rows: np.ndarray) -> list[np.ndarray]:
+    """The ``exclude`` lists of queries that are rows themselves: ``self_rows`` [q], -1 for none."""
+    return [np.array([row], np.int64) if row >= 0 else np.empty(0, np.int64) for row in self_rows]
+
+
 def nearest_keys(
     queries: np.ndarray,
     keys: np.ndarray,
     k: int,
     block_rows: int = 4096,
     exclude: list[np.ndarray] | None = None,
-    progress: Callable[[int], object] | None = None,
+    desc: str | None = None,
 ) -> Neighbors:
     """The k nearest rows of ``keys`` [n, dim] for each row of ``queries`` [q, dim].
 
     Both must already be unit rows (:func:`unit_rows`). ``exclude[i]`` lists key ids query
-    i may not return (a word's own tokens). One pass over ``keys``: each block of
-    ``block_rows`` keys is multiplied against all queries at once.
+    i may not return (a word's own tokens). One pass of :class:`TopK` over ``keys``: each
+    block of ``block_rows`` keys is multiplied against all queries at once. With a ``desc``
+    the search shows a progress bar of that name, in rows.
     """
-    exclude = exclude if exclude is not None else [np.empty(0, np.int64)] * len(queries)
-    slack = max((len(e) for e in exclude), default=0)
-    excluder = _pair_excluder(exclude, keys.shape[0]) if slack else None
-    state = RunningTopK(len(queries), k, screen_margin(queries))
-    query_ids = np.arange(len(queries))
+    top = TopK(queries, k, exclude, desc, keys.shape[0])
     for start, block in iter_blocks(keys, block_rows):
-        tile = queries @ block.T  # [q, block]
-        np.clip(tile, -1.0, 1.0, out=tile)
-        _merge_excluding(state, _candidates_per_row(tile, query_ids, start, state, slack), excluder)
-        if progress is not None:
-            progress(len(block))
-    return exact_top_k(state, queries, keys)
+        top.add(start, block, unit=True)
+    return top.finish()
 
 
 def _pair_excluder(exclude: list[np.ndarray], n_keys: int) -> Excluder:
@@ -292,36 +361,33 @@ def _pair_excluder(exclude: list[np.ndarray], n_keys: int) -> Excluder:
     return excluded
 
 
-def knn_graph(
-    unit: np.ndarray, k: int, block_rows: int = 4096, progress: Callable[[int], object] | None = None
-) -> Neighbors:
+def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None = None) -> Neighbors:
     """The k nearest other rows of every row of ``unit`` [n, dim] (unit rows), self excluded.
 
     Tiles ``block_rows`` x ``block_rows`` on and above the diagonal are each multiplied
     once; a tile offers candidates to the queries of its rows and of its columns. Diagonal
     tiles go first so every row has a full top-k (a threshold) before the off-diagonal
-    tiles, which are then mostly discarded by one comparison. ``progress`` is called with
-    the number of tiles done.
+    tiles, which are then mostly discarded by one comparison. With a ``desc`` the search
+    shows a progress bar of that name, in tiles.
     """
     n = unit.shape[0]
     state = RunningTopK(n, k, screen_margin(unit))
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
-    for start in starts:
-        rows = np.arange(start, min(start + block_rows, n))
-        tile = _tile(unit, rows, rows)
-        _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
-        if progress is not None:
-            progress(1)
-    for a, start_a in enumerate(starts):
-        rows_a = np.arange(start_a, min(start_a + block_rows, n))
-        for start_b in starts[a + 1 :]:
-            rows_b = np.arange(start_b, min(start_b + block_rows, n))
-            tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
-            state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
-            state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
-            if progress is not None:
-                progress(1)
+    with progress_bar(total=len(starts) * (len(starts) + 1) // 2, desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
+        for start in starts:
+            rows = np.arange(start, min(start + block_rows, n))
+            tile = _tile(unit, rows, rows)
+            _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
+            bar.update(1)
+        for a, start_a in enumerate(starts):
+            rows_a = np.arange(start_a, min(start_a + block_rows, n))
+            for start_b in starts[a + 1 :]:
+                rows_b = np.arange(start_b, min(start_b + block_rows, n))
+                tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
+                state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
+                state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
+                bar.update(1)
     return exact_top_k(state, unit, unit)
 
 

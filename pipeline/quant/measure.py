@@ -130,44 +130,6 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows * inverse_norms(rows)[:, None]
 
 
-@dataclass
-class TopK:
-    """Running exact top-k by cosine of each query over the rows seen so far.
-
-    ``queries`` [q, dim] are unit vectors; ``self_rows`` [q] is the matrix row a query
-    came from (-1 for none), which is never its own neighbour.
-    """
-
-    queries: np.ndarray
-    self_rows: np.ndarray
-    k: int
-    ids: np.ndarray = field(init=False)  # [q, k] int64 row indices
-    scores: np.ndarray = field(init=False)  # [q, k] float32 cosines
-
-    def __post_init__(self) -> None:
-        q = len(self.queries)
-        self.ids = np.full((q, self.k), -1, dtype=np.int64)
-        self.scores = np.full((q, self.k), -np.inf, dtype=np.float32)
-
-    def add(self, start: int, rows: np.ndarray) -> None:
-        """Fold in matrix rows ``start .. start + len(rows)`` (not normalised)."""
-        n = len(rows)
-        if not len(self.queries) or not n:
-            return
-        # [q, n] rather than [n, q]: the partition below then runs along contiguous memory.
-        scores = self.queries @ rows.T
-        scores *= inverse_norms(rows)[None, :]
-        inside = (self.self_rows >= start) & (self.self_rows < start + n)
-        scores[np.nonzero(inside)[0], self.self_rows[inside] - start] = -np.inf
-        take = min(self.k, n)
-        best = np.argpartition(scores, n - take, axis=1)[:, n - take :]  # [q, take], unordered
-        candidate_scores = np.concatenate([self.scores, np.take_along_axis(scores, best, axis=1)], axis=1)  # [q, k + take]
-        candidate_ids = np.concatenate([self.ids, best + start], axis=1)
-        keep = np.argpartition(candidate_scores, -self.k, axis=1)[:, -self.k :]  # [q, k]
-        self.scores = np.take_along_axis(candidate_scores, keep, axis=1)
-        self.ids = np.take_along_axis(candidate_ids, keep, axis=1)
-
-
 def recall(expected: np.ndarray, found: np.ndarray) -> float | None:
     """Mean over queries of |expected ∩ found| / k, for id arrays [q, k]; None without queries."""
     if not len(expected):

@@ -14,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core.knn import TopK, excluding_own
 from pipeline.core.parallel import row_chunks
-from pipeline.core.progress import progress_bar
 from pipeline.lookup import pool
 from pipeline.quant.layout import ROWS_PER_CHUNK
-from pipeline.quant.measure import OriginalSums, TopK, similarity_table, unit_rows
+from pipeline.quant.measure import OriginalSums, similarity_table, unit_rows
 from pipeline.quant.screen import ScreenedTopK
 
 FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64": 64, "F32": 32, "F16": 16, "BF16": 16}
@@ -109,11 +109,9 @@ def reference(
     similarity, bits = similarity_table(words), source_bits(source_dtype)
     keep = min(CANDIDATES, matrix.shape[0])
     prune = matrix.shape[0] >= PRUNE_MIN_ROWS and keep > k
-    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0)
-    with progress_bar(total=matrix.shape[0], desc="neighbours (original)", unit="rows") as bar:
-        for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
-            top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
-            bar.update(stop - start)
+    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0, desc="neighbours (original)", total=matrix.shape[0])
+    for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
+        top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
     if not top.finish():
         return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
     if not prune:
@@ -134,14 +132,12 @@ def reference(
 def reference_float32(
     matrix: np.ndarray, units: np.ndarray, self_rows: np.ndarray, k: int, keep: int, similarity: np.ndarray, bits: float | None
 ) -> Reference:
-    """:func:`reference` by a plain float32 search, for when the screen broke its bound."""
-    top = TopK(units, self_rows, keep)
-    with progress_bar(total=matrix.shape[0], desc="neighbours (original, float32)", unit="rows") as bar:
-        for start, stop in row_chunks(matrix.shape[0], ROWS_PER_CHUNK):
-            top.add(start, matrix[start:stop])
-            bar.update(stop - start)
-    best = np.argsort(-top.scores, axis=1, kind="stable")[:, :k]  # [q, k]: the k best of the kept, best first
-    neighbours, scores = np.take_along_axis(top.ids, best, axis=1), np.take_along_axis(top.scores, best, axis=1)
+    """:func:`reference` by the engine's float32 screen, for when the bfloat16 screen broke its bound."""
+    top = TopK(units, keep, excluding_own(self_rows), "neighbours (original, float32)", matrix.shape[0])
+    for start, stop in row_chunks(matrix.shape[0], ROWS_PER_CHUNK):
+        top.add(start, matrix[start:stop])
+    found = top.finish()  # [q, keep], best first: the k best are its first k
+    neighbours = found.ids[:, :k]
     if keep == k:
         return Reference(neighbours=neighbours, word_similarity=similarity, source_bits=bits)
     return Reference(
@@ -149,9 +145,9 @@ def reference_float32(
         word_similarity=similarity,
         source_bits=bits,
         query_units=units,
-        kth_cosine=scores[:, -1].astype(np.float64),
-        candidate_ids=top.ids,
-        candidate_scores=top.scores,
+        kth_cosine=found.cosines[:, k - 1].astype(np.float64),
+        candidate_ids=found.ids,
+        candidate_scores=found.cosines,
         candidate_slack=np.zeros(len(units)),  # float32 cosines: SCORE_SLACK in the windows covers them
     )
 

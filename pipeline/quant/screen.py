@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.core.determinism import top_k_pairs
+from pipeline.core.progress import progress_bar
 from pipeline.quant.measure import row_norms
 
 FLOAT32_UNIT = 2.0**-24
@@ -143,6 +145,8 @@ class ScreenedTopK:
     k: int
     precision: ScreenPrecision | None = None
     keep: int = 0  # best rows by screen score to keep per query (candidate_* after finish)
+    desc: str | None = None  # with one, a progress bar of that name over ``total`` rows, closed by finish
+    total: int | None = None
     ids: np.ndarray = field(init=False)
     scores: np.ndarray = field(init=False)
 
@@ -174,6 +178,7 @@ class ScreenedTopK:
         self.kept_ids = np.full((len(self.screened), self.keep), -1, dtype=np.int64)  # [s, keep]
         self.kept_scores = np.full((len(self.screened), self.keep), -np.inf, dtype=np.float32)  # [s, keep] screen scores
         self.kept_slack = np.zeros(len(self.screened))  # [s]: the largest E of the chunks
+        self.bar = progress_bar(total=self.total, desc=self.desc or "", unit="rows", enabled=self.desc is not None)
 
     def _buffers(self, n: int, dim: int) -> tuple[Any, Any]:
         """(directions [n, dim], screen [s, n]) views of the reused buffers, grown when needed."""
@@ -200,6 +205,7 @@ class ScreenedTopK:
 
         n = len(rows)
         self.rows_seen = max(self.rows_seen, start + n)
+        self.bar.update(n)
         if not n or not len(self.queries):
             return
         if norms is None:
@@ -304,7 +310,7 @@ class ScreenedTopK:
     def _merge(self, query: np.ndarray, row: np.ndarray, exact: np.ndarray) -> None:
         """Each screened query's k best of its kept pairs and the new ones."""
         held = self.best_ids >= 0  # [s, k]
-        self.best_ids, self.best_scores = best_pairs(
+        self.best_ids, self.best_scores = top_k_pairs(
             np.concatenate([np.nonzero(held)[0], query]),
             np.concatenate([self.best_ids[held], row]),
             np.concatenate([self.best_scores[held], exact]),
@@ -315,6 +321,7 @@ class ScreenedTopK:
     def finish(self) -> bool:
         """Fill ``ids`` and ``scores`` (and ``candidate_*``); False when a screen score broke its
         bound (then do not trust them)."""
+        self.bar.close()
         self.ids[self.screened] = self.best_ids
         self.scores[self.screened] = self.best_scores
         self._fill_directionless()
@@ -341,18 +348,11 @@ class ScreenedTopK:
             self.scores[query, : len(ids)] = 0.0
 
 
-def best_pairs(query: np.ndarray, row: np.ndarray, score: np.ndarray, queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [queries, k], scores [queries, k]): each query's k best (query, row, score) pairs,
-    best first, the lower row id first on a tie; -1 and -inf where a query has fewer."""
-    from pipeline.core.determinism import top_k_pairs
-
-    return top_k_pairs(query, row, score, queries, k)
-
-
 def exact_best(
     units: np.ndarray, query: np.ndarray, row: np.ndarray, self_rows: np.ndarray, k: int, rows_of: Callable[[np.ndarray], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`best_pairs` of the (query, row) pairs by float64 cosine, a query never its own neighbour.
+    """Each query's k best (query, row) pairs by float64 cosine, then row id
+    (:func:`pipeline.core.determinism.top_k_pairs`, the one tie rule), a query never its own neighbour.
 
     ``units`` [q, dim] are the queries' unit vectors; ``rows_of(ids) -> rows`` gives the
     rows, a block of them at a time, so a few thousand rows are in memory at once.
@@ -374,4 +374,4 @@ def exact_best(
             dots = np.einsum("ij,ij->i", units[query[some]].astype(np.float64), rows[place].astype(np.float64))  # [b]
             with np.errstate(invalid="ignore", divide="ignore"):
                 cosine[some] = np.where(norms[place] > 0, dots / norms[place], 0.0)
-    return best_pairs(query, row, cosine, len(units), k)
+    return top_k_pairs(query, row, cosine, len(units), k)

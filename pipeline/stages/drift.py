@@ -47,12 +47,11 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.headline import drift_headline
 from pipeline.core.io import output_set, write_json_atomic
-from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
+from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import check_name
 from pipeline.core.paths import DriftPaths
 from pipeline.core.settings import as_params, from_section, setting, shown, whole_number
 from pipeline.core.parquet import derived_provenance, read_provenance, read_matrix, write_table
-from pipeline.core.progress import progress_bar
 from pipeline.quant.layout import dequantize_file
 
 STAGE = "drift"
@@ -243,14 +242,6 @@ def procrustes_residuals(a: np.ndarray, b: np.ndarray, rotation: np.ndarray,
     return residual, relative
 
 
-def neighbours(matrix: np.ndarray, k: int, block_rows: int, desc: str) -> np.ndarray:
-    """Ids [n, k] of each row's k nearest other rows by cosine (-1 where fewer exist)."""
-    tiles = -(-len(matrix) // block_rows)
-    with progress_bar(total=tiles * (tiles + 1) // 2, desc=desc, unit="tiles") as bar:
-        found: Neighbors = knn_graph(unit_rows(matrix), k, block_rows, progress=bar.update)
-    return found.ids
-
-
 def jaccard(ids_a: np.ndarray, ids_b: np.ndarray) -> np.ndarray:
     """Per row, |A ∩ B| / |A ∪ B| of two neighbour id sets [n, k] (-1 entries ignored)."""
     out = np.empty(len(ids_a), np.float32)
@@ -310,8 +301,8 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
     else:
         columns.update({name: nulls for name in ("cosine", "l2_change", "l2_change_relative",
                                                  "procrustes_residual", "procrustes_residual_relative")})
-    overlap = jaccard(neighbours(a, settings.k, settings.block_rows, "drift: base neighbours"),
-                      neighbours(b, settings.k, settings.block_rows, "drift: other neighbours"))
+    overlap = jaccard(knn_graph(unit_rows(a), settings.k, settings.block_rows, "drift: base neighbours").ids,
+                      knn_graph(unit_rows(b), settings.k, settings.block_rows, "drift: other neighbours").ids)
     columns["knn_jaccard"] = overlap
     order = moved_order(relative_residual, overlap, alignment.base_rows)
     moved_rank = np.empty(n, np.int32)

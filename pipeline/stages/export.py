@@ -218,12 +218,6 @@ def pca_xy(matrix: np.ndarray) -> np.ndarray:
     return fit_pca(matrix, n_components=2).transform(matrix)
 
 
-def knn(matrix: np.ndarray, k: int, block_rows: int) -> Neighbors:
-    tiles = -(-len(matrix) // block_rows)
-    with progress_bar(total=tiles * (tiles + 1) // 2, desc="atlas neighbours", unit="tiles") as bar:
-        return knn_graph(unit_rows(matrix), k, block_rows, progress=bar.update)
-
-
 # --------------------------------------------------------------------------------------
 # Stage
 
@@ -237,7 +231,7 @@ def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
     with output_set():
         projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
         table = atlas_table(token_array, columns.column("kind").combine_chunks(), pca_xy(matrix),
-                            knn(matrix, settings.neighbors_k, settings.block_rows))
+                            knn_graph(unit_rows(matrix), settings.neighbors_k, settings.block_rows, "atlas neighbours"))
         write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 

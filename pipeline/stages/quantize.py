@@ -37,7 +37,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
 from pipeline.core.io import output_set, write_json_atomic, written_path
-from pipeline.core.knn import MAX_K
+from pipeline.core.knn import MAX_K, TopK, excluding_own
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, list_of, one_of, setting, whole_number
@@ -57,7 +57,6 @@ from pipeline.quant.recall import SCORE_SLACK, Queries, Reference, WordQuery, re
 from pipeline.quant.measure import (
     ErrorStats,
     OriginalSums,
-    TopK,
     inverse_of_norms,
     original_sums,
     recall,
@@ -232,13 +231,13 @@ class SchemeRun:
         if self.top.finish():
             return
         # A screen score broke its error bound (a bfloat16 kernel that does not accumulate
-        # in float32): search again without the screen, in plain float32.
-        self.top = TopK(self.units, self.queries.self_rows, self.k)
-        with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
-            for start, stop in row_chunks(self.matrix.shape[0], ROWS_PER_CHUNK):
-                _, restored = encode_decode(self.scheme, self.matrix[start:stop])
-                self.top.add(start, restored)
-                bar.update(stop - start)
+        # in float32): search again with the engine's float32 screen.
+        vocab = self.matrix.shape[0]
+        top = TopK(self.units, self.k, excluding_own(self.queries.self_rows), f"neighbours {self.scheme.name}", vocab)
+        for start, stop in row_chunks(vocab, ROWS_PER_CHUNK):
+            top.add(start, encode_decode(self.scheme, self.matrix[start:stop])[1])
+        found = top.finish()
+        self.top.ids, self.top.scores = found.ids, found.cosines
 
     def _finish_neighbours(self) -> None:
         if self.errors.sum_sq_error == 0.0 and self.errors.max_abs_error == 0.0 and not np.any(self.query_shift):

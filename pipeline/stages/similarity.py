@@ -38,7 +38,6 @@ from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, one_of, setting, whole_number
 from pipeline.core.io import output_set
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
-from pipeline.core.progress import progress_bar
 from pipeline.core.words import WordVectors, read_words
 
 STAGE = "similarity"
@@ -85,13 +84,6 @@ def similarity_table(words: WordVectors) -> pa.Table:
     )
 
 
-def word_neighbors(words: WordVectors, unit: np.ndarray, k: int, block_rows: int) -> Neighbors:
-    """The k nearest tokens of each word variant, its own tokens excluded; ``unit`` [vocab, dim] unit rows."""
-    queries = unit_rows(words.vectors)  # [w, dim]
-    with progress_bar(total=unit.shape[0], desc="word neighbours", unit="rows") as bar:
-        return nearest_keys(queries, unit, k, block_rows, exclude=words.token_ids, progress=bar.update)
-
-
 def neighbors_table(words: WordVectors, neighbors: Neighbors, tokens: pa.Array) -> pa.Table:
     """One row per (word variant, rank); ``tokens`` [vocab] is the readable piece of each id."""
     query, slot = np.nonzero(neighbors.valid())  # row-major: word order, then rank
@@ -126,12 +118,6 @@ def knn_table(neighbors: Neighbors | None) -> pa.Table:
     )
 
 
-def vocabulary_graph(unit: np.ndarray, k: int, block_rows: int) -> Neighbors:
-    tiles = -(-unit.shape[0] // block_rows)
-    with progress_bar(total=tiles * (tiles + 1) // 2, desc="kNN graph", unit="tiles") as bar:
-        return knn_graph(unit, k, block_rows, progress=bar.update)
-
-
 
 def run(paths: ModelPaths, settings: SimilaritySettings) -> None:
     """The stage on one model."""
@@ -143,8 +129,10 @@ def run(paths: ModelPaths, settings: SimilaritySettings) -> None:
     del matrix
 
     similarity = similarity_table(words)
-    neighbors = neighbors_table(words, word_neighbors(words, unit, settings.k, settings.block_rows), tokens)
-    graph = vocabulary_graph(unit, settings.k, settings.block_rows) if settings.scope == "all" else None
+    # Each word variant's k nearest tokens, its own tokens excluded.
+    found = nearest_keys(unit_rows(words.vectors), unit, settings.k, settings.block_rows, words.token_ids, "word neighbours")
+    neighbors = neighbors_table(words, found, tokens)
+    graph = knn_graph(unit, settings.k, settings.block_rows, "kNN graph") if settings.scope == "all" else None
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"similarity": as_params(settings)})
     provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
