@@ -25,6 +25,7 @@ server or a client library.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import time
@@ -86,6 +87,14 @@ class RemoteStat:
     size: int
     etag: str | None
     commit: str | None = None  # the Hub's commit the file was resolved at
+
+
+def http_client_module():
+    """The HTTP client module huggingface_hub's session comes from (httpx, or httpx2 in
+    later releases): both name their errors and timeouts alike."""
+    from huggingface_hub.utils import get_session
+
+    return importlib.import_module(type(get_session()).__module__.split(".")[0])
 
 
 class RetryableError(Exception):
@@ -165,7 +174,7 @@ class RangedReader:
 
 
 class HttpTransport:
-    """Range GETs over HTTP(S) with httpx2 (huggingface_hub's own client and session).
+    """Range GETs over HTTP(S) with huggingface_hub's own HTTP client and session.
 
     ``headers`` carry the credentials (the Hub's ``Authorization``); they are sent, never
     shown. ``hint_auth`` is the fix a 401/403 names.
@@ -189,10 +198,9 @@ class HttpTransport:
         return self._session
 
     def _timeout(self):
-        import httpx2
-
+        http = http_client_module()
         seconds = timeout_s()
-        return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+        return http.Timeout(seconds, connect=min(seconds, 10.0))
 
     def stat(self) -> RemoteStat:
         if self._stat is not None:
@@ -204,18 +212,17 @@ class HttpTransport:
         return RemoteStat(size=int(size), etag=response.headers.get("ETag") or _last_modified(response))
 
     def _send(self, method: str, extra: dict[str, str]):
-        import httpx2
-
+        http = http_client_module()
         for attempt in range(1 + retries()):
             if attempt:
                 time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
             try:
                 response = self.session.request(method, self.url, headers={**self.headers, **extra},
                                                 timeout=self._timeout(), follow_redirects=True)
-            except httpx2.TimeoutException:
+            except http.TimeoutException:
                 error = "timed out"
                 continue
-            except httpx2.TransportError as failure:
+            except http.TransportError as failure:
                 error = type(failure).__name__
                 continue
             if response.status_code >= 500 or response.status_code == 429:
@@ -234,8 +241,7 @@ class HttpTransport:
             raise DissectError(f"{self.name}: the server answered HTTP {status}; check the URL")
 
     def get(self, start: int, stop: int) -> tuple[bytes, str | None]:
-        import httpx2
-
+        http = http_client_module()
         want = stop - start
         headers = {**self.headers, "Range": f"bytes={start}-{stop - 1}"}
         try:
@@ -265,11 +271,11 @@ class HttpTransport:
                     if len(body) > want:
                         raise DissectError(f"{self.name}: the server sent more than the {want} bytes asked for; it does not honour byte ranges")
                 etag = response.headers.get("ETag")
-        except httpx2.TimeoutException:
+        except http.TimeoutException:
             raise RetryableError(f"no answer within {timeout_s():g} s") from None
-        except httpx2.RemoteProtocolError:  # the body ended before its Content-Length
+        except http.RemoteProtocolError:  # the body ended before its Content-Length
             raise RetryableError("truncated answer: the connection closed before the whole range arrived") from None
-        except httpx2.TransportError as failure:  # reset, refused
+        except http.TransportError as failure:  # reset, refused
             raise RetryableError(f"connection failed: {type(failure).__name__}") from None
         if len(body) < want:
             raise RetryableError(f"truncated answer: {len(body)} of {want} bytes")

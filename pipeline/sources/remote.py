@@ -36,7 +36,9 @@ from typing import Any, Callable
 from pipeline.core.errors import DissectError
 from pipeline.formats.base import choose_tensor_key
 from pipeline.sources.cache import CachedFile, cache_key
-from pipeline.sources.ranged import HttpTransport, RangedReader, RemoteStat, S3Transport, redact, s3_filesystem, timeout_s
+from pipeline.sources.ranged import (
+    HttpTransport, RangedReader, RemoteStat, S3Transport, http_client_module, redact, s3_filesystem, timeout_s,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model")
@@ -119,9 +121,9 @@ def resolve_hub(spec: dict[str, Any], where: str) -> RemoteModel:
 
 def _hub_call(call: Callable[[], Any], repo: str, revision: str, where: str, path: str | None = None) -> Any:
     """``call()``, with the Hub's errors turned into one line naming the fix (never the token)."""
-    import httpx2
     from huggingface_hub import errors
 
+    http = http_client_module()
     what = f"{path} in {repo}@{revision}" if path else f"{repo}@{revision}"
     try:
         return call()
@@ -138,7 +140,7 @@ def _hub_call(call: Callable[[], Any], repo: str, revision: str, where: str, pat
         if status == 404:
             raise DissectError(f"{what} does not exist (HTTP 404); check {where}.hf.repo and revision") from None
         raise DissectError(f"{what}: the Hub answered HTTP {status}; try again later or check HF_ENDPOINT") from None
-    except (httpx2.TransportError, OSError) as error:
+    except (http.TransportError, OSError) as error:
         raise DissectError(f"cannot reach {redact(hub_endpoint())} ({type(error).__name__}); check the network or HF_ENDPOINT") from None
 
 
