@@ -8,6 +8,7 @@ No test reaches beyond 127.0.0.1.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -422,3 +423,29 @@ def test_s3_missing_object_is_one_line(s3):
     s3_put(s3, "models", {"x": b"x"}, "")
     entry = {"format": "gguf", "tokenizer": None, "tensor": None, "source": {"url": "s3://models/none.gguf"}}
     assert "does not exist" in fetch_error(entry)
+
+
+# ---- the config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source,fragment", [
+    ({"hf": "meta-llama/Llama-3.2-1B"}, "must be a mapping"),
+    ({"hf": {"repo": "../etc"}}, "must be a Hub repo id"),
+    ({"hf": {"repo": "a/b", "revision": ""}}, "must be a branch, tag or commit"),
+    ({"hf": {"repo": "a/b", "files": "model.safetensors"}}, "must be a list of file paths"),
+    ({"hf": {"repo": "a/b", "files": ["../x"]}}, "path inside the repo"),
+    ({"hf": {"repo": "a/b", "branch": "main"}}, "unknown keys ['branch']"),
+    ({"url": "ftp://host/model.gguf"}, "s3://bucket/key or https://host/path"),
+    ({"url": "s3://b/m.gguf", "path": "/x"}, "exactly one of"),
+])
+def test_remote_sources_are_checked_before_any_request(source, fragment):
+    entry = {"format": "gguf", "source": source, "tokenizer": None, "tensor": None}
+    with pytest.raises(DissectError, match=re.escape(fragment)):
+        model_config({"models": {"m": entry}}, "m")
+
+
+def test_the_shipped_hub_model_config_is_valid():
+    from tests.conftest import model_conf
+
+    config = model_config({"models": {"llama-3-2-1b-hf": model_conf("llama-3-2-1b-hf")}}, "llama-3-2-1b-hf")
+    assert config.source_kind == "hf" and config.source["hf"]["repo"] == "meta-llama/Llama-3.2-1B"
