@@ -376,14 +376,20 @@ def test_url_of_a_missing_file_is_one_line(hub):
 # ---- S3 (moto's server) ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3(env, tmp_path, monkeypatch):
-    server = start_s3_server(tmp_path / "s3.log")
-    for key, value in S3_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+@pytest.fixture(scope="module")
+def s3_process(tmp_path_factory):
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "s3.log")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def s3(env, s3_process, monkeypatch):
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_process.url)
+    s3_process.reset_log()
+    return s3_process
 
 
 def s3_put(server, bucket: str, files: dict[str, bytes], prefix: str) -> None:
@@ -449,3 +455,14 @@ def test_the_shipped_hub_model_config_is_valid():
 
     config = model_config({"models": {"llama-3-2-1b-hf": model_conf("llama-3-2-1b-hf")}}, "llama-3-2-1b-hf")
     assert config.source_kind == "hf" and config.source["hf"]["repo"] == "meta-llama/Llama-3.2-1B"
+
+
+def test_an_s3_object_replaced_between_two_ranges_is_refused(s3):
+    from pipeline.sources.ranged import RangedReader, S3Transport
+
+    s3_put(s3, "models", {"blob": bytes(range(256)) * 64}, "")
+    reader = RangedReader(S3Transport("s3://models/blob"))
+    assert reader.read(10, 5) == bytes(range(10, 15))
+    s3_put(s3, "models", {"blob": bytes(reversed(range(256))) * 64}, "")
+    with pytest.raises(DissectError, match="changed while it was being read"):
+        reader.read(100, 5)

@@ -142,13 +142,7 @@ class CachedFile:
 
     def present(self) -> list[tuple[int, int]]:
         """The listed ranges, merged: what the local copy holds."""
-        merged: list[list[int]] = []
-        for begin, end, _ in sorted(self.ranges):
-            if merged and begin <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([begin, end])
-        return [(begin, end) for begin, end in merged]
+        return merge_spans([(begin, end) for begin, end, _ in self.ranges])
 
     def content_sha256(self, spans: list[tuple[int, int]]) -> str:
         """sha256 of the bytes of ``spans`` (in order), read from the local copy."""
@@ -161,6 +155,17 @@ class CachedFile:
 
     def handle(self) -> "CachedHandle":
         return CachedHandle(self)
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[begin, end)`` spans sorted, with overlapping and touching ones joined."""
+    merged: list[list[int]] = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(begin, end) for begin, end in merged]
 
 
 def _load_index(path: Path) -> Any:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from pipeline.core.errors import DissectError
 from pipeline.formats.base import choose_tensor_key
-from pipeline.sources.cache import CachedFile, cache_key
+from pipeline.sources.cache import CachedFile, cache_key, merge_spans
 from pipeline.sources.ranged import (
     HttpTransport, RangedReader, RemoteStat, S3Transport, http_client_module, redact, s3_filesystem, timeout_s,
 )
@@ -354,7 +354,7 @@ def manifest_entry(remote: RemoteFile, view_path: str) -> dict[str, Any]:
     """What the manifest records of a remote file: where it came from, its version, which
     bytes were read and their sha256 (the whole file's when ``whole``)."""
     cached = remote.cached
-    spans = [(0, cached.size)] if remote.whole else _merge(cached.used)
+    spans = [(0, cached.size)] if remote.whole else merge_spans(cached.used)
     return {
         "path": view_path,
         "bytes": cached.size,
@@ -365,16 +365,6 @@ def manifest_entry(remote: RemoteFile, view_path: str) -> dict[str, Any]:
         "commit": remote.commit,
         "etag": cached.key["version"] or None,
     }
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for begin, end in sorted(spans):
-        if merged and begin <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([begin, end])
-    return [(begin, end) for begin, end in merged]
 
 
 def fetch_remote(source: dict[str, Any], fmt: str, tensor: str | None, with_tokenizer: bool, dest: Path,
