@@ -69,7 +69,9 @@ def main(argv: list[str]) -> None:
     try:
         import s3fs
 
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        # moto takes minutes to store a 1.5 GB object: wait for it rather than send it again
+        # (a retried PUT piles another copy into the server's memory).
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"read_timeout": 1800, "retries": {"max_attempts": 1}})
         fs.mkdir(BUCKET)
         files = sorted(p.name for p in model.iterdir() if p.name != "config.json")
         for name in files:
