@@ -26,10 +26,17 @@ def write_embeddings(
     token_ids: np.ndarray | None = None,
     row_group_size: int = 4096,
     source_dtype: str = "float32",
+    keys: list[str | None] | None = None,
+    kinds: list[str] | None = None,
 ) -> Path:
-    """``embeddings.parquet`` as extract lays it out: ids, token texts (``t<id>`` by default), vectors."""
+    """``embeddings.parquet`` as extract lays it out: ids, token texts (``t<id>`` by default), vectors.
+
+    ``keys`` default to the texts, ``kinds`` to normal (padding where the text is None).
+    """
     ids = np.arange(len(matrix), dtype=np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
     texts = [f"t{i}" for i in ids] if tokens is None else tokens
+    keys = texts if keys is None else keys
+    kinds = ["padding" if text is None else "normal" for text in texts] if kinds is None else kinds
     provenance = {
         "stage": "extract",
         "model": Path(path).parent.name,
@@ -39,7 +46,8 @@ def write_embeddings(
     }
     schema = with_provenance(embeddings_schema(matrix.shape[1]), provenance)
     table = pa.Table.from_arrays(
-        [pa.array(ids, pa.int32()), pa.array(texts, pa.string()), pa.nulls(len(ids), pa.binary()), vector_array(matrix)],
+        [pa.array(ids, pa.int32()), pa.array(texts, pa.string()), pa.array(keys, pa.string()), pa.array(kinds, pa.string()),
+         pa.nulls(len(ids), pa.binary()), vector_array(matrix)],
         schema=schema,
     )
     write_batches(path, schema, [table], row_group_size=row_group_size)
@@ -87,3 +95,24 @@ def write_params(root: Path, models: list[str], **sections: dict) -> Path:
     path = Path(root) / "params.yaml"
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return path
+
+
+def sentencepiece_tokenizer(unused: int = 3):
+    """A SentencePiece BPE vocabulary with byte fallback, like Llama 2's or Gemma's, in miniature.
+
+    Ids: 0 <unk>, 1 <s>, 2 </s>, 3 <0x0A>, 4 <0xE2>, 5 <0xF3>, 6 "\\n" (a piece whose text the
+    byte <0x0A> shares), 7 ▁Hello, 8 Hello, 9 ▁, 10 lo, then ``unused`` placeholders
+    ``<unusedN>`` (added, not special, as Gemma's tokenizer.json has them).
+    """
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x0A>": 3, "<0xE2>": 4, "<0xF3>": 5, "\n": 6, "▁Hello": 7, "Hello": 8, "▁": 9, "lo": 10}
+    vocab.update({f"<unused{i}>": 11 + i for i in range(unused)})
+    tok = tokenizers.Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.add_tokens([AddedToken(f"<unused{i}>", special=False, normalized=False) for i in range(unused)])
+    return tok
+

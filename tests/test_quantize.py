@@ -16,7 +16,9 @@ import torch
 
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
+from pipeline.core.parquet import write_in_background
 from pipeline.quant import layout
+from pipeline.quant.recall import Queries, WordQuery
 from pipeline.stages import quantize, words
 from pipeline.stages.words import WordSettings
 
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = list(SCHEMES)
 METRIC_KEYS = {
     "bits_per_weight",
+    "recall_k",
     "bytes_on_disk",
     "compression_vs_float32",
     "compression_vs_source",
@@ -201,7 +204,7 @@ def test_screened_topk_gives_a_query_without_direction_the_lowest_rows():
 def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeypatch):
     rng = np.random.default_rng(6)
     matrix = rng.standard_normal((2000, 32)).astype(np.float32)
-    queries = quantize.Queries(np.array([3, 700, 1999]), [quantize.WordQuery("w", (7, 11))])
+    queries = Queries(np.array([3, 700, 1999]), [WordQuery("w", (7, 11))])
     scheme = SCHEMES["q4_0"]().fit(matrix)
     honest = quantize.SchemeRun(scheme, matrix, queries, 5)
     for _ in honest.batches(layout.quant_schema(scheme, 32)):
@@ -390,7 +393,7 @@ def int_batches(count: int, fail_after: int | None = None, schema: pa.Schema | N
 
 def test_background_writer_writes_every_batch(tmp_path):
     path = tmp_path / "out.parquet"
-    quantize.write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9))
+    write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9))
     assert pq.read_table(path).column("x").to_pylist() == [i for i in range(9) for _ in range(2)]
 
 
@@ -398,7 +401,7 @@ def test_background_writer_abandons_the_file_when_producing_fails(tmp_path):
     path = tmp_path / "out.parquet"
     path.write_bytes(b"previous")
     with pytest.raises(ValueError, match="producing failed"):
-        quantize.write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9, fail_after=5))
+        write_in_background(path, pa.schema([pa.field("x", pa.int32())]), int_batches(9, fail_after=5))
     assert path.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [path]
 
 
@@ -406,13 +409,13 @@ def test_background_writer_raises_write_errors_without_hanging(tmp_path):
     path = tmp_path / "out.parquet"
     other = pa.schema([pa.field("y", pa.int32())])  # batches that do not fit the file's schema
     with pytest.raises(pa.ArrowInvalid):
-        quantize.write_in_background(path, pa.schema([pa.field("x", pa.int64())]), int_batches(20, schema=other))
+        write_in_background(path, pa.schema([pa.field("x", pa.int64())]), int_batches(20, schema=other))
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("pooling, expected", [("first", [1.0, 2.0]), ("last", [5.0, 6.0]), ("mean", [3.0, 4.0])])
 def test_words_are_pooled_like_the_words_stage(pooling, expected):
-    from pipeline.stages.quantize import pool_rows
+    from pipeline.quant.recall import pool_rows
 
     rows = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)  # a word split into three tokens
     assert pool_rows(rows, pooling).tolist() == expected

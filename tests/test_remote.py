@@ -161,8 +161,12 @@ def test_sharded_safetensors_reads_only_the_shard_holding_the_embedding(hub):
     paths, manifest, _ = run_both(hf_entry())
     np.testing.assert_array_equal(read_vectors(paths.embeddings)[1], tensors[EMBED])
     assert not any("00001" in path for method, path, _, _ in hub.log if method == "GET")
-    assert {Path(f["path"]).name for f in manifest["files"]} == {
-        "model.safetensors.index.json", "model-00002-of-00002.safetensors", "tokenizer.json"}
+    ranges = {Path(f["path"]).name: f["ranges"] for f in manifest["files"]}
+    assert set(ranges) == {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                           "model-00002-of-00002.safetensors", "tokenizer.json"}
+    assert ranges["model-00001-of-00002.safetensors"] == []  # laid out as a hole: the reader wants it present
+    assert {Path(f["path"]).name for f in read_provenance(paths.embeddings)["source_files"]} == {
+        "model.safetensors.index.json", "model-00002-of-00002.safetensors"}
 
 
 def write_small_gguf(path: Path) -> np.ndarray:

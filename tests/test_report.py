@@ -27,7 +27,7 @@ from pipeline.stages.report import run as run_report
 
 
 def test_tokens_are_quoted_and_escaped():
-    assert md.token(" Hello") == '`" Hello"`'
+    assert md.token(" Hello") == '`"\u00a0Hello"`'  # a no-break space: the code span cannot wrap there
     assert md.token("a|b") == '`"a\\|b"`'  # a pipe would end the table cell
     assert md.token("line\nbreak") == '`"line\\nbreak"`'
     assert md.token("back`tick") == '`` "back`tick" ``'
@@ -35,10 +35,21 @@ def test_tokens_are_quoted_and_escaped():
     assert md.token(None) == "*(padding)*"
 
 
+def test_rounding_never_collapses_a_range():
+    # The report once said "range from 1.03 to 1.04; the middle 98% lie between 1.03 and 1.03".
+    values = [1.0291, 1.0412, 1.0307, 1.0339]
+    assert md.distinct_numbers(values, 3) == ["1.029", "1.041", "1.031", "1.034"]
+    assert md.distinct_numbers([1.79, 7.49, 2.18, 4.93], 3) == ["1.79", "7.49", "2.18", "4.93"]  # enough as it is
+    assert md.distinct_numbers([2.0, 2.0, 3.0], 3) == ["2", "2", "3"]  # equal values may read the same
+    close = md.distinct_numbers([1.0000001, 1.0000002], 3)
+    assert close[0] != close[1]
+
+
 def test_numbers_are_rounded_for_reading():
     assert md.number(49152) == "49,152"
     assert md.number(0.135581) == "0.1356"
-    assert md.number(-0.000542) == "-5.420e-04"
+    assert md.number(-0.000542) == "-5.420×10⁻⁴"  # no hyphen for a browser to break the line at
+    assert md.number(123456.0) == "1.235×10⁵"
     assert md.number(0.0) == "0"
     assert md.number(None) == "–"
     assert md.percent(0.00714, 3) == "0.714%"
@@ -83,7 +94,27 @@ def test_compare_names_the_extremes():
     assert "from 100 tokens (small) to 5,000 (big)" in text
     assert "small is the most anisotropic" in text and "big the least" in text
     table = quant_table(models)
-    assert table.splitlines()[0] == "| scheme | small | big |"
+    assert table.splitlines()[0] == "| scheme | small RMSE | small recall@k | big RMSE | big recall@k |"
+    assert table.splitlines()[2] == "| `q8_0` | 1.00×10⁻³ | 0.990 | 1.00×10⁻³ | 0.990 |"
+
+
+def test_index_columns_use_one_number_format_and_state_k():
+    assert md.column([0.0145, 1.91e-4, 0.0], 3) == ["1.45×10⁻²", "1.91×10⁻⁴", "0"]  # one needs an exponent: all get one
+    assert md.column([0.997, 1.0, None], 3) == ["0.997", "1.000", "–"]  # the same decimals down the column
+    assert md.column([49152, 30522]) == ["49,152", "30,522"]
+    models = [summary("small", 100, 8, 0.6, 3.0)]
+    models[0].quant["q8_0"]["recall_k"] = 10
+    assert "small recall@10" in quant_table(models).splitlines()[0]
+
+
+def test_best_trade_off_names_the_other_schemes_that_qualified():
+    from pipeline.report.sections import qualified
+
+    quant = {"q4_0": {"bits_per_weight": 4.5, "row_cosine_min": 0.98, "tokens_recall_at_k": 0.84, "rmse": 0.01},
+             "q8_0": {"bits_per_weight": 8.5, "row_cosine_min": 0.999, "tokens_recall_at_k": 0.97, "rmse": 0.001},
+             "fp16": {"bits_per_weight": 16, "row_cosine_min": 1.0, "tokens_recall_at_k": 1.0, "rmse": 0.0},
+             "int8_row": {"bits_per_weight": 8.5, "row_cosine_min": 0.999, "tokens_recall_at_k": 0.99, "rmse": 0.002}}
+    assert qualified(quant) == ["int8_row", "q8_0", "fp16"]
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
@@ -116,6 +147,7 @@ def toy_artifacts(root: Path, name: str = "toy") -> Path:
     write_table(model_dir / "embeddings.parquet", pa.table({"token_id": pa.array(range(6), pa.int32()), "token": tokens,
                                                           "vector": vector_array(matrix)}), provenance)
     write_json_atomic(model_dir / "stats.json", {
+        "vocab_size": 6, "dim": matrix.shape[1],
         "values": {"count": matrix.size, "mean": 0.01, "std": 0.9, "min": -2.0, "max": 2.0, "max_abs": 2.0, "nan_count": 0, "inf_count": 0},
         "row_norm": {"mean": 1.5, "std": 0.3, "min": 1.0, "max": 2.0, "p01": 1.01, "p50": 1.5, "p99": 1.99},
         "rows": {"total": 6, "duplicate": 0, "zero": 0, "nonfinite": 0},

@@ -99,7 +99,8 @@ def test_threaded_encoding_equals_one_call(name):
 @pytest.mark.parametrize("name", ["fp16", "bf16", "q8_0", "int8_row", "q4_0"])
 def test_pruned_recall_equals_the_full_pass(name):
     from pipeline.quant import schemes_for
-    from pipeline.stages.quantize import PRUNE_MIN_ROWS, Queries, SchemeRun, WordQuery, reference, sample_token_rows
+    from pipeline.quant.recall import PRUNE_MIN_ROWS, Queries, WordQuery, reference, sample_token_rows
+    from pipeline.stages.quantize import SchemeRun
     from pipeline.quant.measure import inverse_norms
     from pipeline.quant.layout import quant_schema
 

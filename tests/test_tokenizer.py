@@ -333,17 +333,46 @@ def test_sentencepiece_pieces():
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    assert token_pieces(tok) == [
-        TokenPiece("<unk>"),
-        TokenPiece("<s>"),
-        TokenPiece("</s>"),
-        TokenPiece("\n"),
-        TokenPiece("<0xE2>", b"\xe2"),
-        TokenPiece(" Hello"),
-        TokenPiece("  "),
-        TokenPiece("lo"),
+    assert [(piece.text, piece.raw) for piece in token_pieces(tok)] == [
+        ("<unk>", None), ("<s>", None), ("</s>", None), ("\n", None), ("<0xE2>", b"\xe2"), (" Hello", None), ("  ", None), ("lo", None),
     ]
     assert special_token_ids(tok) == frozenset({0, 1, 2})
+
+
+def test_byte_fallback_vocabulary_has_kinds_and_unique_keys():
+    """``"\\n"`` is both a piece and the byte <0x0A>: the texts repeat, the keys do not."""
+    from builders import sentencepiece_tokenizer
+
+    pieces = token_pieces(sentencepiece_tokenizer())
+    by_key = {piece.key: piece for piece in pieces}
+    assert len(by_key) == len(pieces)  # unique
+    assert [piece.text for piece in pieces].count("\n") == 2
+    assert (by_key["\n"].kind, by_key["<0x0A>"].kind, by_key["<0x0A>"].text) == ("normal", "byte", "\n")
+    assert by_key["<0xE2>"].kind == "byte" and by_key["<0xE2>"].raw == b"\xe2"
+    assert by_key["<s>"].kind == "special" and by_key["▁Hello".replace("▁", " ")].kind == "normal"
+    assert [piece.kind for piece in pieces if "unused" in piece.text] == ["unused"] * 3
+
+
+@pytest.mark.parametrize("name", ["<unused0>", "[unused12]", "<|reserved_special_token_250|>", "<extra_id_99>", "<|extra_3|>",
+                                  "<reserved_7>"])
+def test_placeholder_names_are_unused(name):
+    from pipeline.tokenizers.load import UNUSED_NAME
+
+    assert UNUSED_NAME.fullmatch(name)
+
+
+@pytest.mark.parametrize("name", ["<|end_of_text|>", "unused", "<unused>", "[UNK]", "<|im_start|>", "reserved1"])
+def test_other_names_are_not_unused(name):
+    from pipeline.tokenizers.load import UNUSED_NAME
+
+    assert not UNUSED_NAME.fullmatch(name)
+
+
+def test_keys_of_texts_that_still_repeat_get_the_id():
+    from pipeline.tokenizers.load import token_keys
+
+    assert token_keys(["a", "b", "a", "\n"], ["normal", "normal", "normal", "byte"], ["a", "b", "a2", "<0x0A>"]) == [
+        "a", "b", "a<id:2>", "<0x0A>"]
 
 
 def test_metaspace_unigram_pieces():

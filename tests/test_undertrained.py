@@ -65,12 +65,11 @@ def test_flag_excludes_rows_without_text():
 
 
 def test_known_unused_tokens_by_kind():
-    tokens = ["<0xC0>", "<0xC1>", "<0xC3>", "<|reserved_special_token_7|>", "[unused3]", "hello", None, "<0xFF>"]
-    raw = [b"\xc0", b"\xc1", b"\xc3", None, None, None, None, b"\xff"]
+    tokens = ["<0xC0>", "<0xC1>", "<0xC3>", "<|reserved_special_token_7|>", "[unused3]", "hello", None, "<0xFF>", "<extra_id_0>"]
+    raw = [b"\xc0", b"\xc1", b"\xc3", None, None, None, None, b"\xff", None]
     found = known_unused_rows(tokens, raw)
     assert found["unused_utf8_bytes"].tolist() == [0, 1, 7]
-    assert found["llama3_reserved"].tolist() == [3]
-    assert found["bert_unused"].tolist() == [4]
+    assert found["placeholders"].tolist() == [3, 4, 8]
 
 
 def test_reference_fallbacks_are_stated():
@@ -127,6 +126,38 @@ def test_smollm2_end_to_end(smollm2_artifacts):
 
 def test_minilm_uses_bert_unused_placeholders(minilm_artifacts):
     metrics = run(ModelPaths.for_artifacts(minilm_artifacts), read_section(UndertrainedSettings, {"percentile": 2.0}, "undertrained"))
-    assert metrics["reference"] == {"method": "auto (bert_unused: 994)", "count": 994}
+    assert metrics["reference"]["method"] == "auto (placeholders: 994)" and metrics["reference"]["count"] == 994
+    assert metrics["reference"]["reason"].startswith("994 placeholder tokens named unused, reserved or extra (`[unused0]`")
     assert metrics["flagged"] == 611
     assert metrics["strongest"][0]["token"].startswith("[unused")
+
+
+def test_auto_finds_unused_placeholders_of_a_sentencepiece_vocabulary(tmp_path):
+    """<unusedN> placeholders (Gemma) and the never-occurring byte <0xF5> are the reference, said in a sentence."""
+    from builders import sentencepiece_tokenizer
+    from pipeline.tokenizers.load import token_pieces
+
+    tok = sentencepiece_tokenizer(unused=5)
+    pieces = token_pieces(tok)
+    tokens, raw, kinds = [p.text for p in pieces], [p.raw for p in pieces], [p.kind for p in pieces]
+    settings = read_section(UndertrainedSettings, {}, "undertrained")
+    reference = choose_reference(settings, tokens, raw, np.ones(len(tokens)), kinds)
+    assert [tokens[row] for row in reference.rows] == [f"<unused{i}>" for i in range(5)]  # <0xE2>, <0xF3> occur in UTF-8
+    assert reference.method == "auto (placeholders: 5)"
+    assert reference.reason == ("5 placeholder tokens named unused, reserved or extra (`<unused0>`, `<unused1>`, `<unused2>`, "
+                                "… `<unused4>`), found by auto: tokens no training text produces.")
+    # Without the kind column (older files) the names are matched all the same.
+    assert choose_reference(settings, tokens, raw, np.ones(len(tokens))).rows.tolist() == reference.rows.tolist()
+
+
+def test_model_config_sets_its_own_reference_tokens():
+    from pipeline.stages.undertrained import read_settings
+
+    model = {"format": "gguf", "source": {"path": "m.gguf"}, "undertrained": {"reference_tokens": ["<0xF3>"]}}
+    params = {"models": {"m": model, "n": {**model, "undertrained": None}}, "undertrained": {"percentile": 1.0, "reference_tokens": ["x"]}}
+    own = read_settings(params, "m")
+    assert own.reference_tokens == ["<0xF3>"] and own.percentile == 1.0
+    assert read_settings(params, "n").reference_tokens == ["x"]
+    params["models"]["m"]["undertrained"] = {"reference_tokens": "<0xF3>"}
+    with pytest.raises(DissectError, match=r"models\.m\.undertrained\.reference_tokens must be a list"):
+        read_settings(params, "m")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 from pipeline.core.errors import DissectError
-from pipeline.core.params import load_params
+from pipeline.core.params import NAME_RULE, load_params
 
 P = TypeVar("P")
 S = TypeVar("S")
@@ -36,6 +36,10 @@ class Stage(Generic[P, S]):
 
     def main(self, argv: list[str]) -> None:
         expected = 0 if self.target is None else 1
+        if self.target is not None and len(argv) > 1:
+            # DVC splits `cmd: ... ${key}` at spaces, so a name holding one arrives as several words.
+            what = "drift pair" if self.target == "PAIR" else "model"
+            raise DissectError(f"{what} name {' '.join(argv)!r} holds a space; use {NAME_RULE}: rename it in conf/ and params.yaml")
         if len(argv) != expected:
             usage = f"python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
             raise DissectError(f"usage: {usage}")

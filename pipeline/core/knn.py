@@ -8,10 +8,13 @@ the matrix is refused (:func:`unit_rows` raises), so no table ever holds NaN.
 Neighbours are ordered by cosine, highest first, and equal cosines by token id, lowest
 first. That is a total order, so "the k nearest" is one well-defined set, and the blocked
 search returns exactly what sorting the full cosine matrix would: it is not an
-approximate index. The only difference from one big matmul is where BLAS rounds: a
-cosine computed in a 4096-row block can differ from the same cosine computed in a
-different block shape in the last bit (about 1e-7), which can swap two neighbours whose
-cosines are that close. The same ``block_rows`` always gives the same bytes.
+approximate index. The float32 matmul only screens: besides its running top-k, each
+query keeps every key whose float32 cosine comes within twice a rigorous bound on the
+float32 error (:func:`pipeline.core.determinism.float32_dot_error`) of its k-th; any key left out
+is then provably below k others. The kept keys' cosines are recomputed in float64 from the
+same unit rows in a fixed order (:func:`pipeline.core.determinism.row_dots`, no BLAS) and the k
+best by that cosine, then id, are the answer (the float32 of it is what is published). So
+the result does not depend on the BLAS kernel, the thread count or ``block_rows``.
 
 How the search stays fast: the cosines are computed tile by tile (``block_rows`` x
 ``block_rows``), and a running top-k per query keeps its current worst entry. A tile
@@ -33,8 +36,9 @@ from pipeline.core.errors import DissectError
 
 # Bounds of the search settings (similarity.k, drift.k, export.neighbors_k, *.block_rows):
 # past them a search would ask for more memory than any machine has, not a bigger answer.
+# A tile is block_rows x block_rows float32 cosines: 1 GiB at the bound.
 MAX_K = 10_000
-MAX_BLOCK_ROWS = 1 << 20
+MAX_BLOCK_ROWS = 1 << 14
 
 EMPTY_ID = np.iinfo(np.int64).max  # id of an unfilled slot: it loses every tie
 
@@ -79,15 +83,23 @@ class Neighbors:
 
 
 class RunningTopK:
-    """The best k (cosine, id) pairs seen so far for each of ``n_queries`` queries."""
+    """The best k (cosine, id) pairs seen so far for each of ``n_queries`` queries.
 
-    def __init__(self, n_queries: int, k: int):
+    With a ``margin`` [n_queries] (float64), entries that fall out of a query's top-k, or
+    never enter it, are still kept aside (``near_*``) while they are within ``margin`` of
+    its k-th cosine, and a candidate needs only to reach the k-th minus the margin. A query
+    with margin 0 works as without: exact ties go to the lower id.
+    """
+
+    def __init__(self, n_queries: int, k: int, margin: np.ndarray | None = None):
         self.k = k
         self.scores = np.full((n_queries, k), -np.inf, dtype=np.float32)  # [queries, k]
         self.ids = np.full((n_queries, k), EMPTY_ID, dtype=np.int64)  # [queries, k]
         # The worst kept entry: a candidate must beat it to get in.
         self.worst_score = np.full(n_queries, -np.inf, dtype=np.float32)  # [queries]
         self.worst_id = np.full(n_queries, EMPTY_ID, dtype=np.int64)  # [queries]
+        self.margin = np.zeros(n_queries) if margin is None else np.asarray(margin, np.float64)  # [queries]
+        self.near_q, self.near_i, self.near_s = [], [], []  # kept aside, within the margin
 
     def merge(self, queries: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
         """Add candidate triples (a query may appear many times, a (query, id) pair once)."""
@@ -107,8 +119,34 @@ class RunningTopK:
         kept = order[rank < k]
         self.scores[touched] = all_s[kept].reshape(-1, k)
         self.ids[touched] = all_i[kept].reshape(-1, k)
-        self.worst_score[touched] = self.scores[touched, -1]
-        self.worst_id[touched] = self.ids[touched, -1]
+        self._set_worst(touched)
+        out = order[rank >= k]
+        out = out[self.margin[all_q[out]] > 0]
+        if out.size:
+            q = all_q[out]
+            near = (all_s[out] >= self.scores[q, -1] - self.margin[q]) & (all_i[out] != EMPTY_ID)
+            self.near_q.append(q[near])
+            self.near_i.append(all_i[out][near])
+            self.near_s.append(all_s[out][near])
+
+    def _set_worst(self, touched: np.ndarray) -> None:
+        """What a candidate must reach: the k-th score, less the margin (rounded down to float32)."""
+        kth = self.scores[touched, -1]
+        wide = kth.astype(np.float64) - self.margin[touched]
+        low = wide.astype(np.float32)
+        self.worst_score[touched] = np.where(low > wide, np.nextafter(low, np.float32(-np.inf)), low)
+        # Within a margin ties need no id order: all of them are kept.
+        self.worst_id[touched] = np.where(self.margin[touched] > 0, EMPTY_ID, self.ids[touched, -1])
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(query, id) of every kept pair: the top-k and what is within the margin of the final k-th."""
+        query, slot = np.nonzero(self.ids != EMPTY_ID)
+        ids = self.ids[query, slot]
+        if not self.near_q:
+            return query, ids
+        near_q, near_i, near_s = (np.concatenate(part) for part in (self.near_q, self.near_i, self.near_s))
+        near = near_s >= self.scores[near_q, -1] - self.margin[near_q]
+        return np.concatenate([query, near_q[near]]), np.concatenate([ids, near_i[near]])
 
     def result(self) -> Neighbors:
         ids = np.where(self.ids == EMPTY_ID, -1, self.ids)
@@ -134,7 +172,8 @@ def _candidates_per_row(
     if full.any():
         parts.append(_beating_worst(tile, queries, key_start, state, np.flatnonzero(full)))
     if not full.all():
-        parts.append(_tile_top(tile, queries, key_start, state.k + slack, np.flatnonzero(~full)))
+        rows = np.flatnonzero(~full)
+        parts.append(_tile_top(tile, queries, key_start, state.k + slack, rows, state.margin[queries[rows]]))
     if len(parts) < 2:
         return parts[0] if parts else _no_triples()
     return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
@@ -172,12 +211,13 @@ def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tile_top(
-    tile: np.ndarray, queries: np.ndarray, key_start: int, m: int, rows: np.ndarray
+    tile: np.ndarray, queries: np.ndarray, key_start: int, m: int, rows: np.ndarray, margin: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For queries with an unfilled top-k: each row's m best entries of the tile, ties included.
 
     Anything below a row's m-th largest cosine is beaten by m entries; among entries tied
-    with it only the m lowest ids can matter.
+    with it only the m lowest ids can matter. With a ``margin`` [rows] (float64), entries
+    within it of the m-th are kept too.
     """
     sub = tile if rows.size == tile.shape[0] else tile[rows]  # [rows, cols]
     cols = sub.shape[1]
@@ -189,7 +229,13 @@ def _tile_top(
         tied = sub == kth[:, None]
         for row in np.flatnonzero(tied.sum(axis=1) > m):
             tied[row, np.flatnonzero(tied[row])[m:]] = False
-        r, c = np.nonzero(above | tied)
+        keep = above | tied
+        if margin is not None and (margin > 0).any():
+            wide = kth.astype(np.float64) - margin
+            low = wide.astype(np.float32)
+            low = np.where(low > wide, np.nextafter(low, np.float32(-np.inf)), low)
+            keep |= (sub >= low[:, None]) & (margin > 0)[:, None]
+        r, c = np.nonzero(keep)
     return queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c]
 
 
@@ -207,11 +253,6 @@ def _merge_excluding(
     state.merge(q, ids, s)
 
 
-def _sorted(state: RunningTopK) -> Neighbors:
-    order = np.lexsort((state.ids, -state.scores), axis=-1)
-    state.ids = np.take_along_axis(state.ids, order, axis=-1)
-    state.scores = np.take_along_axis(state.scores, order, axis=-1)
-    return state.result()
 
 
 def nearest_keys(
@@ -231,7 +272,7 @@ def nearest_keys(
     exclude = exclude if exclude is not None else [np.empty(0, np.int64)] * len(queries)
     slack = max((len(e) for e in exclude), default=0)
     excluder = _pair_excluder(exclude, keys.shape[0]) if slack else None
-    state = RunningTopK(len(queries), k)
+    state = RunningTopK(len(queries), k, screen_margin(queries))
     query_ids = np.arange(len(queries))
     for start, block in iter_blocks(keys, block_rows):
         tile = queries @ block.T  # [q, block]
@@ -239,7 +280,7 @@ def nearest_keys(
         _merge_excluding(state, _candidates_per_row(tile, query_ids, start, state, slack), excluder)
         if progress is not None:
             progress(len(block))
-    return _sorted(state)
+    return exact_top_k(state, queries, keys)
 
 
 def _pair_excluder(exclude: list[np.ndarray], n_keys: int) -> Excluder:
@@ -263,7 +304,7 @@ def knn_graph(
     the number of tiles done.
     """
     n = unit.shape[0]
-    state = RunningTopK(n, k)
+    state = RunningTopK(n, k, screen_margin(unit))
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
     for start in starts:
@@ -281,7 +322,7 @@ def knn_graph(
             state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
             if progress is not None:
                 progress(1)
-    return _sorted(state)
+    return exact_top_k(state, unit, unit)
 
 
 def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
@@ -303,12 +344,51 @@ def _candidates_per_column(
 
 
 def brute_force_neighbors(unit: np.ndarray, k: int, exclude_self: bool = True) -> Neighbors:
-    """The reference: the full cosine matrix sorted row by row (small inputs only)."""
-    cos = np.clip(unit @ unit.T, -1.0, 1.0)  # [n, n]
+    """The reference: every pair's float64 cosine, sorted row by row (small inputs only)."""
+    from pipeline.core.determinism import row_dots
+
     n = len(unit)
+    a, b = np.divmod(np.arange(n * n), n)
+    cos = np.clip(row_dots(unit[a], unit[b]), -1.0, 1.0).reshape(n, n)  # [n, n] float64
     ids = np.broadcast_to(np.arange(n), (n, n))
     order = np.lexsort((ids, -cos), axis=-1)
     if exclude_self:
         order = np.array([row[row != i] for i, row in enumerate(order)]).reshape(n, n - 1)
     order = order[:, :k]
-    return Neighbors(ids=order.astype(np.int64), cosines=np.take_along_axis(cos, order, axis=-1) + np.float32(0.0))
+    cosines = np.take_along_axis(cos, order, axis=-1).astype(np.float32) + np.float32(0.0)
+    return Neighbors(ids=order.astype(np.int64), cosines=cosines)
+
+
+# --------------------------------------------------------------------------------------
+# The exact decision after the float32 screen
+
+def screen_margin(queries: np.ndarray) -> np.ndarray:
+    """float64 [q]: how far below its k-th float32 cosine a query keeps keys: twice the float32
+    error bound, so whatever is left out is below k others in float64 too; 0 for a zero query,
+    whose float32 cosines are all exactly 0."""
+    from pipeline.core.determinism import float32_dot_error
+
+    margin = np.full(len(queries), 2 * float32_dot_error(queries.shape[1]))
+    margin[~queries.any(axis=1)] = 0.0
+    return margin
+
+
+def exact_top_k(state: RunningTopK, queries: np.ndarray, keys: np.ndarray) -> Neighbors:
+    """The k nearest keys of each query by float64 cosine, from a float32 screen.
+
+    ``state`` holds each query's best keys by float32 cosine and those within its margin
+    (:func:`screen_margin`); ``queries`` [q, dim] and ``keys`` [n, dim] are the unit rows it
+    multiplied. Those keys are rescored in float64 (:func:`pipeline.core.determinism.row_dots`,
+    a fixed order) and ranked by cosine, then id.
+
+    Why nothing else can rank: every key left out has a float32 cosine below the final
+    k-th float32 cosine minus twice the bound, so a float64 cosine below that k-th minus the
+    bound, which each of the k keys with the best float32 cosines reaches.
+    """
+    from pipeline.core.determinism import row_dots_at, top_k_pairs
+
+    query, found = state.candidates()
+    exact = np.clip(row_dots_at(queries, query, keys, found), -1.0, 1.0)  # [m] float64
+    ids, cosines = top_k_pairs(query, found, exact, len(state.ids), state.k)
+    # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
+    return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))

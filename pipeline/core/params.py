@@ -18,14 +18,24 @@ import yaml
 
 from pipeline.core.errors import DissectError
 from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.settings import shown, string, whole_number
 
 PARAMS_FILE = Path("params.yaml")
-FORMATS = ("meta", "safetensors", "gguf")
+FORMATS = ("meta", "safetensors", "gguf", "onnx")
 SOURCE_KINDS = ("path", "pypi", "synthetic", "hf", "url")
 HF_KEYS = ("repo", "revision", "files")
 URL_SCHEMES = ("s3", "https", "http")
 # A Hub repo id: an optional owner, then the name (what huggingface_hub accepts).
 REPO_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# Sections of a stage's settings that a model's config may set for itself.
+MODEL_STAGE_SECTIONS = ("undertrained",)
+MODEL_KEYS = ("format", "source", "tokenizer", "tensor", *MODEL_STAGE_SECTIONS)
+SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed"), "from": ("from",),
+               "hf": ("hf",), "url": ("url", "files")}
+PIN_PATTERN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*")
+SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
+# A tokenizer: a file or folder, a pinned wheel's member, or another model's of the same run.
+TOKENIZER_KINDS = ("path", "pypi", "from")
 # A model or pair name becomes a folder under models/, artifacts/ and reports/ and a DVC
 # stage suffix (`extract@NAME`): letters, digits, '-' and '_' only, so it can never be
 # empty, absolute, climb out with '..', or nest (Hydra and DVC read a dot as nesting).
@@ -40,7 +50,16 @@ class ModelConfig:
     source: dict[str, Any]
     tokenizer: dict[str, Any] | None
     tensor: str | None
-    entry: dict[str, Any]  # the model's mapping as params.yaml holds it, for provenance
+    entry: dict[str, Any]  # the model's mapping as params.yaml holds it
+
+    @property
+    def weights_entry(self) -> dict[str, Any]:
+        """What says which weights and tokenizer are read (for provenance): the entry without
+        the model's own stage settings (``undertrained:``), so changing those leaves the
+        extracted matrix's file as it was."""
+        return {key: value for key, value in self.entry.items() if key not in MODEL_STAGE_SECTIONS}
+    # `tokenizer: {from: OTHER}`: the model of the run whose tokenizer this one uses.
+    tokenizer_from: ModelConfig | None = None
 
     @property
     def source_kind(self) -> str:
@@ -57,15 +76,42 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
         raise DissectError(f"{path} is not valid YAML ({str(error).splitlines()[0]}); fix it or recompose it") from None
     if not isinstance(params, dict):
         raise DissectError(f"{path} is not a mapping of params; recompose it with `python -m pipeline.core.params`")
+    check_names(params)
     return params
 
 
-def check_name(name: str, what: str = "model") -> str:
+def check_name(name: Any, what: str = "model", where: str | None = None) -> str:
     """``name`` if it is safe as a folder and a stage suffix; else one line saying what a name may hold."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        hint = "; use '-' instead of '.'" if isinstance(name, str) and "." in name and "/" not in name else ""
-        raise DissectError(f"{what} name {name!r} is not {NAME_RULE}{hint}")
+        if isinstance(name, str) and "." in name and "/" not in name:
+            hint = "; use '-' instead of '.'"
+        elif isinstance(name, (int, float)) and not isinstance(name, bool):
+            hint = "; YAML reads it as a number: quote it"
+        else:
+            hint = ""
+        place = f" in {where}" if where else ""
+        raise DissectError(f"{what} name {name!r}{place} is not {NAME_RULE}{hint}")
     return name
+
+
+def check_names(params: dict[str, Any]) -> None:
+    """Every name params.yaml gives (models, export.models, drift.pairs), checked before any
+    stage runs: a name becomes a folder, so one bad name must stop every stage, not only its own."""
+    models = params.get("models")
+    if models is not None and not isinstance(models, dict):
+        raise DissectError("models must map each model name to its config; recompose params.yaml with `python -m pipeline.core.params`")
+    for name in models or {}:
+        check_name(name, "model", "models")
+    export = params.get("export")
+    exported = export.get("models") if isinstance(export, dict) else None
+    if isinstance(exported, list):  # any other type is refused with the export settings
+        for name in exported:
+            check_name(name, "model", "export.models")
+    drift = params.get("drift")
+    pairs = drift.get("pairs") if isinstance(drift, dict) else None
+    if isinstance(pairs, dict):  # any other type is refused with the drift settings
+        for name in pairs:
+            check_name(name, "drift pair", "drift.pairs")
 
 
 def model_config(params: dict[str, Any], name: str) -> ModelConfig:
@@ -75,18 +121,43 @@ def model_config(params: dict[str, Any], name: str) -> ModelConfig:
         known = ", ".join(sorted(models)) or "none"
         raise DissectError(f"model {name!r} is not in params.yaml (models: {known}); add it with -S '+model@models.{name}={name}'")
     entry = models[name] or {}
+    if not isinstance(entry, dict):
+        raise DissectError(f"models.{name} must be a mapping with format:, source:, tokenizer: and tensor:, got {shown(entry)}")
+    unknown = sorted(str(key) for key in entry if key not in MODEL_KEYS)
+    if unknown:
+        raise DissectError(f"models.{name}.{unknown[0]} is not a setting of a model (known: {', '.join(MODEL_KEYS)}); remove it or fix its spelling")
     fmt = entry.get("format")
     if fmt not in FORMATS:
         raise DissectError(f"models.{name}.format is {fmt!r}; set it to one of {', '.join(FORMATS)}")
     source = entry.get("source")
     source_kind(source, f"models.{name}.source")
     tokenizer = entry.get("tokenizer")
-    if tokenizer is not None:
-        source_kind(tokenizer, f"models.{name}.tokenizer", allowed=("path", "pypi"))
+    tokenizer_from = None
+    if tokenizer is not None and source_kind(tokenizer, f"models.{name}.tokenizer", allowed=TOKENIZER_KINDS) == "from":
+        tokenizer_from = lender(params, name, tokenizer["from"])
     tensor = entry.get("tensor")
-    if tensor is not None and not isinstance(tensor, str):
-        raise DissectError(f"models.{name}.tensor must be a tensor name or null, not {tensor!r}")
-    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry)
+    if tensor is not None and not (isinstance(tensor, str) and tensor):
+        raise DissectError(f"models.{name}.tensor must be a tensor name or null, got {shown(tensor)}")
+    return ModelConfig(name=name, format=fmt, source=source, tokenizer=tokenizer, tensor=tensor, entry=entry,
+                       tokenizer_from=tokenizer_from)
+
+
+def lender(params: dict[str, Any], name: str, other: Any) -> ModelConfig:
+    """The model of the run whose own tokenizer model ``name`` borrows (`tokenizer: {from: other}`)."""
+    where = f"models.{name}.tokenizer.from"
+    if not isinstance(other, str) or other == name:
+        raise DissectError(f"{where} must name another model of the run, not {other!r}")
+    check_name(other)
+    if other not in (params.get("models") or {}):
+        raise DissectError(f"{where} names {other!r}, which is not in params.yaml; add it to the run with "
+                           f"-S '+model@models.{other}={other}'")
+    config = model_config(params, other)
+    if config.tokenizer_from is not None:
+        raise DissectError(f"{where} names {other!r}, which itself takes its tokenizer from {config.tokenizer_from.name!r}; "
+                           f"set it to {config.tokenizer_from.name!r}")
+    if config.tokenizer is None and config.source_kind == "synthetic":
+        raise DissectError(f"{where} names {other!r}, a synthetic checkpoint without a tokenizer of its own; name a model that has one")
+    return config
 
 
 def model_settings(params: dict[str, Any], name: str | None) -> ModelConfig:
@@ -101,20 +172,54 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``path:``, ``pypi:``, ``synthetic:``, ``hf:`` or ``url:`` a source uses (exactly one), checked."""
+    """Which of ``allowed`` (``path:``, ``pypi:``, ``synthetic:``, ``hf:``, ``url:``, ``from:``) a source uses (exactly one), checked."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
     if len(kinds) != 1:
-        raise DissectError(f"{where} must set exactly one of {', '.join(k + ':' for k in allowed)} (got {sorted(source)})")
+        raise DissectError(f"{where} must set exactly one of {', '.join(k + ':' for k in allowed)} (got {sorted(map(str, source))})")
     kind = kinds[0]
-    if kind == "pypi" and not isinstance(source.get("files"), dict):
-        raise DissectError(f"{where}.files must map each file to unpack from the wheel to its sha256")
-    if kind == "hf":
+    unknown = sorted(str(key) for key in source if key not in SOURCE_KEYS[kind])
+    if unknown:
+        raise DissectError(f"{where}.{unknown[0]} is not a setting of a {kind}: source (known: {', '.join(SOURCE_KEYS[kind])}); remove it")
+    if kind == "path":
+        string()(source["path"], f"{where}.path")
+    elif kind == "pypi":
+        if not isinstance(source["pypi"], str) or not PIN_PATTERN.fullmatch(source["pypi"]):
+            raise DissectError(f"{where}.pypi must be pinned as 'package==version', got {shown(source['pypi'])}")
+        check_pins(source.get("files"), f"{where}.files")
+    elif kind == "from":
+        check_name(source["from"], "model", f"{where}.from")
+    elif kind == "hf":
         _check_hf(source["hf"], f"{where}.hf")
-    if kind == "url":
+    elif kind == "url":
         _check_url(source, where)
+    else:
+        string()(source["synthetic"], f"{where}.synthetic")
+        whole_number(0, 2**32 - 1)(source.get("seed", 0), f"{where}.seed")
     return kind
+
+
+def check_pins(files: Any, where: str) -> dict[str, str]:
+    """``source.files`` of a wheel: each member a path inside the wheel, each pin a sha256."""
+    if not isinstance(files, dict) or not files:
+        raise DissectError(f"{where} must map each file to unpack from the wheel to its sha256 (at least one), got {shown(files)}")
+    unpacked_as: dict[str, str] = {}
+    for member, digest in files.items():
+        parts = member.split("/") if isinstance(member, str) else []
+        if (not parts or member.startswith("/") or "\\" in member or ":" in parts[0]
+                or any(part in ("", ".", "..") for part in parts) or any(ord(c) < 32 for c in member)):
+            raise DissectError(
+                f"{where} names {shown(member)}, which is not a file inside the wheel; give its path in the wheel "
+                "like package/model.gguf (relative, no '.' or '..' parts)"
+            )
+        if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
+            raise DissectError(f"{where}.{member} must be the file's sha256 (64 hex digits), got {shown(digest)}")
+        name = parts[-1]
+        if name in unpacked_as:
+            raise DissectError(f"{where} names {unpacked_as[name]!r} and {member!r}, which would both unpack as {name}; keep one")
+        unpacked_as[name] = member
+    return files
 
 
 def _check_files(files: Any, where: str) -> None:

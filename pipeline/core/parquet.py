@@ -3,7 +3,25 @@
 Layout (see DESIGN.md, "Parquet conventions"):
 
 * vectors are a ``fixed_size_list<float32>[dim]`` column named ``vector`` next to
-  ``token_id int32`` and ``token string``;
+  ``token_id int32`` and ``token string``; ``embeddings.parquet`` (the extract stage) has, in
+  order:
+
+  ===============  ======================================================================
+  column           value
+  ===============  ======================================================================
+  ``token_id``     ``int32``, the row of the matrix
+  ``token``        the piece as text, exactly (``" Hello"``); null for padding rows. Not
+                   unique: a byte-fallback vocabulary's byte ``<0x0A>`` reads ``"\n"`` too
+  ``token_key``    unique: ``token``, but a byte-fallback piece keeps its name (``<0x0A>``),
+                   and a text that would still repeat gets ``<id:N>`` appended; null for
+                   padding. Drift aligns two files on it
+  ``kind``         ``normal`` | ``byte`` | ``special`` | ``unused`` | ``padding``
+                   (:data:`pipeline.tokenizers.load.TOKEN_KINDS`)
+  ``token_bytes``  the raw bytes of a piece that is not valid UTF-8 alone, else null
+  ``vector``       ``fixed_size_list<float32>[dim]`` (DuckDB reads it as ``FLOAT[]``: cast
+                   to ``FLOAT[dim]`` for the ``array_*`` functions)
+  ===============  ======================================================================
+
 * zstd compression, BYTE_STREAM_SPLIT on every float column (it puts the four bytes of
   each float in separate streams, so the zero low bytes of a bf16-sourced matrix compress
   to almost nothing), no dictionary encoding unless a writer names the columns (the
@@ -25,7 +43,8 @@ Layout (see DESIGN.md, "Parquet conventions"):
   ``matrix_sha256``  sha256 of the float32 matrix (:func:`pipeline.core.hashing.matrix_sha256`)
   ``tokenizer``      ``{"kind", "path", "sha256", "vocab_size"}``
   ``params``         the stage's params as read from params.yaml
-  ``package``        ``{"name": "embedding-dissect", "version"}``
+  ``package``        ``{"name": "embedding-dissect", "version", "libraries": {name: version}}``:
+                     the exact versions of numpy, scipy, pyarrow, torch, ... (:mod:`pipeline.core.environment`)
   =================  ==========================================================
 
 Files derived from ``embeddings.parquet`` by later stages carry ``stage``, ``model``,
@@ -40,14 +59,17 @@ none, never half of one.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+from pipeline.core.environment import library_versions
 from pipeline.core.errors import DissectError
 from pipeline.core.io import atomic_path
 
@@ -55,8 +77,9 @@ PROVENANCE_KEY = b"embedding_dissect"
 DEFAULT_ROW_GROUP_SIZE = 4096
 
 
-def package_record() -> dict[str, str]:
-    return {"name": "embedding-dissect", "version": __version__}
+def package_record() -> dict[str, Any]:
+    """This package's version and the exact versions of the libraries that decide output bytes."""
+    return {"name": "embedding-dissect", "version": __version__, "libraries": library_versions()}
 
 
 def derived_provenance(stage: str, model: str, embeddings_path: Path | str, params: dict[str, Any]) -> dict[str, Any]:
@@ -225,3 +248,55 @@ def read_matrix(path: Path | str) -> np.ndarray:
     if not np.array_equal(token_ids, np.arange(len(token_ids))):
         raise DissectError(f"the rows of {path} are not in token-id order 0..n-1; rebuild it with the extract stage")
     return matrix
+
+
+class _Abandoned(Exception):
+    """Raised inside the writer when the producer failed, so the file is not completed."""
+
+
+def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], **options: Any) -> None:
+    """:func:`write_batches` (with ``options``) in a second thread while this one computes the next batches.
+
+    Encoding ``fixed_size_list`` columns into Parquet runs at 120-230 M values/s a core (see
+    :func:`pipeline.quant.layout.quant_write_options`), about as long as the work that produces them; pyarrow
+    releases the GIL while it writes, so the two overlap.
+    If producing fails, the writer abandons its temporary file and the error is raised here.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)  # bounded: one chunk waits while one is written
+    finished, failed = object(), object()
+    ended = threading.Event()
+    errors: list[BaseException] = []
+
+    def is_end(item: Any) -> bool:
+        return item is finished or item is failed
+
+    def received() -> Iterator[pa.RecordBatch]:
+        while not is_end(item := handoff.get()):
+            yield item
+        ended.set()
+        if item is failed:
+            raise _Abandoned()
+
+    def write() -> None:
+        try:
+            write_batches(path, schema, received(), **options)
+        except BaseException as error:  # raised in the producer's thread below
+            errors.append(error)
+            while not ended.is_set():  # keep taking batches so a waiting producer can finish
+                if is_end(handoff.get()):
+                    ended.set()
+
+    writer = threading.Thread(target=write, name=f"write {path.name}", daemon=True)
+    writer.start()
+    end = failed
+    try:
+        for batch in batches:
+            if errors:
+                break
+            handoff.put(batch)
+        end = finished
+    finally:
+        handoff.put(end)
+        writer.join()
+    if errors:
+        raise errors[0]

@@ -3,9 +3,10 @@
 A stage never spells a file name; it is handed one of these objects and asks it::
 
     models/<model>/                 fetch: the weight files, tokenizer, manifest.json
+    models/<model>.hashed.json      fetch: size and times of the files it hashed (local)
     artifacts/<model>/              every per-model stage (see README, "What you get")
     artifacts/drift/<pair>/         drift between two files of one vocabulary
-    reports/<model>/                report.md and its figures (committed)
+    reports/<model>/                report.md, its figures, headline.json (committed)
     reports/index.md                the comparison of all models (committed)
 
 Paths are relative to the project root (DVC runs every stage there), so the provenance
@@ -47,6 +48,13 @@ class ModelPaths:
     @property
     def manifest(self) -> Path:
         return self.models / "manifest.json"
+
+    @property
+    def hashed(self) -> Path:
+        """fetch's record of each file's size and times when it hashed it, so extract trusts the
+        manifest's sha256 without hashing again. Beside models/<name>, not in it: it is
+        machine-local, and DVC hashes models/<name> as extract's input."""
+        return self.models.parent / f"{self.name}.hashed.json"
 
     # extract
     @property
@@ -149,6 +157,11 @@ class ModelPaths:
     def report_figures(self) -> Path:
         return self.reports / "figures"
 
+    @property
+    def headline(self) -> Path:
+        """The few numbers DVC compares between versions (the report stage's DVC metrics)."""
+        return self.reports / "headline.json"
+
 
 @dataclass(frozen=True)
 class DriftPaths:
@@ -171,6 +184,11 @@ class DriftPaths:
     @property
     def metrics(self) -> Path:
         return self.out / "drift.json"
+
+    @property
+    def headline(self) -> Path:
+        """The few numbers DVC compares between versions (the drift stage's DVC metrics)."""
+        return self.out / "headline.json"
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,23 @@ class Pca:
     explained_variance: np.ndarray  # [n_axes] float64, ddof = 1
     explained_variance_ratio: np.ndarray  # [n_axes] float64
 
-    def transform(self, rows: np.ndarray, n: int = 2, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    def transform(self, rows: np.ndarray, n: int = 2, block_rows: int = BLOCK_ROWS, published: bool = True) -> np.ndarray:
         """Coordinates of ``rows`` [m, dim] on the first ``n`` axes: (rows - mean) @ components[:n].T.
 
-        Axes the fit does not have (fewer rows than n + 1) give coordinate 0.
+        Axes the fit does not have (fewer rows than n + 1) give coordinate 0. ``published``:
+        each axis's coordinates on the grid PUBLISHED_BITS (20) binary digits below its
+        standard deviation (:func:`pipeline.core.determinism.quantize`), far above the ~1e-15 that
+        the refined axes still carry from the BLAS kernel, so they are exact in float32 and
+        the same on every machine.
         """
+        from pipeline.core.determinism import quantize, scale_quantum
+
         axes = self.components[:n]  # [<=n, dim]
         out = np.zeros((rows.shape[0], n), dtype=np.float64)  # [m, n]
         for start, block in iter_blocks(rows, block_rows):
             out[start : start + len(block), : len(axes)] = (block.astype(np.float64) - self.mean) @ axes.T
+        if published:
+            out[:, : len(axes)] = quantize(out[:, : len(axes)], scale_quantum(np.sqrt(self.explained_variance[: len(axes)])))
         return out
 
 
@@ -80,12 +88,138 @@ def fit_pca(
         scatter = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
+    screen = _upper_float32(scatter)  # [dim, dim]: the covariance as the refinement below solves with it
+    # One more axis than refined, so the refinement knows the gap below the last refined one.
+    solved = min(dim, max(keep, REFINED_AXES + 1))
     # One opaque LAPACK call: seconds at dim 2048, minutes at 16384; the bar shows it runs.
     with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
-        eigenvalues, eigenvectors = _top_eigh(scatter, keep)  # [keep] descending, [dim, keep]
+        eigenvalues, eigenvectors = _top_eigh(scatter, solved)  # [solved] descending, [dim, solved]
         bar.update(1)
-    variance = np.clip(eigenvalues, 0.0, None)  # rounding can leave tiny negatives
-    return _pca(mean, fix_signs(eigenvectors.T), variance, total)
+    del scatter
+    refined = min(REFINED_AXES, keep)
+    eigenvalues[:refined], eigenvectors[:, :refined] = refine_axes(
+        matrix, mean, screen, eigenvalues, eigenvectors[:, :refined], block_rows
+    )
+    axes = _orthogonal_rest(eigenvectors[:, :keep], refined)
+    variance = np.clip(eigenvalues[:keep], 0.0, None)  # rounding can leave tiny negatives
+    return _pca(mean, fix_signs(axes.T), variance, total)
+
+
+# The axes that every token is projected on (pca.parquet, atlas.parquet, undertrained) are
+# refined to float64 precision; the others only give explained variances.
+REFINED_AXES = 2
+REFINE_PASSES = 5  # passes over the matrix at most; two at float32 screen error 1e-7 and a clear gap
+CONVERGED = 1e-11  # a residual this small (relative to the top variance) needs one last correction only
+CG_STEPS = 2000
+CG_TOLERANCE = 1e-10
+
+
+def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
+    """``axes`` [dim, m] with columns refined.. made orthonormal to the first ``refined`` again
+    (they moved by the refinement's ~1e-7); the first ``refined`` are kept as they are."""
+    if refined == 0 or refined >= axes.shape[1]:
+        return axes
+    first, rest = axes[:, :refined], axes[:, refined:]
+    rest = rest - first @ (first.T @ rest)
+    rest, triangle = np.linalg.qr(rest)
+    rest *= np.where(np.diag(triangle) < 0, -1.0, 1.0)  # keep each axis's direction
+    return np.column_stack([first, rest])
+
+
+def _upper_float32(scatter: np.ndarray) -> np.ndarray:
+    """float32 copy, Fortran order, of the upper triangle of ``scatter`` (half the memory of float64)."""
+    return np.asfortranarray(scatter, dtype=np.float32)
+
+
+def refine_axes(
+    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray, block_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The leading eigenpairs of the covariance to float64 precision: ([r] variances, [dim, r] axes).
+
+    ``vectors`` [dim, r] come from the covariance accumulated in float32 (``screen``, its
+    upper triangle), whose last bits, and so the axes' last ~7 digits, depend on the BLAS
+    kernel and thread count. Each pass over the matrix computes C V exactly enough in
+    float64 (the centred rows in float64, two thin products per block), a Rayleigh-Ritz step
+    in span(V) and the residuals R = C V - V diag(mu); the correction t of each axis solves
+    (mu - screen) t = r orthogonally to V (conjugate gradients on the float32 covariance:
+    an error of 1e-7 there only slows convergence by that factor). The error shrinks by
+    ~1e-7 / (relative eigengap) per pass, so two or three passes leave only float64
+    rounding, ~1e-15, which the published values are rounded well above. Axes whose
+    variance is not separated from the next one cannot be pinned down and are left as they are.
+    """
+    n, dim = matrix.shape
+    r = vectors.shape[1]
+    if n < 2 or r == 0 or values[0] <= 0:
+        return values[:r], vectors
+    next_value = values[r] if len(values) > r else 0.0
+    if not values[r - 1] - next_value > 1e-6 * values[0]:
+        return values[:r], vectors
+    axes = vectors.copy()
+    mu = values[:r].copy()
+    for _ in range(REFINE_PASSES):
+        product = _covariance_times(matrix, mean, axes, block_rows)  # [dim, r]
+        ritz, rotation = np.linalg.eigh(axes.T @ product)  # ascending
+        rotation = rotation[:, ::-1]
+        mu, axes, product = ritz[::-1], axes @ rotation, product @ rotation
+        residual = product - axes * mu  # [dim, r]
+        if not np.isfinite(residual).all():
+            return values[:r], vectors
+        small = float(np.abs(residual).max()) <= CONVERGED * mu[0]
+        correction = np.column_stack([
+            _solve_shifted(screen, value, axes, residual[:, j]) for j, value in enumerate(mu)
+        ])
+        axes, _ = np.linalg.qr(axes + correction)
+        if small:
+            break
+    return mu, axes
+
+
+def _covariance_times(matrix: np.ndarray, mean: np.ndarray, axes: np.ndarray, block_rows: int) -> np.ndarray:
+    """[dim, r] covariance times ``axes`` [dim, r], from the rows centred in float64: X_c^T (X_c V) / (n - 1)."""
+    out = np.zeros(axes.shape)
+    for _, block in iter_blocks(matrix, block_rows):
+        centred = block.astype(np.float64)
+        centred -= mean
+        out += centred.T @ (centred @ axes)
+    return out / max(matrix.shape[0] - 1, 1)
+
+
+def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """t orthogonal to ``axes`` with (shift - C) t = rhs there; C the symmetric upper-stored ``screen``.
+
+    Positive definite on that complement when shift lies above the covariance's other
+    eigenvalues; conjugate gradients stop at CG_TOLERANCE or on a direction of no curvature.
+    """
+    from scipy.linalg import blas
+
+    symv = blas.ssymv if screen.dtype == np.float32 else blas.dsymv
+
+    def project(x: np.ndarray) -> np.ndarray:
+        return x - axes @ (axes.T @ x)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        y = symv(1.0, screen, x.astype(screen.dtype), lower=0).astype(np.float64)
+        return project(shift * x - y)
+
+    b = project(rhs)
+    x = np.zeros_like(b)
+    r, p = b.copy(), b.copy()
+    rr = float(r @ r)
+    stop = (CG_TOLERANCE * np.sqrt(rr)) ** 2
+    for _ in range(CG_STEPS):
+        if rr <= stop:
+            break
+        q = apply(p)
+        curvature = float(p @ q)
+        if not curvature > 0:
+            break
+        step = rr / curvature
+        x += step * p
+        r -= step * q
+        rr_next = float(r @ r)
+        p = r + (rr_next / rr) * p
+        rr = rr_next
+    return project(x)
 
 
 def _scatter(matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object]) -> np.ndarray:

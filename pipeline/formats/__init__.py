@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import DissectError
-from pipeline.formats import gguf, meta, safetensors
+from pipeline.formats import gguf, meta, onnx, safetensors
 from pipeline.formats.base import KNOWN_EMBEDDING_KEYS, Embedding, SourceRecord
 
-READERS = {"meta": meta, "safetensors": safetensors, "gguf": gguf}
+READERS = {"meta": meta, "safetensors": safetensors, "gguf": gguf, "onnx": onnx}
 
 __all__ = ["KNOWN_EMBEDDING_KEYS", "Embedding", "SourceRecord", "READERS", "read_embedding", "weight_files"]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import DissectError
-from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.base import KNOWN_EMBEDDING_KEYS, Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.checks import file_inside, is_whole
 from pipeline.core.memory import empty_float32, reuse_freed_memory
 from pipeline.formats.convert import MappedFile, parallel_rows
 from pipeline.formats.gguf_file import read_gguf
@@ -35,6 +36,7 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a .gguf file")
     file = path if path.is_file() else _single_file(path)
     contents = read_gguf(file)
+    _refuse_missing_split(contents, tensor)
     key = choose_tensor_key(sorted(contents.tensors), tensor, file)
     info = contents.tensors[key]
     shape = require_2d(info.shape, key, file)
@@ -46,6 +48,17 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
     matrix = dequantize_rows(blocks, info.type_id, shape, key, release=mapped.release)
     record = SourceRecord(files=(file,), tensor_key=key, source_dtype=_type_name(info.type_id), shape=shape)
     return Embedding(matrix=matrix, source=record)
+
+
+def _refuse_missing_split(contents, tensor: str | None) -> None:
+    """A split GGUF names no files, and its other parts are never looked for: say so when the tensor is elsewhere."""
+    parts = contents.metadata.get("split.count")
+    wanted = [tensor] if tensor is not None else KNOWN_EMBEDDING_KEYS
+    if is_whole(parts) and parts > 1 and not any(key in contents.tensors for key in wanted):
+        raise DissectError(
+            f"{contents.path} is one part of a split GGUF (split.count above 1) and does not hold the embedding; "
+            "merge the parts with `llama-gguf-split --merge` and point `source.path` at the merged file"
+        )
 
 
 def _type_name(type_id: int) -> str:
@@ -140,7 +153,7 @@ def _dequantize(gguf, chunk: np.ndarray, qtype, key: str) -> np.ndarray:
 def _single_file(folder: Path) -> Path:
     candidates = sorted(folder.glob("*.gguf"))
     if len(candidates) == 1:
-        return candidates[0]
+        return file_inside(folder, candidates[0].name, "the GGUF file", "point `source.path` at the .gguf file itself")
     if not candidates:
         raise DissectError(f"no .gguf file in {folder}; point `source.path` at the .gguf file")
     raise DissectError(f"{folder} holds several .gguf files; point `source.path` at one of them")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DissectError
+from pipeline.formats.checks import is_whole, quoted
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -88,7 +89,7 @@ class _Cursor:
         """A u64 count that cannot describe more items than the bytes that remain could hold."""
         value = self.scalar("<Q", 8)
         if value * max(min_item_size, 1) > self.remaining():
-            raise self.fail(f"{what} count {value} is larger than the file")
+            raise self.fail(f"{what} count is larger than the file")  # the count itself is not shown: it is not plausible
         return value
 
     def string(self) -> str:
@@ -97,6 +98,11 @@ class _Cursor:
             return str(raw, "utf-8")
         except UnicodeDecodeError:
             raise self.fail("a string is not valid UTF-8") from None
+
+
+def _number(value: int) -> str:
+    """A small number read from the file, as text; a large one is not shown (it would be raw bytes)."""
+    return str(value) if 0 <= value < 1 << 16 else "beyond any valid value"
 
 
 def _value(cursor: _Cursor, type_id: int, depth: int = 0) -> Any:
@@ -112,15 +118,15 @@ def _value(cursor: _Cursor, type_id: int, depth: int = 0) -> Any:
         if item_type == _STRING:
             n = cursor.count(8, "string array")
             return [cursor.string() for _ in range(n)]
-        raise cursor.fail(f"array of unsupported type {item_type}")
-    raise cursor.fail(f"unknown value type {type_id}")
+        raise cursor.fail(f"array of unsupported type {_number(item_type)}")
+    raise cursor.fail(f"unknown value type {_number(type_id)}")
 
 
 def _tensor_info(cursor: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     name = cursor.string()
     n_dims = cursor.scalar("<I", 4)
     if not 1 <= n_dims <= MAX_DIMS:
-        raise cursor.fail(f"tensor {name!r} has {n_dims} dimensions")
+        raise cursor.fail(f"tensor {quoted(name)} has {_number(n_dims)} dimensions, not 1 to {MAX_DIMS}")
     dims = struct.unpack(f"<{n_dims}Q", cursor.take(8 * n_dims))
     type_id = cursor.scalar("<I", 4)
     offset = cursor.scalar("<Q", 8)
@@ -133,13 +139,13 @@ def _nbytes(shape: tuple[int, ...], type_id: int, name: str, cursor: _Cursor) ->
     try:
         qtype = GGMLQuantizationType(type_id)
     except ValueError:
-        raise cursor.fail(f"tensor {name!r} has unknown type id {type_id}") from None
+        raise cursor.fail(f"tensor {quoted(name)} has unknown type id {_number(type_id)}") from None
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     elements = 1
     for d in shape:
         elements *= d
     if shape[-1] % block_size:
-        raise cursor.fail(f"tensor {name!r} row of {shape[-1]} is not a whole number of {qtype.name} blocks")
+        raise cursor.fail(f"tensor {quoted(name)} row of {_number(shape[-1])} is not a whole number of {qtype.name} blocks")
     return elements // block_size * type_size
 
 
@@ -151,26 +157,32 @@ def parse(buffer: bytes, file_size: int, path: Path) -> GGUFContents:
     cursor.take(4)
     version = cursor.scalar("<I", 4)
     if version not in SUPPORTED_VERSIONS:
-        raise cursor.fail(f"unsupported GGUF version {version} (big-endian or too new)")
+        raise cursor.fail(f"unsupported GGUF version {_number(version)} (big-endian or too new)")
     tensor_count = cursor.scalar("<Q", 8)
     kv_count = cursor.scalar("<Q", 8)
     if kv_count * 13 > cursor.remaining() or tensor_count * 25 > cursor.remaining():
-        raise cursor.fail(f"counts (tensors {tensor_count}, metadata {kv_count}) are larger than the file")
+        raise cursor.fail("the tensor or metadata count is larger than the file")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cursor.string()
+        if key in metadata:
+            raise cursor.fail(f"metadata key {quoted(key)} appears twice")
         metadata[key] = _value(cursor, cursor.scalar("<I", 4))
     infos = [_tensor_info(cursor) for _ in range(tensor_count)]
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise cursor.fail(f"general.alignment {alignment!r} is not a power of two")
+    if not is_whole(alignment) or alignment <= 0 or alignment & (alignment - 1):
+        raise cursor.fail(f"general.alignment {quoted(alignment)} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     tensors: dict[str, TensorInfo] = {}
     for name, shape, type_id, offset in infos:
+        if name in tensors:
+            raise cursor.fail(f"tensor {quoted(name)} appears twice")
         nbytes = _nbytes(shape, type_id, name, cursor)
         start = data_start + offset
         if start + nbytes > file_size:
-            raise cursor.fail(f"tensor {name!r} lies beyond the end of the file")
+            raise cursor.fail(f"tensor {quoted(name)} lies beyond the end of the file")
+        if offset % alignment:
+            raise cursor.fail(f"tensor {quoted(name)} starts at an offset that is not a multiple of general.alignment {alignment}")
         tensors[name] = TensorInfo(name=name, shape=shape, type_id=type_id, offset=start, nbytes=nbytes)
     return GGUFContents(path=path, version=version, metadata=metadata, tensors=tensors)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import pickle
 import re
 import struct
@@ -25,6 +24,7 @@ import numpy as np
 
 from pipeline.core.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.checks import JSONProblem, file_inside, is_whole, quoted, read_json_file
 from pipeline.core.memory import empty_float32, reuse_freed_memory
 from pipeline.formats.convert import MappedFile, fill_float32
 from pipeline.core.progress import progress_bar
@@ -37,8 +37,8 @@ def weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     shards = _shards(path)
-    params = path / "params.json"
-    return [*shards, params] if params.is_file() else shards
+    params = _params_file(path)
+    return [*shards, params] if params is not None else shards
 
 
 def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
@@ -47,6 +47,8 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a Meta checkpoint folder or .pth file")
     shards = [path] if path.is_file() else _shards(path)
     params_dim = _params_dim(path if path.is_dir() else path.parent)
+    for shard in shards:
+        _check_archive(shard)  # every member, before anything is inflated, on both paths below
     slices = _read_without_torch(shards, tensor)
     if slices is None:
         slices, key = [], tensor
@@ -75,7 +77,10 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
 # the precise error); the tensor is then memory-mapped at its offset inside the archive.
 # This skips torch's import (seconds) and reads only the embedding's bytes.
 
-MAX_STATE_PICKLE_BYTES = 64 * 1024 * 1024
+# A state dict's pickle takes ~113 bytes a tensor (a Llama 3.1 405B shard's 1,134 tensors:
+# 128 KB), and unpickling can cost ~430 bytes of memory per byte of pickle (torch's
+# unpickler on a pickle of empty sets): 512 KiB holds 4,600 tensors and keeps that under 256 MB.
+MAX_STATE_PICKLE_BYTES = 512 * 1024
 _STORAGE_DTYPES = {
     "BFloat16Storage": ("<u2", "bfloat16"),
     "HalfStorage": ("<f2", "float16"),
@@ -172,13 +177,11 @@ def _fast_state(shard: Path | BinaryIO):
         pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
             raise _Unsupported("no single data.pkl")
-        if infos[pickles[0]].file_size > MAX_STATE_PICKLE_BYTES:
-            raise _Unsupported("state pickle too large")  # a state dict's pickle is kilobytes; don't inflate a bomb
         prefix = pickles[0][: -len("data.pkl")]
         order = infos.get(prefix + "byteorder")
-        if order is not None and archive.read(order).strip() != b"little":
+        if order is not None and _read_member(archive, order, 16).strip() != b"little":
             raise _Unsupported("big-endian checkpoint")
-        state = _StateUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+        state = _StateUnpickler(io.BytesIO(_read_member(archive, infos[pickles[0]], MAX_STATE_PICKLE_BYTES))).load()
     if not isinstance(state, dict):
         raise _Unsupported("not a state dict")
 
@@ -205,6 +208,69 @@ def _fast_state(shard: Path | BinaryIO):
 _MAPS: dict[int, MappedFile] = {}  # array id -> its map, so _join can drop converted pages
 
 
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A small member's bytes, never inflating more than ``limit`` + 1 of them whatever it declares."""
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise _Unsupported("member larger than its limit")
+    return data
+
+
+# ---- the archive, checked before either path inflates a byte of it ------------------------
+
+MAX_ARCHIVE_MEMBERS = 100_000  # a shard holds a member per storage: thousands
+MAX_INFLATED_BYTES = 16 * 1024 * 1024  # all compressed members together (torch.save compresses none)
+CHECKPOINT_FIX = "check the file is complete and `format` is right"
+
+
+def _check_archive(shard: Path) -> None:
+    """Refuse a .pth whose zip members could cost more than their bounds, before anything inflates them.
+
+    Checked from the central directory alone: the member count; every member's bytes lie
+    inside the file; a stored member declares the size it stores; storages (``data/``) are
+    stored, never compressed (torch maps them); a compressed member declares at most
+    :data:`MAX_INFLATED_BYTES` (all together) and ``data.pkl`` at most
+    :data:`MAX_STATE_PICKLE_BYTES`. A member whose declared size is a lie inflates only up
+    to it: Python's zipfile and torch's reader both stop there.
+    """
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as handle:
+            end = zipfile._EndRecData(handle)
+            if end is None:
+                raise DissectError(f"{shard} is not a readable PyTorch checkpoint (not a zip archive); {CHECKPOINT_FIX}")
+            if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ARCHIVE_MEMBERS:
+                raise _bad_archive(shard, f"it lists more than {MAX_ARCHIVE_MEMBERS:,} members")
+            with zipfile.ZipFile(handle) as archive:
+                infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error):
+        raise DissectError(f"{shard} is not a readable PyTorch checkpoint (a damaged zip archive); {CHECKPOINT_FIX}") from None
+    if len({info.filename for info in infos}) != len(infos):
+        raise _bad_archive(shard, "two members share a name")
+    inflated = 0
+    for info in infos:
+        name = info.filename
+        if info.header_offset + 30 + info.compress_size > size:
+            raise _bad_archive(shard, f"member {quoted(name)} lies beyond the end of the file")
+        if name == "data.pkl" or name.endswith("/data.pkl"):
+            if info.file_size > MAX_STATE_PICKLE_BYTES:
+                raise _bad_archive(shard, f"its data.pkl is larger than the {MAX_STATE_PICKLE_BYTES // 1024} KiB a state dict's pickle takes")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size:
+                raise _bad_archive(shard, f"member {quoted(name)} declares a size other than the bytes it stores")
+            continue
+        if "/data/" in f"/{name}":
+            raise _bad_archive(shard, f"storage {quoted(name)} is compressed; torch.save stores storages as they are")
+        inflated += info.file_size
+        if inflated > MAX_INFLATED_BYTES:
+            raise _bad_archive(shard, f"its compressed members would inflate past {MAX_INFLATED_BYTES // 2**20} MiB")
+
+
+def _bad_archive(shard: Path, why: str) -> DissectError:
+    return DissectError(f"{shard} is refused as a PyTorch checkpoint ({why}); re-save it with torch.save(state_dict)")
+
+
 def _member_data_offset(file: Path | BinaryIO, info: zipfile.ZipInfo) -> int:
     """Where a stored zip member's bytes begin: after its local header (whose extra field may
     differ from the central directory's)."""
@@ -228,18 +294,37 @@ def _shards(folder: Path) -> list[Path]:
     numbers = [n for n, _ in found]
     if numbers != list(range(len(numbers))):
         raise DissectError(f"the shards in {folder} are numbered {numbers}, not 00..{len(numbers) - 1:02d}; a shard is missing")
-    return [p for _, p in found]
+    return [file_inside(folder, p.name, "the shard", RESTORE) for _, p in found]
+
+
+RESTORE = "restore the checkpoint's files as one folder"
+
+
+def _params_file(folder: Path) -> Path | None:
+    params = folder / "params.json"
+    if not (params.exists() or params.is_symlink()):
+        return None
+    return file_inside(folder, params.name, "the checkpoint's", RESTORE)
 
 
 def _params_dim(folder: Path) -> int | None:
-    params = folder / "params.json"
-    if not params.is_file():
+    """``dim`` of the folder's params.json: None without one, a :class:`DissectError` if it is not a positive whole number."""
+    params = _params_file(folder)
+    if params is None:
         return None
+    fix = "restore the checkpoint's params.json"
     try:
-        dim = json.loads(params.read_text(encoding="utf-8")).get("dim")
-    except (ValueError, AttributeError):
-        raise DissectError(f"{params} is not valid JSON; restore the checkpoint's params.json") from None
-    return dim if isinstance(dim, int) and dim > 0 else None
+        values = read_json_file(params)
+    except JSONProblem as problem:
+        raise DissectError(f"{params} is not usable ({problem}); {fix}") from None
+    if not isinstance(values, dict):
+        raise DissectError(f"{params} is not a JSON object; {fix}")
+    dim = values.get("dim")
+    if dim is None:
+        return None
+    if not (is_whole(dim) and dim > 0):
+        raise DissectError(f"{params} has dim {quoted(dim)}, not a positive whole number; {fix}")
+    return dim
 
 
 def _load_state(shard: Path) -> dict[str, Any]:
@@ -264,14 +349,20 @@ def _load_state(shard: Path) -> dict[str, Any]:
 
 
 def _refusal_reason(error: Exception) -> str:
-    """The line of torch's weights-only refusal that names what the pickle wanted to load.
+    """What the pickle wanted beside tensors, in our words.
 
-    torch's message opens with advice to retry with ``weights_only=False``, which is exactly
-    what must not be done with an untrusted file, so only the specific line is kept.
+    torch's message advises retrying with ``weights_only=False`` or allowing the refused
+    global (``add_safe_globals([eval])``): exactly what must not be done with an untrusted
+    file, so none of its sentences are repeated, only the name of what was refused.
     """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
-    return (specific or lines[-1:] or ["not a plain state dict"])[0][:200]
+    text = str(error)
+    wanted = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text)
+    if wanted:
+        return f"it asks for {wanted.group(1)}, which is code, not a tensor"
+    opcode = re.search(r"[Uu]nsupported operand\s+(\S+)", text)
+    if opcode:
+        return f"it uses the pickle operation {opcode.group(1).strip('.,')}, which a state dict does not need"
+    return "it is not a plain state dict"
 
 
 def _tensor_bits(tensor: Any, key: str, shard: Path) -> tuple[np.ndarray, str]:
@@ -323,20 +414,33 @@ def _releaser(array: np.ndarray):
 
 
 def _split_axis(shapes: list[tuple[int, ...]], params_dim: int | None, where: Path) -> int:
+    """0 for shards that split the vocabulary, 1 for ones that split the model dimension.
+
+    Meta's parallel embeddings split an axis into equal parts, so unequal slices (or a single
+    shard whose width is not params.json's ``dim``) mean a shard from another model.
+    """
     if len(shapes) == 1:
+        if params_dim is not None and shapes[0][1] != params_dim:
+            raise DissectError(
+                f"the embedding in {where} is {list(shapes[0])} but params.json says dim {quoted(params_dim)}; "
+                "the params.json or the shard belongs to another model (a lone model-parallel shard? point at the whole folder)"
+            )
         return 0
-    rows, cols = {s[0] for s in shapes}, {s[1] for s in shapes}
-    by_vocab = len(cols) == 1 and (params_dim is None or cols == {params_dim})
-    by_dim = len(rows) == 1 and params_dim is not None and sum(s[1] for s in shapes) == params_dim
-    if by_dim:
-        return 1
-    if by_vocab and params_dim is not None:
-        return 0
+    if len(set(shapes)) > 1:
+        raise DissectError(
+            f"the embedding slices in {where} have unequal shapes {quoted([list(s) for s in shapes], 120)}, but Meta's "
+            "model-parallel shards split it into equal parts; a shard is from another model, re-download the checkpoint"
+        )
     if params_dim is None:
         raise DissectError(
             f"cannot tell how the shards in {where} split the embedding without params.json; add the checkpoint's params.json"
         )
+    cols = shapes[0][1]
+    if cols * len(shapes) == params_dim:
+        return 1
+    if cols == params_dim:
+        return 0
     raise DissectError(
-        f"the embedding slices in {where} (shapes {[list(s) for s in shapes]}) join to neither [vocab, {params_dim}] "
+        f"the embedding slices in {where} (each {list(shapes[0])}) join to neither [vocab, {quoted(params_dim)}] "
         "along the vocabulary nor along the model dimension; a shard is missing or from another model"
     )

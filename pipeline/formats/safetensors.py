@@ -7,7 +7,7 @@ Only the embedding tensor is memory-mapped; the rest of the model is never read.
 
 from __future__ import annotations
 
-import json
+import math
 import struct
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.core.errors import DissectError
 from pipeline.formats.base import Embedding, SourceRecord, choose_tensor_key, require_2d
+from pipeline.formats.checks import JSONProblem, file_inside, is_whole, parse_json, quoted, read_json_file
 from pipeline.core.memory import reuse_freed_memory
 from pipeline.formats.convert import MappedFile, rows_to_float32
 
@@ -35,10 +36,10 @@ def weight_files(path: Path) -> list[Path]:
     """The files a read of ``path`` (a file or a model folder) may touch."""
     if path.is_file():
         return [path]
-    index = path / INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(_read_index(index).values()))
-        return [index, *(path / shard for shard in shards)]
+    if _has_index(path):
+        index = _index(path)
+        _, shards = _read_index(index)
+        return [index, *(shards[name] for name in sorted(shards))]
     return [_single_file(path)]
 
 
@@ -46,45 +47,66 @@ def read_embedding(path: Path, tensor: str | None = None) -> Embedding:
     reuse_freed_memory()
     if not path.exists():
         raise DissectError(f"{path} does not exist; set the model's `source.path` to a .safetensors file or a model folder")
-    if path.is_dir() and (path / INDEX_NAME).is_file():
-        return _read_sharded(path / INDEX_NAME, tensor)
+    if path.is_dir() and _has_index(path):
+        return _read_sharded(_index(path), tensor)
     file = path if path.is_file() else _single_file(path)
     header = read_header(file)
     key = choose_tensor_key(sorted(header.tensors), tensor, file)
     return _embedding_from(file, header, key, files=(file,))
 
 
+REDOWNLOAD = "re-download the model's files into one folder"
+
+
+def _has_index(folder: Path) -> bool:
+    return (folder / INDEX_NAME).exists() or (folder / INDEX_NAME).is_symlink()
+
+
+def _index(folder: Path) -> Path:
+    return file_inside(folder, INDEX_NAME, "the index", REDOWNLOAD)
+
+
 def _single_file(folder: Path) -> Path:
     preferred = folder / "model.safetensors"
-    if preferred.is_file():
-        return preferred
+    if preferred.exists() or preferred.is_symlink():
+        return file_inside(folder, preferred.name, "the weights file", REDOWNLOAD)
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) == 1:
-        return candidates[0]
+        return file_inside(folder, candidates[0].name, "the weights file", REDOWNLOAD)
     if not candidates:
         raise DissectError(f"no .safetensors file in {folder}; point `source.path` at the model's folder or file")
     raise DissectError(f"{folder} holds several .safetensors files but no {INDEX_NAME}; point `source.path` at one file")
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    """The weight map (tensor -> shard name) and shard name -> path for every shard it names.
+
+    Every shard must be a file in the index's folder, whether or not it holds the embedding.
+    """
+    weight_map = read_weight_map(index)
+    described = f"the shard named in {index.name}"
+    return weight_map, {name: file_inside(index.parent, name, described, REDOWNLOAD) for name in set(weight_map.values())}
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight map (tensor -> shard name), checked for shape only."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise DissectError(f"{index} is not a valid safetensors index ({error}); re-download the model's index file") from None
+        weight_map = read_json_file(index)["weight_map"]
+    except (JSONProblem, KeyError, TypeError) as error:
+        why = error if isinstance(error, JSONProblem) else "no weight_map"
+        raise DissectError(f"{index} is not a valid safetensors index ({why}); re-download the model's index file") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise DissectError(f"{index} has a malformed weight_map; re-download the model's index file")
     return weight_map
 
 
 def _read_sharded(index: Path, tensor: str | None) -> Embedding:
-    weight_map = _read_index(index)
+    weight_map, shards = _read_index(index)
     key = choose_tensor_key(sorted(weight_map), tensor, index)
-    shard = index.parent / weight_map[key]
-    if not shard.is_file():
-        raise DissectError(f"{index} says {key!r} is in {shard.name}, which is missing; download that shard")
+    shard = shards[weight_map[key]]
     header = read_header(shard)
     if key not in header.tensors:
-        raise DissectError(f"{shard} does not hold {key!r} although {index.name} says so; re-download the shard")
+        raise DissectError(f"{shard} does not hold {quoted(key)} although {index.name} says so; re-download the shard")
     return _embedding_from(shard, header, key, files=(index, shard))
 
 
@@ -98,20 +120,26 @@ class Header:
 
 
 def read_header(file: Path) -> Header:
-    """Parse and check the header of ``file``; every inconsistency is a :class:`DissectError`."""
+    """Parse and check the header of ``file``; every inconsistency is a :class:`DissectError`.
+
+    Nothing read from the file is quoted unless it passed its check: a length that is not
+    plausible is not printed (it would show the file's first bytes).
+    """
     file_size = file.stat().st_size
     with open(file, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise _not_safetensors(file, "shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-            raise _not_safetensors(file, f"header length {header_len} exceeds the file size {file_size}")
+        if 8 + header_len > file_size:
+            raise _not_safetensors(file, f"its header length is not plausible: it exceeds the file size of {file_size:,} bytes")
+        if header_len > MAX_HEADER_BYTES:
+            raise _not_safetensors(file, f"its header length is over the format's limit of {MAX_HEADER_BYTES:,} bytes")
         raw = handle.read(header_len)
     try:
-        entries = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _not_safetensors(file, "header is not valid JSON") from None
+        entries = parse_json(raw)
+    except JSONProblem as problem:
+        raise _not_safetensors(file, f"header: {problem}") from None
     if not isinstance(entries, dict):
         raise _not_safetensors(file, "header is not a JSON object")
     entries.pop("__metadata__", None)
@@ -126,19 +154,20 @@ def _not_safetensors(file: Path, why: str) -> DissectError:
 
 
 def _check_entry(file: Path, name: str, entry: object, data_size: int) -> dict:
+    """One tensor's entry: whole numbers (not booleans or floats) that fit the file exactly."""
     if not isinstance(entry, dict):
-        raise _not_safetensors(file, f"entry {name!r} is not an object")
+        raise _not_safetensors(file, f"entry {quoted(name)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _not_safetensors(file, f"tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise _not_safetensors(file, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    if not isinstance(shape, list) or not all(is_whole(d) and d >= 0 for d in shape):
+        raise _not_safetensors(file, f"tensor {quoted(name)} has an invalid shape {quoted(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_whole(o) for o in offsets)):
+        raise _not_safetensors(file, f"tensor {quoted(name)} has invalid data_offsets {quoted(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
-        raise _not_safetensors(file, f"tensor {name!r} lies outside the file (offsets {begin}..{end}, data {data_size} bytes)")
+        raise _not_safetensors(file, f"tensor {quoted(name)} lies outside the file's {data_size:,} data bytes")
     itemsize = _itemsize(dtype)
-    if itemsize is not None and int(np.prod(shape, dtype=np.int64)) * itemsize != end - begin:
-        raise _not_safetensors(file, f"tensor {name!r} shape {shape} {dtype} does not match its {end - begin} bytes")
+    if itemsize is not None and math.prod(shape) * itemsize != end - begin:  # exact: no int64 to overflow
+        raise _not_safetensors(file, f"tensor {quoted(name)} shape {quoted(shape)} {dtype} does not match its {end - begin:,} bytes")
     return entry
 
 
@@ -152,7 +181,7 @@ def _check_no_overlap(file: Path, tensors: dict[str, dict]) -> None:
     spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], name) for name, entry in tensors.items())
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
-            raise _not_safetensors(file, f"tensors {first!r} and {second!r} overlap")
+            raise _not_safetensors(file, f"tensors {quoted(first)} and {quoted(second)} overlap")
 
 
 def _embedding_from(file: Path, header: Header, key: str, files: tuple[Path, ...]) -> Embedding:
@@ -160,7 +189,7 @@ def _embedding_from(file: Path, header: Header, key: str, files: tuple[Path, ...
     shape = require_2d(tuple(entry["shape"]), key, file)
     if entry["dtype"] not in DTYPES:
         raise DissectError(
-            f"tensor {key!r} in {file} is {entry['dtype']}, not a float type this reader supports ({', '.join(DTYPES)})"
+            f"tensor {quoted(key)} in {file} is {quoted(entry['dtype'])}, not a float type this reader supports ({', '.join(DTYPES)})"
         )
     stored_dtype, dtype_name = DTYPES[entry["dtype"]]
     offset = header.data_start + entry["data_offsets"][0]

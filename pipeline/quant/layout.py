@@ -43,6 +43,8 @@ from pipeline.core.errors import DissectError
 from pipeline.core.parquet import leaf_column_paths
 from pipeline.quant.base import Encoded, Scheme
 
+ROWS_PER_CHUNK = 4096  # rows encoded, measured and written at a time: one row group of a quant file
+
 
 def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
     codes_type = pa.from_numpy_dtype(scheme.codes_dtype)

@@ -178,6 +178,7 @@ def recall(expected: np.ndarray, found: np.ndarray) -> float | None:
 
 
 def similarity_table(vectors: np.ndarray) -> np.ndarray:
-    """float64 [n, n] cosine similarity of every pair of ``vectors`` [n, dim]."""
-    unit = unit_rows(vectors.astype(np.float64))
-    return unit @ unit.T
+    """float64 [n, n] cosine similarity of every pair of ``vectors`` [n, dim], in a fixed order (no BLAS)."""
+    from pipeline.core.determinism import cosine_table
+
+    return cosine_table(vectors)

@@ -344,15 +344,9 @@ class ScreenedTopK:
 def best_pairs(query: np.ndarray, row: np.ndarray, score: np.ndarray, queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [queries, k], scores [queries, k]): each query's k best (query, row, score) pairs,
     best first, the lower row id first on a tie; -1 and -inf where a query has fewer."""
-    order = np.lexsort((row, -score, query))
-    query, row, score = query[order], row[order], score[order]
-    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within its query
-    top = rank < k
-    ids = np.full((queries, k), -1, dtype=np.int64)
-    scores = np.full((queries, k), -np.inf)
-    ids[query[top], rank[top]] = row[top]
-    scores[query[top], rank[top]] = score[top]
-    return ids, scores
+    from pipeline.core.determinism import top_k_pairs
+
+    return top_k_pairs(query, row, score, queries, k)
 
 
 def exact_best(

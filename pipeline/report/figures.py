@@ -152,7 +152,7 @@ def first_dims_figure(data: FirstDims, path: Path) -> None:
         ax.set_xlabel("dimension")
         ax.set_ylabel("value")
         ax.set_title(f"First {data.count} dimensions")
-        ax.legend(loc="upper right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the lines, never over a peak
         save_png(figure, path)
 
 
@@ -166,7 +166,7 @@ def similarity_heatmap(data: Heatmap, path: Path) -> None:
     """The word variants' cosine similarities, each cell printed."""
     labels, matrix = data.labels, data.matrix
     with style():
-        size = 2.5 + 0.45 * len(labels)
+        size = 2.5 + 0.6 * len(labels)
         figure = new_figure(size + 1, size)
         ax = figure.add_subplot()
         image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
@@ -174,7 +174,7 @@ def similarity_heatmap(data: Heatmap, path: Path) -> None:
         ax.set_yticks(range(len(labels)), labels)
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if matrix[i, j] < 0.6 else "black")
         figure.colorbar(image, ax=ax, label="cosine similarity")
         ax.set_title("Cosine similarity of the words")
@@ -187,12 +187,15 @@ def variance_figure(variance: list[dict[str, Any]], path: Path) -> None:
         figure = new_figure(6, 3)
         ax = figure.add_subplot()
         components = [v["component"] for v in variance]
-        ax.bar(components, [v["explained_variance_ratio"] for v in variance], color="#4C72B0", label="per component")
-        ax.plot(components, [v["cumulative"] for v in variance], color="#C44E52", label="cumulative")
+        bars = ax.bar(components, [v["explained_variance_ratio"] for v in variance], color="#4C72B0", label="per component")
         ax.set_xlabel("principal component")
-        ax.set_ylabel("explained variance ratio")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="center right")
+        ax.set_ylabel("explained variance ratio (bars)")
+        # The running sum on its own 0-1 axis, so the bars keep the height of theirs.
+        total = ax.twinx()
+        (line,) = total.plot(components, [v["cumulative"] for v in variance], color="#C44E52", label="cumulative")
+        total.set_ylim(0, 1)
+        total.set_ylabel("cumulative (line)")
+        ax.legend(handles=[bars, line], loc="center right")
         ax.set_title("Explained variance (whole vocabulary)")
         save_png(figure, path)
 
@@ -281,5 +284,11 @@ def pca_vocab_figure(data: PcaVocab, path: Path) -> None:
         ax.set_title(f"{data.model}: all {len(coordinates)} tokens{note}, words in red")
         ax.set_xlabel(_axis_label(data.ratios, 0))
         ax.set_ylabel(_axis_label(data.ratios, 1))
+        densest = int(np.argmax(cells.get_array()))
+        count = int(round(float(cells.get_array()[densest])))
+        cx, cy = cells.get_offsets()[densest]
+        ax.annotate(f"densest cell: {count} tokens", (cx, cy), xytext=(0.02, 0.03), textcoords="axes fraction", fontsize=8,
+                    arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 0.8},
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
         label_points(figure, ax, words_xy, labels, boxed=True)
         save_png(figure, path)

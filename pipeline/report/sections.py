@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.report import markdown as md
 
 TOP_SHOWN = 20
+SIMILARITY_COLUMNS = 6  # word variants per similarity table: wider ones overflow the page
 FIRST_DIMS_PLOTTED = 100
 
 # The quantization scheme named the best trade-off: the fewest bits per weight among the
@@ -144,8 +145,8 @@ def what_the_numbers_say(a: Artifacts) -> list[str]:
     else:
         notes.append(f"No dimension dominates: the largest per-dimension standard deviation (dimension {top}) is {ratio:.1f}× the median.")
     norms = s["row_norm"]
-    notes.append(f"Row norms range from {md.number(norms['min'], 3)} to {md.number(norms['max'], 3)}; "
-                 f"the middle 98% lie between {md.number(norms['p01'], 3)} and {md.number(norms['p99'], 3)}.")
+    low, high, p01, p99 = md.distinct_numbers([norms["min"], norms["max"], norms["p01"], norms["p99"]], 3)
+    notes.append(f"Row norms range from {low} to {high}; the middle 98% lie between {p01} and {p99}.")
     if s["rows"]["duplicate"]:
         notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**, typically tokens "
                      "that training never updated (see `duplicate_of` in `tokens.parquet`).")
@@ -221,8 +222,15 @@ def similarity_section(a: Artifacts) -> str:
     index = {variant: i for i, variant in enumerate(order)}
     split = split_variants(a.words)
     labels = [md.token(v) + (md.SPLIT_MARK if v in split else "") for v in order]
-    cosines = md.table(["", *labels], [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(len(order)))] for i in range(len(order))],
-                       "l" + "r" * len(order))
+    # At most SIMILARITY_COLUMNS columns a table, as even as they come, so each fits a page (GitHub: ~920 px).
+    tables = -(-len(order) // SIMILARITY_COLUMNS)
+    bounds = [round(len(order) * t / tables) for t in range(tables + 1)]
+    cosines = "\n\n".join(
+        md.table(["", *labels[start:stop]],
+                 [[labels[i], *(f"{matrix[i, j]:.2f}" for j in range(start, stop))] for i in range(len(order))],
+                 "l" + "r" * (stop - start))
+        for start, stop in zip(bounds, bounds[1:])
+    )
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(a.neighbors, key=lambda r: (index[r["variant"]], r["rank"])):
         by_variant.setdefault(row["variant"], []).append(row)
@@ -267,15 +275,29 @@ def pca_section(a: Artifacts) -> str:
     ])
 
 
-def best_trade_off(quant: dict[str, dict[str, Any]]) -> str | None:
-    # Ties on size go to the scheme that keeps more nearest neighbours, then to the smaller error.
+def qualified(quant: dict[str, dict[str, Any]]) -> list[str]:
+    """The schemes that keep every row's direction and the nearest neighbours, best first.
+
+    Fewest bits per weight first; ties on size go to the scheme that keeps more nearest
+    neighbours, then to the smaller error.
+    """
     eligible = [
         (metrics["bits_per_weight"], -(metrics.get("tokens_recall_at_k") or 0.0), metrics.get("rmse") or 0.0, scheme)
         for scheme, metrics in quant.items()
         if (metrics.get("row_cosine_min") or 0.0) >= TRADE_OFF_MIN_ROW_COSINE
         and (metrics.get("tokens_recall_at_k") or 0.0) >= TRADE_OFF_MIN_RECALL
     ]
-    return min(eligible)[-1] if eligible else None
+    return [entry[-1] for entry in sorted(eligible)]
+
+
+def best_trade_off(quant: dict[str, dict[str, Any]]) -> str | None:
+    found = qualified(quant)
+    return found[0] if found else None
+
+
+def _names(schemes: list[str]) -> str:
+    quoted = [f"`{scheme}`" for scheme in schemes]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _snr(metrics: dict[str, Any]) -> str:
@@ -288,24 +310,48 @@ def _snr(metrics: dict[str, Any]) -> str:
 def quant_section(a: Artifacts) -> str:
     if a.quant is None:
         return "No quantization was run for this model (`quantize` stage)."
-    headers = ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB",
-               "row cos mean", "row cos min", "clipped", "recall@k words", "recall@k tokens", "max Δ similarity"]
-    rows = [[f"`{scheme}`", md.number(m["bits_per_weight"], 3), md.number(m["bytes_on_disk"] / 1e6, 3),
-             md.number(m["compression_vs_float32"], 3), md.number(m["rmse"], 3), md.number(m["max_abs_error"], 3),
-             _snr(m), md.number(m["row_cosine_mean"], 6), md.number(m["row_cosine_min"], 6),
-             md.percent(m["clipped_fraction"], 3), md.number(m["words_recall_at_k"], 3), md.number(m["tokens_recall_at_k"], 3),
-             md.number(m["words_similarity_max_change"], 3)] for scheme, m in a.quant.items()]
+    k = next(iter(a.quant.values())).get("recall_k")
+    at_k = f"@{k}" if k else "@k"
+    schemes = list(a.quant)
+
+    def cells(key: str, digits: int = 3, scale: float = 1.0) -> list[str]:  # one number format down a column
+        return md.column([None if a.quant[x][key] is None else a.quant[x][key] * scale for x in schemes], digits)
+
+    size = md.table(
+        ["scheme", "bits/weight", "MB on disk", "× vs float32", "RMSE", "max \\|error\\|", "SNR dB"],
+        [[f"`{x}`", *row, _snr(a.quant[x])] for x, *row in zip(schemes, cells("bits_per_weight"), cells("bytes_on_disk", 3, 1e-6),
+                                                                cells("compression_vs_float32"), cells("rmse"), cells("max_abs_error"))],
+        "lrrrrrr")
+    kept = md.table(
+        ["scheme", "row cos mean", "row cos min", "clipped", f"recall{at_k} words", f"recall{at_k} tokens", "max Δ similarity"],
+        [[f"`{x}`", *row] for x, *row in zip(schemes, cells("row_cosine_mean", 6), cells("row_cosine_min", 6),
+                                              [md.percent(a.quant[x]["clipped_fraction"], 3) for x in schemes],
+                                              cells("words_recall_at_k"), cells("tokens_recall_at_k"), cells("words_similarity_max_change"))],
+        "lrrrrrr")
     best = best_trade_off(a.quant)
+    others = [scheme for scheme in qualified(a.quant) if scheme != best]
+    also = (f" Also qualif{'y' if len(others) > 1 else 'ies'}, from fewest bits per weight: {_names(others)}." if others
+            else " No other scheme qualifies.")
     verdict = (f"**Best trade-off: `{best}`**, the fewest bits per weight ({md.number(a.quant[best]['bits_per_weight'], 3)}) "
                f"among the schemes whose worst row keeps a cosine of at least {TRADE_OFF_MIN_ROW_COSINE} to the original "
-               f"and whose nearest neighbours keep a recall of at least {TRADE_OFF_MIN_RECALL}."
+               f"and whose nearest neighbours keep a recall{at_k} of at least {TRADE_OFF_MIN_RECALL} (sampled tokens).{also}"
                if best else f"No scheme keeps every row above cosine {TRADE_OFF_MIN_ROW_COSINE} with recall above {TRADE_OFF_MIN_RECALL}.")
     fixed = a.quant.get("int8_tensor_fixed")
     clip_note = []
     if fixed and fixed["clipped_values"]:
         clip_note = ["", f"The walkthrough's fixed scale (0.01) clips every value beyond ±1.27: here "
                      f"{md.number(fixed['clipped_values'])} values ({md.percent(fixed['clipped_fraction'], 3)})."]
-    return "\n".join([md.table(headers, rows, "l" + "r" * (len(headers) - 1)), "", verdict, *clip_note])
+    return "\n".join(["What each scheme costs and how far its values move:", "", size, "",
+                      f"What it keeps: the direction of every row and the nearest neighbours (recall{at_k}: the share of "
+                      f"each token's {k or 'k'} nearest tokens that stay among its {k or 'k'} nearest):", "", kept, "",
+                      verdict, *clip_note])
+
+
+def _reference(reference: dict[str, Any]) -> str:
+    """How the reference set was chosen, as the undertrained stage said it (older files: its method)."""
+    if reference.get("reason"):
+        return reference["reason"]
+    return f"{reference['method']}, {md.number(reference['count'])} tokens."
 
 
 def undertrained_section(a: Artifacts, top: int = TOP_SHOWN) -> str:
@@ -319,8 +365,7 @@ def undertrained_section(a: Artifacts, top: int = TOP_SHOWN) -> str:
             for r in metrics["strongest"][:top]]
     return "\n".join([
         f"Tokens whose embedding stayed close to that of tokens known to be unused (after Land & Bartolo, 2024, "
-        f"\"Fishing for Magikarp\"), from the weights alone. Reference: {metrics['reference']['method']}, "
-        f"{md.number(metrics['reference']['count'])} tokens. A token is flagged when its cosine distance to the "
+        f"\"Fishing for Magikarp\"), from the weights alone. The reference: {_reference(metrics['reference'])} A token is flagged when its cosine distance to the "
         f"reference mean, once the vocabulary's mean row and first principal component are removed, is at most "
         f"percentile {md.number(metrics['percentile'])} of its distribution ({md.number(metrics['threshold_cos_dist_ref_centered'])}).",
         "",
@@ -359,7 +404,9 @@ def usage_section(a: Artifacts) -> str:
         "The same rows from DuckDB:",
         "",
         "```sql",
-        f"SELECT token_id, token, vector[1:10] AS first_10 FROM '{path}' WHERE token IN ('Hello', ' Hello');",
+        "SELECT token_id, token, vector[1:10] AS first_10",
+        f"FROM '{path}'",
+        "WHERE token IN ('Hello', ' Hello');",
         "```",
     ])
 
@@ -374,7 +421,7 @@ def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOW
         return f"{title}\n\nNot computed (`drift` stage)."
     lines = [title, "", f"`{metrics['base']}` against `{metrics['other']}`: {md.number(metrics['aligned'])} tokens aligned by text "
              f"({md.number(metrics['ids_differ'])} with different ids; {md.number(metrics['only_in_base'])} only in the first, "
-             f"{md.number(metrics['only_in_other'])} only in the second).", ""]
+             f"{md.number(metrics['only_in_other'])} only in the second).", "", drift_story(metrics), ""]
     summary_rows = []
     for key, label in (("cosine", "cosine of the two rows"), ("l2_change_relative", "L2 change / norm"),
                        ("knn_jaccard", f"Jaccard of the {metrics['knn_jaccard']['k']} nearest neighbours")):
@@ -382,16 +429,61 @@ def drift_section(pair: str, metrics: dict[str, Any] | None, top: int = TOP_SHOW
         if stats:
             summary_rows.append([label] + [md.number(stats[s]) for s in ("mean", "min", "p01", "median", "max")])
     lines += [md.table(["per token", "mean", "min", "p01", "median", "max"], summary_rows, "lrrrrr"), ""]
-    if "procrustes" in metrics:
-        fit = metrics["procrustes"]
-        lines += [f"After the best orthogonal rotation (Procrustes) the change left is "
-                  f"{md.percent(fit['relative_residual'])} of the second matrix's norm; "
-                  f"{md.percent(metrics['knn_jaccard']['identical_fraction'])} of tokens keep exactly the same neighbours.", ""]
     headers = ["#", "token", "cosine", "residual / norm", "Jaccard"]
     rows = [[md.number(r["moved_rank"]), md.token(r["token"]), md.number(r["cosine"]),
              md.number(r["procrustes_residual_relative"]), md.number(r["knn_jaccard"])] for r in metrics["top_moved"][:top]]
     lines += [f"The tokens that moved most (by `{metrics['moved_by']}`):", "", md.table(headers, rows, "rlrrr")]
     return "\n".join(lines)
+
+
+# Thresholds of the plain-words drift summary.
+PRACTICALLY_SAME = 1e-3  # relative Frobenius difference
+KEPT_DIRECTION = 0.999  # lowest row cosine
+CLOSE_DIRECTION = 0.99  # mean row cosine
+MOSTLY_ROTATION = 0.5  # Procrustes residual below this fraction of the raw difference
+NEIGHBOURHOODS_HELD, NEIGHBOURHOODS_PARTLY = 0.9, 0.5  # mean Jaccard of the nearest neighbours
+MOVED_NAMED = 5
+
+
+def drift_story(metrics: dict[str, Any]) -> str:
+    """What changed between the two sides, in plain words, from the drift metrics."""
+    sentences = []
+    difference, cosine, fit = metrics.get("relative_frobenius"), metrics.get("cosine"), metrics.get("procrustes")
+    if difference is not None and cosine:
+        if difference < PRACTICALLY_SAME:
+            identical, largest = metrics.get("identical_rows"), (metrics.get("l2_change_relative") or {}).get("max")
+            rows = "" if identical is None else (f": {md.number(identical)} of {md.number(metrics['aligned'])} rows are identical "
+                                                 f"and the others differ by at most {md.percent(largest, 3)} of their norm")
+            sentences.append(f"The two matrices hold practically the same values{rows} (relative Frobenius difference "
+                             f"{md.number(difference, 3)}).")
+        else:
+            kept = ("every token kept its direction" if cosine["min"] >= KEPT_DIRECTION
+                    else "tokens kept their direction closely" if cosine["mean"] >= CLOSE_DIRECTION
+                    else "tokens changed direction")
+            sentences.append(f"The second matrix differs from the first by {md.percent(difference)} of its norm "
+                             f"(relative Frobenius difference) and {kept}: row cosine mean {md.number(cosine['mean'])}, "
+                             f"lowest {md.number(cosine['min'])}.")
+            if fit:
+                residual = fit["relative_residual"]
+                if residual < MOSTLY_ROTATION * difference:
+                    sentences.append(f"Most of that change is a rotation of the whole space: after the best orthogonal rotation "
+                                     f"(Procrustes) only {md.percent(residual)} is left.")
+                else:
+                    sentences.append(f"It is not a rotation: the best orthogonal rotation (Procrustes) still leaves "
+                                     f"{md.percent(residual)} of the norm, so the tokens moved independently of one another.")
+    elif metrics.get("dim_base") != metrics.get("dim_other"):
+        sentences.append(f"The dimensions differ ({metrics.get('dim_base')} against {metrics.get('dim_other')}), so only "
+                         "neighbourhoods can be compared.")
+    jaccard = metrics["knn_jaccard"]
+    if jaccard.get("mean") is not None:
+        held = ("Neighbourhoods held" if jaccard["mean"] >= NEIGHBOURHOODS_HELD
+                else "Neighbourhoods partly held" if jaccard["mean"] >= NEIGHBOURHOODS_PARTLY else "Neighbourhoods did not hold")
+        sentences.append(f"{held}: a token shares on average {md.percent(jaccard['mean'])} of its {jaccard['k']} nearest "
+                         f"neighbours across the two (Jaccard), and {md.percent(jaccard['identical_fraction'])} keep exactly the same ones.")
+    moved = [md.token(row["token"]) for row in metrics.get("top_moved", [])[:MOVED_NAMED]]
+    if moved:
+        sentences.append(f"The tokens that moved most: {', '.join(moved)}.")
+    return " ".join(sentences)
 
 
 def export_section(name: str, exports: Exports | None) -> str:

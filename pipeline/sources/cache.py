@@ -29,6 +29,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.core.hashing import spans_sha256
 from pipeline.core.io import write_json_atomic
 from pipeline.core.progress import progress_bar
 from pipeline.sources.ranged import RangedReader
@@ -128,13 +129,11 @@ class CachedFile:
     def verify(self) -> list[list[int]]:
         """Re-hash every listed range; drop those whose bytes changed. Returns the dropped ones."""
         dropped, kept = [], []
-        with open(self.data, "rb") as handle:
-            for begin, end, sha in self.ranges:
-                handle.seek(begin)
-                if _sha256_of(handle, end - begin) == sha:
-                    kept.append([begin, end, sha])
-                else:
-                    dropped.append([begin, end])
+        for begin, end, sha in self.ranges:
+            if spans_sha256(self.data, [(begin, end)]) == sha:
+                kept.append([begin, end, sha])
+            else:
+                dropped.append([begin, end])
         if dropped:
             self.ranges = kept
             self._save()
@@ -146,12 +145,7 @@ class CachedFile:
 
     def content_sha256(self, spans: list[tuple[int, int]]) -> str:
         """sha256 of the bytes of ``spans`` (in order), read from the local copy."""
-        digest = hashlib.sha256()
-        with open(self.data, "rb") as handle:
-            for begin, end in spans:
-                handle.seek(begin)
-                _sha256_of(handle, end - begin, digest)
-        return digest.hexdigest()
+        return spans_sha256(self.data, spans)
 
     def handle(self) -> "CachedHandle":
         return CachedHandle(self)
@@ -173,17 +167,6 @@ def _load_index(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # missing or damaged: the file's ranges are fetched afresh
-
-
-def _sha256_of(handle, length: int, digest=None) -> str:
-    digest = digest or hashlib.sha256()
-    while length > 0:
-        block = handle.read(min(length, 16 * 1024 * 1024))
-        if not block:
-            break
-        digest.update(block)
-        length -= len(block)
-    return digest.hexdigest()
 
 
 class CachedHandle(io.RawIOBase):

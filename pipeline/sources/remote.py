@@ -227,8 +227,11 @@ def plan_and_fetch(model: RemoteModel, fmt: str, tensor: str | None, with_tokeni
         index = _join(folder, INDEX_NAME)
         if index in present:
             files.append(_whole(model.file(index)))
-            shard = _shard_of(files[-1], tensor)
+            shard, others = _shards_of(files[-1], tensor)
             files.append(_safetensors(model.file(_join(folder, shard)), tensor))
+            # The reader wants every shard the index names in the folder: the others are
+            # laid out as holes of their size (a metadata request each, no data).
+            files.extend(model.file(_join(folder, other)) for other in others)
         else:
             names = [p for p in _in_dir(model.listing, folder) if p.endswith(".safetensors")]
             single = _join(folder, "model.safetensors")
@@ -265,15 +268,17 @@ def _whole(remote: RemoteFile) -> RemoteFile:
     return remote
 
 
-def _shard_of(index: RemoteFile, tensor: str | None) -> str:
-    from pipeline.formats.safetensors import _read_index
+def _shards_of(index: RemoteFile, tensor: str | None) -> tuple[str, list[str]]:
+    """The shard holding the embedding, and the other shards the index names."""
+    from pipeline.formats.safetensors import read_weight_map
 
-    weight_map = _read_index(index.cached.data)
+    weight_map = read_weight_map(index.cached.data)
     key = choose_tensor_key(sorted(weight_map), tensor, index.cached.data)
-    shard = weight_map[key]
-    if "/" in shard or shard in ("", ".", ".."):
-        raise DissectError(f"{index.location} names the shard {shard!r}, which is not a file name; the index is damaged")
-    return shard
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise DissectError(f"{index.location} names the shard {name!r}, which is not a file name; the index is damaged")
+    return weight_map[key], [name for name in names if name != weight_map[key]]
 
 
 def _safetensors(remote: RemoteFile, tensor: str | None) -> RemoteFile:
@@ -374,6 +379,8 @@ def fetch_remote(source: dict[str, Any], fmt: str, tensor: str | None, with_toke
     Returns the weights' local path (a file or folder in the view), the files, and the
     source's description for the manifest.
     """
+    if fmt not in ("safetensors", "gguf", "meta"):
+        raise DissectError(f"{fmt} models cannot be read by range yet; download the model and set {where}.path to it")
     if source.get("hf") is not None:
         model = resolve_hub(source["hf"], where)
         files = source["hf"].get("files")

@@ -66,13 +66,17 @@ def load_summary(paths: ModelPaths) -> ModelSummary:
 def models_table(summaries: list[ModelSummary]) -> str:
     headers = ["model", "source dtype", "vocab", "dim", "mean", "std", "max \\|x\\|", "row norm median",
                "mean cos to mean", "duplicate rows", "nearest to the first word"]
+    numeric = [
+        [s.vocab for s in summaries], [s.dim for s in summaries],
+        [s.stats["values"]["mean"] for s in summaries], [s.stats["values"]["std"] for s in summaries],
+        [s.stats["values"]["max_abs"] for s in summaries], [s.stats["row_norm"]["p50"] for s in summaries],
+        [s.stats["anisotropy"]["mean_cos_to_mean"] for s in summaries], [s.stats["rows"]["duplicate"] for s in summaries],
+    ]
+    cells = [md.column(values) for values in numeric]  # one format per column
     rows = [[
-        f"[{s.name}]({s.name}/report.md)", s.source_dtype, md.number(s.vocab), md.number(s.dim),
-        md.number(s.stats["values"]["mean"]), md.number(s.stats["values"]["std"]), md.number(s.stats["values"]["max_abs"]),
-        md.number(s.stats["row_norm"]["p50"]), md.number(s.stats["anisotropy"]["mean_cos_to_mean"]),
-        md.number(s.stats["rows"]["duplicate"]),
+        f"[{s.name}]({s.name}/report.md)", s.source_dtype, *(column[i] for column in cells),
         f"{md.token(s.first_word)}: " + ", ".join(f"{md.token(t)} ({c:.2f})" for t, c in s.first_word_neighbours),
-    ] for s in summaries]
+    ] for i, s in enumerate(summaries)]
     return md.table(headers, rows, "llrrrrrrrrl")
 
 
@@ -80,11 +84,14 @@ def quant_table(summaries: list[ModelSummary]) -> str:
     schemes = sorted({scheme for s in summaries for scheme in s.quant})
     if not schemes:
         return "No model has quantization results."
-    rows = [[f"`{scheme}`", *(
-        f"{md.number(s.quant[scheme]['rmse'], 3)} / {md.number(s.quant[scheme]['tokens_recall_at_k'], 3)}"
-        if scheme in s.quant else "–" for s in summaries
-    )] for scheme in schemes]
-    return md.table(["scheme", *(s.name for s in summaries)], rows, "l" + "r" * len(summaries))
+    columns, headers = [], []
+    for s in summaries:
+        k = next(iter(s.quant.values()), {}).get("recall_k", "k")
+        for key, label in (("rmse", "RMSE"), ("tokens_recall_at_k", f"recall@{k}")):
+            columns.append(md.column([s.quant[scheme][key] if scheme in s.quant else None for scheme in schemes], 3))
+            headers.append(f"{s.name} {label}")
+    rows = [[f"`{scheme}`", *(column[i] for column in columns)] for i, scheme in enumerate(schemes)]
+    return md.table(["scheme", *headers], rows, "l" + "r" * len(headers))
 
 
 def differences(summaries: list[ModelSummary]) -> str:
@@ -136,7 +143,9 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
         "# Token-embedding layers compared",
         f"{len(summaries)} model{'s' if len(summaries) != 1 else ''} from params.yaml. Each name links to its report.",
         models_table(summaries),
-        "## Quantization: RMSE / recall@k of nearest neighbours (sampled tokens)",
+        "## Quantization: RMSE, and recall@k of nearest neighbours",
+        "Recall@k: the share of a sampled token's k nearest tokens (k = quantize.recall_k) that stay among its k nearest "
+        "after quantization; the sample is quantize.sample_tokens tokens.",
         quant_table(summaries),
         "## The largest differences",
         differences(summaries),

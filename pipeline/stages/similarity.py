@@ -36,6 +36,7 @@ from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, Neighbors, knn_graph, neare
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, one_of, setting, whole_number
+from pipeline.core.io import output_set
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 from pipeline.core.words import WordVectors, read_words
@@ -58,17 +59,15 @@ class SimilaritySettings:
 def word_cosines(vectors: np.ndarray) -> np.ndarray:
     """Cosines of every pair of rows of ``vectors`` [w, dim], float64 [w, w].
 
-    Exactly symmetric (one product of the unit rows with themselves); the diagonal is 1,
-    or 0 for a zero vector, which has no direction.
+    Exactly symmetric, summed in a fixed order (no BLAS, so the same bits on every kernel);
+    the diagonal is 1, or 0 for a zero vector, which has no direction.
     """
+    from pipeline.core.determinism import cosine_table
+
     wide = np.asarray(vectors, dtype=np.float64)
     if not np.isfinite(wide).all():
         raise DissectError("a word vector holds NaN or Inf; rebuild words.parquet from intact embeddings")
-    norms = np.linalg.norm(wide, axis=1)  # [w]
-    unit = wide * np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)[:, None]
-    cosines = np.clip(unit @ unit.T, -1.0, 1.0)  # [w, w]
-    np.fill_diagonal(cosines, (norms > 0).astype(np.float64))
-    return cosines
+    return cosine_table(wide)
 
 
 def similarity_table(words: WordVectors) -> pa.Table:
@@ -149,9 +148,10 @@ def run(paths: ModelPaths, settings: SimilaritySettings) -> None:
 
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"similarity": as_params(settings)})
     provenance["words"] = {"path": str(paths.words), "sha256": file_sha256(paths.words)}
-    write_table(paths.similarity, similarity, provenance)
-    write_table(paths.neighbors, neighbors, provenance)
-    write_table(paths.knn, knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
+    with output_set():
+        write_table(paths.similarity, similarity, provenance)
+        write_table(paths.neighbors, neighbors, provenance)
+        write_table(paths.knn, knn_table(graph), provenance, row_group_size=KNN_ROW_GROUP)
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(SimilaritySettings, STAGE), run).main

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import run_stage
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.params import model_paths
 from pipeline.core.parquet import derived_provenance, read_vectors, write_table
 from pipeline.core.paths import ModelPaths
@@ -209,7 +209,7 @@ def second_pass(
 
     def measure(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         finite, wide = _finite_part(block)  # [rows_per_chunk, dim] float64
-        chunk_dots = wide @ mean_row  # rows with a non-finite value are discarded later
+        chunk_dots = np.einsum("ij,j->i", wide, mean_row)  # no BLAS: the same bits on any kernel; non-finite rows are discarded later
         wide -= dim_mean
         if not finite.all():
             wide[~finite] = 0.0
@@ -334,7 +334,7 @@ def matrix_stats(matrix: np.ndarray, histogram_bins: int = 50, rows_per_chunk: i
 
     l2_norm = np.where(rows.finite, rows.l2_norm, np.nan)  # [vocab]
     max_abs = np.where(rows.finite, rows.max_abs, np.float32(np.nan))  # [vocab]
-    mean_vector_norm = float(np.sqrt(mean_row @ mean_row)) if n_finite_rows else float("nan")
+    mean_vector_norm = float(np.sqrt(np.einsum("i,i->", mean_row, mean_row))) if n_finite_rows else float("nan")
     cos = cosines(dots, l2_norm, mean_vector_norm)
     finite_norms = l2_norm[rows.finite]
     defined_cos = cos[np.isfinite(cos)]
@@ -403,10 +403,11 @@ def run(paths: ModelPaths, settings: StatsSettings, rows_per_chunk: int = ROWS_P
     tokens = pq.read_table(paths.embeddings, columns=["token"]).column("token")
     stats = matrix_stats(matrix, settings.norm_histogram_bins, rows_per_chunk)
     provenance = derived_provenance("stats", paths.name, paths.embeddings, {"stats": as_params(settings)})
-    write_table(paths.dims, stats.dims, provenance)
-    write_table(paths.tokens, tokens_table(token_ids, tokens, stats), provenance)
-    write_json_atomic(paths.norm_hist, stats.histogram)
-    write_json_atomic(paths.stats, stats.summary)
+    with output_set():
+        write_table(paths.dims, stats.dims, provenance)
+        write_table(paths.tokens, tokens_table(token_ids, tokens, stats), provenance)
+        write_json_atomic(paths.norm_hist, stats.histogram)
+        write_json_atomic(paths.stats, stats.summary)
     return stats.summary
 
 

@@ -8,12 +8,14 @@ runs the model.
 
 **Reference set** of tokens known to be unused (``undertrained.reference``):
 
-* ``auto``: every known-unused token the vocabulary has: the byte tokens of byte-level
-  BPE vocabularies for the bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5-0xFF), Llama
-  3's ``<|reserved_special_token_N|>`` and BERT's ``[unusedN]`` placeholders; if there are
-  none, the tokens of ``undertrained.reference_tokens`` this vocabulary has; if it has none, the
-  ``undertrained.fallback_rows`` rows of smallest L2 norm (a weaker reference: the output
-  says which was used);
+* ``auto``: every known-unused token the vocabulary has: the byte tokens (byte-level BPE
+  or byte fallback) for the bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5-0xFF), and
+  the placeholders embeddings.parquet marks ``kind = unused`` (named unused, reserved or
+  extra with a number: Gemma's ``<unusedN>``, BERT's ``[unusedN]``, Llama 3's
+  ``<|reserved_special_token_N|>``, T5's ``<extra_id_N>``; see
+  :data:`pipeline.tokenizers.load.UNUSED_NAME`); if there are none, the tokens of
+  ``reference_tokens`` this vocabulary has; if it has none, the ``fallback_rows`` rows of
+  smallest L2 norm (a weaker reference). The output says in a sentence which it used and why;
 * ``tokens``: exactly ``reference_tokens`` (each must be in the vocabulary);
 * ``smallest_norm``: the ``fallback_rows`` rows of smallest norm.
 
@@ -40,19 +42,23 @@ the question does not apply: padding rows, pieces that are not valid UTF-8 on th
 (their text spells bytes as ``<0xNN>``), and WordPiece continuation pieces (``##ing``, which
 only occur inside a word).
 
+Settings come from the ``undertrained`` section, and a model may set its own in its
+config (``conf/model/<name>.yaml``, under ``undertrained:``, e.g. ``reference_tokens``,
+which name tokens of that model's vocabulary); the model's values win and are checked by
+the same rules.
+
 Outputs in ``artifacts/<name>/``:
 
 * ``undertrained.parquet``: ``token_id int32``, ``token string``, ``l2_norm``,
   ``cos_dist_ref``, ``cos_dist_ref_centered`` (float32), ``is_reference``, ``is_special``,
   ``encodes_to_self`` (bool, nullable), ``flagged`` (bool), ``rank int32`` (1 = closest
   to the reference by ``cos_dist_ref_centered``; null for padding rows);
-* ``undertrained.json`` (DVC metrics): the counts, the reference used, the threshold, and
-  the strongest candidates with their text.
+* ``undertrained.json``: the counts, the reference used (``method``, ``count`` and
+  ``reason``, a sentence), the threshold, and the strongest candidates with their text.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +69,11 @@ import pyarrow.parquet as pq
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import output_set, write_json_atomic
 from pipeline.core.knn import iter_blocks
-from pipeline.core.params import model_paths
+from pipeline.core.params import model_config, model_paths
 from pipeline.core.paths import ModelPaths
-from pipeline.core.settings import as_params, from_section, list_of, one_of, real_number, setting, string, whole_number
+from pipeline.core.settings import as_params, list_of, one_of, read_section, real_number, setting, string, whole_number
 from pipeline.core.parquet import derived_provenance, read_matrix, write_table
 from pipeline.core.progress import progress_bar
 
@@ -77,8 +83,7 @@ REFERENCE_MODES = ("auto", "tokens", "smallest_norm")
 # Lead bytes 0xC0/0xC1 would only start overlong encodings; 0xF5-0xFF exceed U+10FFFF. No
 # valid UTF-8 text contains them, so a byte-level BPE never sees these byte tokens.
 UNUSED_UTF8_BYTES = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
-LLAMA3_RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
-BERT_UNUSED = re.compile(r"\[unused\d+\]")
+SHOWN_EXAMPLES = 3  # tokens named in the reference's sentence
 RULE = (
     "flagged = cos_dist_ref_centered <= the percentile-th percentile (numpy linear) of "
     "cos_dist_ref_centered over rows with a token text; cos_dist_ref_centered = 1 - cosine to the "
@@ -105,23 +110,57 @@ class UndertrainedSettings:
 # Reference set
 
 
+def read_settings(params: dict[str, Any], name: str | None) -> UndertrainedSettings:
+    """The ``undertrained`` section, with what the model's own config sets under ``undertrained:`` on top."""
+    model = model_config(params, str(name))
+    own = model.entry.get(STAGE)
+    where = f"models.{model.name}.{STAGE}"
+    read_section(UndertrainedSettings, own, where)  # a mistake in the model's part is named there
+    section = params.get(STAGE)
+    if section is not None and not isinstance(section, dict):
+        return read_section(UndertrainedSettings, section, STAGE)  # the section's own error
+    return read_section(UndertrainedSettings, {**(section or {}), **(own or {})}, STAGE)
+
+
 @dataclass(frozen=True)
 class Reference:
     rows: np.ndarray  # [r] int64 row indices
-    method: str  # how they were chosen, for the output
+    method: str  # how they were chosen: auto, tokens or smallest_norm, and what auto found
+    reason: str = ""  # the same as a sentence a person reads
 
 
-def known_unused_rows(tokens: list[str | None], token_bytes: list[bytes | None]) -> dict[str, np.ndarray]:
-    """Rows of tokens known to be unused, by kind (only the kinds this vocabulary has)."""
-    found: dict[str, list[int]] = {"unused_utf8_bytes": [], "llama3_reserved": [], "bert_unused": []}
-    for row, (text, raw) in enumerate(zip(tokens, token_bytes)):
-        if raw is not None and len(raw) == 1 and raw[0] in UNUSED_UTF8_BYTES:
+# What each family of known-unused tokens is, for the reference's sentence.
+KNOWN_UNUSED = {
+    "placeholders": "placeholder tokens named unused, reserved or extra",
+    "unused_utf8_bytes": "byte tokens for bytes that never occur in UTF-8",
+}
+
+
+def known_unused_rows(tokens: list[str | None], token_bytes: list[bytes | None], kinds: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Rows of tokens known to be unused, by family (only the families this vocabulary has).
+
+    ``kinds`` is embeddings.parquet's ``kind`` column; without it (an older file) the
+    placeholder names are matched here.
+    """
+    if kinds is None:
+        from pipeline.tokenizers.load import UNUSED_NAME
+
+        kinds = ["unused" if text is not None and UNUSED_NAME.fullmatch(text) else "normal" for text in tokens]
+    found: dict[str, list[int]] = {"placeholders": [], "unused_utf8_bytes": []}
+    for row, (raw, kind) in enumerate(zip(token_bytes, kinds)):
+        if kind == "unused":
+            found["placeholders"].append(row)
+        elif raw is not None and len(raw) == 1 and raw[0] in UNUSED_UTF8_BYTES:
             found["unused_utf8_bytes"].append(row)
-        elif text is not None and LLAMA3_RESERVED.fullmatch(text):
-            found["llama3_reserved"].append(row)
-        elif text is not None and BERT_UNUSED.fullmatch(text):
-            found["bert_unused"].append(row)
-    return {kind: np.asarray(rows, np.int64) for kind, rows in found.items() if rows}
+    return {family: np.asarray(rows, np.int64) for family, rows in found.items() if rows}
+
+
+def _examples(tokens: list[str | None], rows: np.ndarray) -> str:
+    """A few of the tokens, quoted: ``<unused0>``, ``<unused1>``, … ``<unused6241>``."""
+    shown = [f"`{tokens[row]}`" for row in rows[:SHOWN_EXAMPLES]]
+    if len(rows) > SHOWN_EXAMPLES:
+        shown.append(f"… `{tokens[rows[-1]]}`")
+    return ", ".join(shown)
 
 
 def listed_rows(tokens: list[str | None], wanted: list[str], strict: bool = True) -> np.ndarray:
@@ -152,23 +191,33 @@ def choose_reference(
     tokens: list[str | None],
     token_bytes: list[bytes | None],
     norms: np.ndarray,
+    kinds: list[str] | None = None,
 ) -> Reference:
-    """The reference rows and a description of how they were chosen."""
+    """The reference rows, how they were chosen, and why, in a sentence."""
     eligible = np.array([text is not None for text in tokens])
-    fallback = f"smallest_norm ({settings.fallback_rows} rows of smallest L2 norm; a weak reference)"
+    smallest = f"the {settings.fallback_rows} rows of smallest L2 norm, a weak reference (any small row, used or not, counts)"
     if settings.reference == "tokens":
-        return Reference(listed_rows(tokens, settings.reference_tokens), "tokens (undertrained.reference_tokens)")
+        rows = listed_rows(tokens, settings.reference_tokens)
+        return Reference(rows, "tokens (reference_tokens)",
+                         f"the {len(rows)} tokens listed in reference_tokens ({_examples(tokens, rows)}), as configured.")
     if settings.reference == "smallest_norm":
-        return Reference(smallest_norm_rows(norms, settings.fallback_rows, eligible), fallback)
-    known = known_unused_rows(tokens, token_bytes)
+        rows = smallest_norm_rows(norms, settings.fallback_rows, eligible)
+        return Reference(rows, f"smallest_norm ({settings.fallback_rows} rows)", f"{smallest}, as configured.")
+    known = known_unused_rows(tokens, token_bytes, kinds)
     if known:
         rows = np.unique(np.concatenate(list(known.values())))
-        kinds = ", ".join(f"{kind}: {len(found)}" for kind, found in known.items())
-        return Reference(rows, f"auto ({kinds})")
+        families = " and ".join(f"{len(found):,} {KNOWN_UNUSED[family]} ({_examples(tokens, found)})" for family, found in known.items())
+        counts = ", ".join(f"{family}: {len(found)}" for family, found in known.items())
+        return Reference(rows, f"auto ({counts})", f"{families}, found by auto: tokens no training text produces.")
+    none_known = f"this vocabulary has no {' and no '.join(KNOWN_UNUSED.values())}, so auto"
     listed = listed_rows(tokens, settings.reference_tokens, strict=False)
     if len(listed):
-        return Reference(listed, f"auto: reference_tokens, {len(listed)} found (no known-unused tokens)")
-    return Reference(smallest_norm_rows(norms, settings.fallback_rows, eligible), f"auto: {fallback}, no known-unused tokens")
+        return Reference(listed, f"auto: reference_tokens ({len(listed)} of {len(settings.reference_tokens)} found)",
+                         f"{none_known} took the {len(listed)} of the {len(settings.reference_tokens)} reference_tokens this "
+                         f"vocabulary has ({_examples(tokens, listed)}), named in the model's config.")
+    rows = smallest_norm_rows(norms, settings.fallback_rows, eligible)
+    return Reference(rows, f"auto: smallest_norm ({settings.fallback_rows} rows)",
+                     f"{none_known} took {smallest}; name known-unused tokens in the model's undertrained.reference_tokens.")
 
 
 # --------------------------------------------------------------------------------------
@@ -206,26 +255,31 @@ def cosine_distances(matrix: np.ndarray, target: np.ndarray, mean: np.ndarray | 
     ``target`` is given in the same (centred) space. A zero row or target has cosine 0,
     hence distance 1 (it has no direction to be close in).
     """
+    from pipeline.core.determinism import PUBLISHED_BITS, dot_rows, quantize
+
     target = target.astype(np.float64)
-    target_norm = np.linalg.norm(target)
+    target_norm = np.sqrt(np.einsum("i,i->", target, target))
     out = np.empty(matrix.shape[0], np.float32)  # [vocab]
     for start, block in iter_blocks(matrix, block_rows):
         rows = block.astype(np.float64)  # [block, dim]
         if mean is not None:
             rows -= mean
         if axis is not None:
-            rows -= np.outer(rows @ axis, axis)
+            rows -= np.outer(dot_rows(rows, axis), axis)
         norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)) * target_norm  # [block]
-        dots = rows @ target
+        dots = dot_rows(rows, target)
         cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-        out[start : start + len(block)] = 1.0 - np.clip(cos, -1.0, 1.0)
+        distance = 1.0 - np.clip(cos, -1.0, 1.0)
+        # The principal axis comes from an eigensolver (last bits vary with the BLAS kernel):
+        # the distances measured after removing it are published on a 2^-20 grid.
+        out[start : start + len(block)] = distance if axis is None else quantize(distance, 2.0**-PUBLISHED_BITS)
     return out
 
 
 def remove_directions(vector: np.ndarray, mean: np.ndarray, axis: np.ndarray) -> np.ndarray:
     """``vector`` [dim] minus ``mean``, then minus its component along unit ``axis``."""
     centred = vector - mean
-    return centred - (centred @ axis) * axis
+    return centred - float(np.einsum("i,i->", centred, axis)) * axis
 
 
 def indicators(matrix: np.ndarray, reference_rows: np.ndarray, norms: np.ndarray | None = None) -> Indicators:
@@ -319,7 +373,7 @@ def summary(table: pa.Table, settings: UndertrainedSettings, reference: Referenc
         "flagged": flagged.num_rows,
         "flagged_outside_reference": not_reference.num_rows,
         "flagged_not_encodable_to_self": unreachable.num_rows,
-        "reference": {"method": reference.method, "count": int(len(reference.rows))},
+        "reference": {"method": reference.method, "count": int(len(reference.rows)), "reason": reference.reason},
         "percentile": settings.percentile,
         "threshold_cos_dist_ref_centered": threshold,
         "rule": RULE,
@@ -344,15 +398,16 @@ def run(paths: ModelPaths, settings: UndertrainedSettings) -> dict[str, Any]:
     from pipeline.tokenizers.load import special_token_ids, tokenizer_from_json
 
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
-    columns = pq.read_table(paths.embeddings, columns=["token", "token_bytes"])
+    columns = pq.read_table(paths.embeddings, columns=["token", "kind", "token_bytes"])
     token_array = columns.column("token").combine_chunks()
     tokens: list[str | None] = token_array.to_pylist()
     token_bytes: list[bytes | None] = columns.column("token_bytes").to_pylist()
+    kinds: list[str] = columns.column("kind").to_pylist()
     tok = tokenizer_from_json(paths.tokenizer)
 
     with progress_bar(total=4, desc="under-trained tokens", unit="step") as bar:
         norms = row_norms(matrix)
-        reference = choose_reference(settings, tokens, token_bytes, norms)
+        reference = choose_reference(settings, tokens, token_bytes, norms, kinds)
         bar.update(1)
         ind = indicators(matrix, reference.rows, norms)
         bar.update(1)
@@ -369,12 +424,13 @@ def run(paths: ModelPaths, settings: UndertrainedSettings) -> dict[str, Any]:
     metrics = summary(table, settings, reference, threshold)
     provenance = derived_provenance(STAGE, paths.name, paths.embeddings, {"undertrained": as_params(settings)})
     provenance.update({"rule": RULE, "reference": metrics["reference"], "threshold": threshold})
-    write_table(paths.undertrained, table, provenance)
-    write_json_atomic(paths.undertrained_metrics, metrics)
+    with output_set():
+        write_table(paths.undertrained, table, provenance)
+        write_json_atomic(paths.undertrained_metrics, metrics)
     return metrics
 
 
-main = Stage(STAGE, "MODEL", model_paths, from_section(UndertrainedSettings, STAGE), run).main
+main = Stage(STAGE, "MODEL", model_paths, read_settings, run).main
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, get_args
 
@@ -21,6 +21,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from pipeline.core.errors import DissectError
+from pipeline.formats.checks import JSONProblem, file_inside, is_whole, parse_json
 
 TokenizerKind = Literal["tokenizer.json", "tiktoken", "gguf"]
 TOKENIZER_KINDS: tuple[str, ...] = get_args(TokenizerKind)
@@ -62,6 +63,18 @@ GGUF_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
 GGUF_UNKNOWN, GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 2, 1, 3, 4, 5, 6
 
 SENTENCEPIECE_SPACE = "\u2581"  # "▁", SentencePiece's visible space
+
+# What a row of the matrix is (embeddings.parquet's ``kind`` column):
+#   normal   an ordinary piece of text;
+#   byte     a byte-fallback piece (SentencePiece's <0x00>..<0xFF>: Llama 2, Gemma, Mistral);
+#   special  a control token (BOS, EOS, [CLS], <|im_start|>, ...);
+#   unused   a placeholder no text produces, named so: <unusedN>, [unusedN], <extra_id_N>,
+#            <|reserved_special_token_N|>, <|extra_N|>, ... (see UNUSED_NAME);
+#   padding  a row beyond the tokenizer, which no token uses.
+TOKEN_KINDS = ("normal", "byte", "special", "unused", "padding")
+# A placeholder's name: in <...>, <|...|> or [...], a word containing unused, reserved or
+# extra, then a number.
+UNUSED_NAME = re.compile(r"(?:<\|?|\[)[A-Za-z_]*?(?:unused|reserved|extra)[A-Za-z_]*?\d+\|?[>\]]", re.IGNORECASE)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -96,11 +109,18 @@ class TokenPiece:
     ``raw`` holds the piece's bytes when they are not valid UTF-8 on their own (half of a
     multi-byte character); ``text`` then spells each undecodable byte ``<0xNN>``, as
     SentencePiece names its byte pieces. Python's ``\\xNN`` escapes would not do: Llama 3
-    has pieces that literally read ``\\xaa`` and ``\\xff``, and texts must stay unique.
+    has pieces that literally read ``\\xaa`` and ``\\xff``.
+
+    ``kind`` is one of :data:`TOKEN_KINDS`; ``key`` is unique over the vocabulary
+    (:func:`token_keys`), where ``text`` is not: a byte-fallback vocabulary has both the
+    piece ``"\\n"`` and the byte ``<0x0A>``, whose text is also ``"\\n"``.
     """
 
     text: str
     raw: bytes | None = None
+    # Set by token_pieces; a piece equals another with the same text and bytes.
+    kind: str = field(default="normal", compare=False)
+    key: str | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,11 +154,12 @@ def tokenizer_from_json(path: Path) -> tokenizers.Tokenizer:
 def _json_problem(path: Path, error: Exception) -> DissectError:
     """Say whether the file is not JSON at all or JSON that is not a tokenizer."""
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        return DissectError(f"tokenizer file {path} is not valid JSON (not UTF-8 text); {JSON_FIX}")
-    except json.JSONDecodeError as bad_json:
-        return DissectError(f"tokenizer file {path} is not valid JSON: {bad_json}; {JSON_FIX}")
+        parse_json(path.read_bytes())  # bounded: deep nesting is refused, not recursed into
+    except JSONProblem as problem:
+        text = str(problem)
+        if text.startswith("not valid JSON"):
+            return DissectError(f"tokenizer file {path} is {text}; {JSON_FIX}")
+        return DissectError(f"tokenizer file {path} is not valid JSON ({text}); {JSON_FIX}")
     except OSError as unreadable:
         return DissectError(f"tokenizer file {path} cannot be read ({unreadable.strerror}); {JSON_FIX}")
     return DissectError(f"{path} is not a Hugging Face tokenizer.json ({_first_line(error)}); {JSON_FIX}")
@@ -439,6 +460,8 @@ def _gguf_token_id(meta: dict[str, Any], key: str, tokens: list[str], path: Path
     index = meta.get(key)
     if index is None:
         return None
+    if not is_whole(index):
+        raise DissectError(f"{path} has {key} of type {type(index).__name__}, not a whole number; {GGUF_FIX}")
     if not 0 <= index < len(tokens):
         raise DissectError(f"{path} has {key} = {index}, outside its {len(tokens)} tokens; {GGUF_FIX}")
     return int(index)
@@ -455,13 +478,14 @@ def detect_tokenizer(folder: Path) -> tuple[str, Path] | None:
     it is tiktoken (Llama 3). A SentencePiece ``tokenizer.model`` is a :class:`DissectError`.
     """
     folder = Path(folder)
-    json_file = folder / "tokenizer.json"
-    if json_file.is_file():
-        return "tokenizer.json", json_file
-    model_file = folder / "tokenizer.model"
-    if model_file.is_file():
-        _check_tiktoken_head(model_file, _read_head(model_file, 256))
-        return "tiktoken", model_file
+    for kind, name in (("tokenizer.json", "tokenizer.json"), ("tiktoken", "tokenizer.model")):
+        candidate = folder / name
+        if not (candidate.exists() or candidate.is_symlink()):
+            continue
+        found = file_inside(folder, name, "the tokenizer file", "point `tokenizer` at a tokenizer file you trust")
+        if kind == "tiktoken":
+            _check_tiktoken_head(found, _read_head(found, 256))
+        return kind, found
     return None
 
 
@@ -470,11 +494,47 @@ def detect_tokenizer(folder: Path) -> tuple[str, Path] | None:
 
 
 def token_pieces(tok: tokenizers.Tokenizer) -> list[TokenPiece]:
-    """The readable piece of every id, 0 .. vocabulary size (with added tokens) - 1."""
+    """The readable piece of every id, 0 .. vocabulary size (with added tokens) - 1, with its kind and key."""
     by_id = _tokens_by_id(tok)
     added = {index: token.content for index, token in tok.get_added_tokens_decoder().items()}
     decode = _piece_decoder(tok)
-    return [TokenPiece(added[index]) if index in added else decode(token) for index, token in enumerate(by_id)]
+    pieces = [TokenPiece(added[index]) if index in added else decode(token) for index, token in enumerate(by_id)]
+    kinds = token_kinds(tok, by_id)
+    keys = token_keys([piece.text for piece in pieces], kinds, by_id)
+    return [replace(piece, kind=kind, key=key) for piece, kind, key in zip(pieces, kinds, keys)]
+
+
+def token_kinds(tok: tokenizers.Tokenizer, by_id: list[str] | None = None) -> list[str]:
+    """The kind (:data:`TOKEN_KINDS`, never padding) of every id, from its name and the tokenizer.
+
+    A placeholder name (:data:`UNUSED_NAME`) makes a token ``unused`` whether or not it is
+    special; then special tokens; then, in a byte-fallback vocabulary, ``<0xNN>`` pieces.
+    """
+    by_id = _tokens_by_id(tok) if by_id is None else by_id
+    special = special_token_ids(tok)
+    byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
+    return [
+        "unused" if UNUSED_NAME.fullmatch(token)
+        else "special" if index in special
+        else "byte" if byte_fallback and _BYTE_PIECE.fullmatch(token)
+        else "normal"
+        for index, token in enumerate(by_id)
+    ]
+
+
+def token_keys(texts: list[str], kinds: list[str], entries: list[str]) -> list[str]:
+    """A unique key per id: the text, but a byte-fallback piece keeps its name (``<0x0A>``).
+
+    Those names are what makes keys unique in real vocabularies; should a text still repeat,
+    each later id's key gets ``<id:N>`` appended (the first keeps its text).
+    """
+    keys = [entry if kind == "byte" else text for text, kind, entry in zip(texts, kinds, entries)]
+    seen: set[str] = set()
+    for index, key in enumerate(keys):
+        if key in seen:
+            keys[index] = f"{key}<id:{index}>"
+        seen.add(keys[index])
+    return keys
 
 
 def _tokens_by_id(tok: tokenizers.Tokenizer) -> list[str]:
