@@ -21,6 +21,20 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def spans_sha256(path: Path | str, spans) -> str:
+    """sha256 of the bytes of ``spans`` (``[begin, end)`` pairs, in order) of a file: what a
+    ranged read of a remote file hashes, the rest of the file being holes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for begin, end in spans:
+            handle.seek(begin)
+            remaining = end - begin
+            while remaining > 0 and (chunk := handle.read(min(remaining, _CHUNK_BYTES))):
+                digest.update(chunk)
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
 def file_stat(path: Path | str) -> dict[str, int]:
     """What changes when a file's bytes change (size, modification and change times, inode).
 

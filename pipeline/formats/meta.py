@@ -18,7 +18,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -138,9 +138,13 @@ def _read_without_torch(shards: list[Path], tensor: str | None) -> list[tuple[np
     slices, key = [], tensor
     try:
         for shard in shards:
-            state, archive_entry = _fast_state(shard)
+            state, archive_span = _fast_state(shard)
             key = choose_tensor_key(sorted(state), tensor if tensor is not None else key, shard)
-            slices.append((*archive_entry(state[key], key, shard), key))
+            start, shape, stored, dtype_name = archive_span(state[key], key, shard)
+            mapped = MappedFile(shard, start, shape[0] * shape[1] * np.dtype(stored).itemsize)
+            array = mapped.array(stored, shape)
+            _MAPS[id(array)] = mapped
+            slices.append((array, dtype_name, key))
     except Exception:  # noqa: BLE001 - any surprise in an untrusted file: the torch path reads it or names the problem
         for array, *_ in slices:
             _MAPS.pop(id(array), None)
@@ -148,7 +152,26 @@ def _read_without_torch(shards: list[Path], tensor: str | None) -> list[tuple[np
     return slices
 
 
-def _fast_state(shard: Path):
+def embedding_span(shard: Path | BinaryIO, tensor: str | None, where: Path) -> tuple[str, int, int]:
+    """(key, start, length) of the embedding's bytes in one ``.pth`` shard.
+
+    Reads only the archive's directory, its pickle and the member's local header, which is
+    what a ranged download of ``shard`` (a file object that fetches what it is asked for)
+    needs before it fetches the tensor's bytes and nothing else.
+    """
+    try:
+        state, archive_span = _fast_state(shard)
+        key = choose_tensor_key(sorted(state), tensor, where)
+        start, (rows, cols), stored, _ = archive_span(state[key], key, where)
+    except (_Unsupported, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError) as why:
+        raise DissectError(
+            f"{where} cannot be read by byte range ({type(why).__name__}: {str(why)[:80]}); "
+            "download the checkpoint and set source.path to it"
+        ) from None
+    return key, start, rows * cols * np.dtype(stored).itemsize
+
+
+def _fast_state(shard: Path | BinaryIO):
     with zipfile.ZipFile(shard) as archive:
         infos = {info.filename: info for info in archive.infolist()}
         pickles = [name for name in infos if name.endswith("/data.pkl") or name == "data.pkl"]
@@ -162,7 +185,8 @@ def _fast_state(shard: Path):
     if not isinstance(state, dict):
         raise _Unsupported("not a state dict")
 
-    def archive_entry(value, key: str, where: Path) -> tuple[np.ndarray, str]:
+    def archive_span(value, key: str, where: Path) -> tuple[int, tuple[int, int], str, str]:
+        """(start, shape, stored numpy dtype, dtype name) of a tensor's bytes in the archive."""
         if not isinstance(value, _TensorRef):
             raise _Unsupported("not a tensor")
         rows, cols = require_2d(value.size, key, where)
@@ -175,13 +199,10 @@ def _fast_state(shard: Path):
         info = infos[f"{prefix}data/{value.storage.key}"]
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != value.storage.numel * itemsize:
             raise _Unsupported("compressed or mis-sized storage")
-        start = _member_data_offset(where, info) + value.offset * itemsize
-        mapped = MappedFile(where, start, rows * cols * itemsize)
-        array = mapped.array(stored, (rows, cols))
-        _MAPS[id(array)] = mapped
-        return array, dtype_name
+        start = _member_data_offset(shard, info) + value.offset * itemsize
+        return start, (rows, cols), stored, dtype_name
 
-    return state, archive_entry
+    return state, archive_span
 
 
 _MAPS: dict[int, MappedFile] = {}  # array id -> its map, so _join can drop converted pages
@@ -250,12 +271,16 @@ def _bad_archive(shard: Path, why: str) -> DissectError:
     return DissectError(f"{shard} is refused as a PyTorch checkpoint ({why}); re-save it with torch.save(state_dict)")
 
 
-def _member_data_offset(file: Path, info: zipfile.ZipInfo) -> int:
+def _member_data_offset(file: Path | BinaryIO, info: zipfile.ZipInfo) -> int:
     """Where a stored zip member's bytes begin: after its local header (whose extra field may
     differ from the central directory's)."""
-    with open(file, "rb") as handle:
-        handle.seek(info.header_offset)
-        header = handle.read(30)
+    if hasattr(file, "read"):
+        file.seek(info.header_offset)
+        header = file.read(30)
+    else:
+        with open(file, "rb") as handle:
+            handle.seek(info.header_offset)
+            header = handle.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise _Unsupported("bad local header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])

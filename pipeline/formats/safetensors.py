@@ -83,6 +83,13 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Path]]:
 
     Every shard must be a file in the index's folder, whether or not it holds the embedding.
     """
+    weight_map = read_weight_map(index)
+    described = f"the shard named in {index.name}"
+    return weight_map, {name: file_inside(index.parent, name, described, REDOWNLOAD) for name in set(weight_map.values())}
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight map (tensor -> shard name), checked for shape only."""
     try:
         weight_map = read_json_file(index)["weight_map"]
     except (JSONProblem, KeyError, TypeError) as error:
@@ -90,8 +97,7 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict[str, Path]]:
         raise DissectError(f"{index} is not a valid safetensors index ({why}); re-download the model's index file") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise DissectError(f"{index} has a malformed weight_map; re-download the model's index file")
-    described = f"the shard named in {index.name}"
-    return weight_map, {name: file_inside(index.parent, name, described, REDOWNLOAD) for name in set(weight_map.values())}
+    return weight_map
 
 
 def _read_sharded(index: Path, tensor: str | None) -> Embedding:

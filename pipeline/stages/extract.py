@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import Embedding, read_embedding, weight_files
-from pipeline.core.hashing import file_sha256, file_stat, matrix_sha256
+from pipeline.core.hashing import file_sha256, file_stat, matrix_sha256, spans_sha256
 from pipeline.core.io import output_set, write_bytes_atomic
 from pipeline.core.parquet import DEFAULT_ROW_GROUP_SIZE, package_record, vector_array, with_provenance, write_batches
 from pipeline.core.params import ModelConfig, model_config, model_paths
@@ -182,14 +182,24 @@ def check_sources(paths: ModelPaths, manifest: dict) -> dict[str, dict[str, int]
             raise DissectError(f"{entry['path']} is gone since fetch hashed it; {fix}") from None
         if stat["bytes"] != entry["bytes"]:
             raise DissectError(f"{entry['path']} changed after fetch hashed it ({stat['bytes']} bytes, the manifest says {entry['bytes']}); {fix}")
-        if recorded.get(entry["path"]) != {**stat, "sha256": entry["sha256"]} and file_sha256(entry["path"]) != entry["sha256"]:
+        if recorded.get(entry["path"]) != {**stat, "sha256": entry["sha256"]} and _sha256_of_entry(entry) != entry["sha256"]:
             raise DissectError(f"{entry['path']} changed after fetch hashed it (its sha256 is not the manifest's); {fix}")
         stats[entry["path"]] = stat
     listed = {Path(entry["path"]).resolve() for entry in manifest["files"]}
+    remote = "source" in manifest  # a view of the files fetch read by range: other shards are absent
     for path in weight_files(manifest["format"], Path(manifest["weights"])):
+        if remote and not path.exists():
+            continue
         if path.resolve() not in listed:
             raise DissectError(f"{path} is read with the model but was not there when fetch hashed the model's files; {fix}")
     return stats
+
+
+def _sha256_of_entry(entry: dict) -> str:
+    """The sha256 the manifest records: of the whole file, or of the byte ranges read."""
+    if entry.get("read") == "ranges":
+        return spans_sha256(entry["path"], entry["ranges"])
+    return file_sha256(entry["path"])
 
 
 def check_unchanged(paths: ModelPaths, stats: dict[str, dict[str, int]]) -> None:

