@@ -108,7 +108,7 @@ def test_bad_model_configs(entry, message):
     "tokenizer, others, message",
     [
         ({"from": "m"}, {}, "must name another model of the run"),
-        ({"from": 3}, {}, "must name another model of the run"),
+        ({"from": 3}, {}, "model name 3 in models.m.tokenizer.from is not a name"),
         ({"from": "gone"}, {}, r"not in params.yaml; add it to the run with -S '\+model@models.gone=gone'"),
         ({"from": "a"}, {"a": {"format": "meta", "source": {"path": "x"}, "tokenizer": {"from": "b"}},
                          "b": {"format": "meta", "source": {"path": "y"}}}, "itself takes its tokenizer from 'b'; set it to 'b'"),

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from safetensors.numpy import save, save_file
+from safetensors.numpy import save
 
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.params import model_config
