@@ -98,7 +98,7 @@ def fit_pca(
     del scatter
     refined = min(REFINED_AXES, keep)
     eigenvalues[:refined], eigenvectors[:, :refined] = refine_axes(
-        matrix, mean, screen, eigenvalues, eigenvectors[:, :refined], block_rows
+        matrix, mean, screen, eigenvalues, eigenvectors[:, :refined]
     )
     axes = _orthogonal_rest(eigenvectors[:, :keep], refined)
     variance = np.clip(eigenvalues[:keep], 0.0, None)  # rounding can leave tiny negatives
@@ -112,6 +112,7 @@ REFINE_PASSES = 5  # passes over the matrix at most; two at float32 screen error
 CONVERGED = 1e-11  # a residual this small (relative to the top variance) needs one last correction only
 CG_STEPS = 2000
 CG_TOLERANCE = 1e-10
+REFINE_BLOCK_ELEMENTS = 2**18  # rows centred in float64 at a time: 2 MiB, so they stay in cache
 
 
 def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
@@ -132,14 +133,15 @@ def _upper_float32(scatter: np.ndarray) -> np.ndarray:
 
 
 def refine_axes(
-    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray, block_rows: int
+    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The leading eigenpairs of the covariance to float64 precision: ([r] variances, [dim, r] axes).
 
     ``vectors`` [dim, r] come from the covariance accumulated in float32 (``screen``, its
     upper triangle), whose last bits, and so the axes' last ~7 digits, depend on the BLAS
     kernel and thread count. Each pass over the matrix computes C V exactly enough in
-    float64 (the centred rows in float64, two thin products per block), a Rayleigh-Ritz step
+    float64 (the centred rows in float64, a few hundred at a time so they stay in cache, two
+    thin products per block, on one BLAS thread), a Rayleigh-Ritz step
     in span(V) and the residuals R = C V - V diag(mu); the correction t of each axis solves
     (mu - screen) t = r orthogonally to V (conjugate gradients on the float32 covariance:
     an error of 1e-7 there only slows convergence by that factor). The error shrinks by
@@ -154,8 +156,18 @@ def refine_axes(
     next_value = values[r] if len(values) > r else 0.0
     if not values[r - 1] - next_value > 1e-6 * values[0]:
         return values[:r], vectors
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # thin products: one thread is faster, and steady
+        return _refined(matrix, mean, screen, values[:r], vectors, max(64, REFINE_BLOCK_ELEMENTS // dim))
+
+
+def _refined(
+    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray, block_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`refine_axes` once the axes are known to be separated: the passes themselves."""
     axes = vectors.copy()
-    mu = values[:r].copy()
+    mu = values.copy()
     for _ in range(REFINE_PASSES):
         product = _covariance_times(matrix, mean, axes, block_rows)  # [dim, r]
         ritz, rotation = np.linalg.eigh(axes.T @ product)  # ascending
@@ -163,7 +175,7 @@ def refine_axes(
         mu, axes, product = ritz[::-1], axes @ rotation, product @ rotation
         residual = product - axes * mu  # [dim, r]
         if not np.isfinite(residual).all():
-            return values[:r], vectors
+            return values, vectors
         small = float(np.abs(residual).max()) <= CONVERGED * mu[0]
         correction = np.column_stack([
             _solve_shifted(screen, value, axes, residual[:, j]) for j, value in enumerate(mu)
