@@ -80,18 +80,30 @@ def models_table(summaries: list[ModelSummary]) -> str:
     return md.table(headers, rows, "llrrrrrrrrl")
 
 
-def quant_table(summaries: list[ModelSummary]) -> str:
+def quant_table(summaries: list[ModelSummary], key: str, digits: int = 3) -> str:
+    """One row per model, one column per scheme: ``key`` (rmse or tokens_recall_at_k) of each."""
     schemes = sorted({scheme for s in summaries for scheme in s.quant})
-    if not schemes:
-        return "No model has quantization results."
-    columns, headers = [], []
-    for s in summaries:
-        k = next(iter(s.quant.values()), {}).get("recall_k", "k")
-        for key, label in (("rmse", "RMSE"), ("tokens_recall_at_k", f"recall@{k}")):
-            columns.append(md.column([s.quant[scheme][key] if scheme in s.quant else None for scheme in schemes], 3))
-            headers.append(f"{s.name} {label}")
-    rows = [[f"`{scheme}`", *(column[i] for column in columns)] for i, scheme in enumerate(schemes)]
-    return md.table(["scheme", *headers], rows, "l" + "r" * len(headers))
+    columns = [md.column([s.quant[scheme][key] if scheme in s.quant else None for s in summaries], digits) for scheme in schemes]
+    rows = [[s.name, *(column[i] for column in columns)] for i, s in enumerate(summaries)]
+    return md.table(["model", *(f"`{scheme}`" for scheme in schemes)], rows, "l" + "r" * len(schemes))
+
+
+def quant_tables(summaries: list[ModelSummary]) -> list[str]:
+    """RMSE and recall as two tables, models down and schemes across, so each fits a page's width."""
+    if not any(s.quant for s in summaries):
+        return ["No model has quantization results."]
+    ks = sorted({str(m.get("recall_k", "k")) for s in summaries for m in s.quant.values()})
+    return ["RMSE of the dequantized matrix:", quant_table(summaries, "rmse"),
+            f"Recall@{'/'.join(ks)} (k = quantize.recall_k):", quant_table(summaries, "tokens_recall_at_k")]
+
+
+def series_links(paths: ProjectPaths) -> list[str]:
+    """A line per series of params.yaml, linking its page."""
+    if not paths.series:
+        return []
+    lines = [f"- [{s.name}](series/{s.name}/series.md): {len(s.versions)} versions, "
+             f"`{s.versions[0].name}` to `{s.versions[-1].name}`" for s in paths.series]
+    return ["## Series", "How tokens moved over each ordered run of versions:", "\n".join(lines)]
 
 
 def differences(summaries: list[ModelSummary]) -> str:
@@ -146,7 +158,7 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
         "## Quantization: RMSE, and recall@k of nearest neighbours",
         "Recall@k: the share of a sampled token's k nearest tokens (k = quantize.recall_k) that stay among its k nearest "
         "after quantization; the sample is quantize.sample_tokens tokens.",
-        quant_table(summaries),
+        *quant_tables(summaries),
         "## The largest differences",
         differences(summaries),
         *(extra_sections or []),
@@ -156,7 +168,7 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
 
 def run(paths: ProjectPaths, settings: NoSettings) -> Path:
     summaries = [load_summary(model) for model in paths.models]
-    write_bytes_atomic(paths.index, render(summaries, version_sections(paths)).encode("utf-8"))
+    write_bytes_atomic(paths.index, render(summaries, [*series_links(paths), *version_sections(paths)]).encode("utf-8"))
     return paths.index
 
 
