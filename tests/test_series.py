@@ -15,6 +15,7 @@ from pipeline.core.paths import ModelPaths, SeriesPaths
 from pipeline.sources.synthetic import (
     EMBEDDING, MOVER_STEPS, PLANTED_MOVERS, make_tensor, planted_movers, series_embedding,
 )
+from pipeline.report.series import series_page
 from pipeline.stages import stats
 from pipeline.stages.series import SeriesSettings, align_versions, read_settings, run, series_paths, trajectories
 
@@ -58,7 +59,7 @@ def test_trajectories_by_hand(four_token_versions):
     np.testing.assert_allclose(kept[1], [1, 1, 1, 0])
 
 
-def test_the_stage_writes_tables_and_page(four_token_versions):
+def test_the_stage_writes_its_tables_and_the_page_reads_them(four_token_versions):
     root = four_token_versions
     paths = SeriesPaths.in_project("toy", ["v0", "v1", "v2"], root)
     metrics = run(paths, SeriesSettings(k=1, top_moved=2))
@@ -75,9 +76,11 @@ def test_the_stage_writes_tables_and_page(four_token_versions):
         assert row["norm_median"] == read_json(ModelPaths.in_project(name, root).stats)["row_norm"]["p50"]
     assert read_json(paths.plots["norm_median"]) == [{"step": r["step"], "version": r["version"], "norm_median": r["norm_median"]}
                                                       for r in metrics["versions"]]
-    page = paths.page.read_text(encoding="utf-8")
-    assert '**v1** (step 1): 1 token moved sharply (cosine to `v0` below 0.9): `"b"` (0).' in page
-    assert (paths.figures / "series.png").is_file()
+    page = series_page(read_json(paths.metrics))  # what compare renders into reports/series/toy/
+    assert '**v1** (step 1): 1 token moved sharply (cosine to `v0` below 0.9): `"b"` (0).' in page.markdown
+    for figure in page.figures:
+        figure.run(root / "figures")
+    assert (root / "figures" / "series.png").is_file()
 
 
 def test_versions_align_on_keys_not_ids(tmp_path):

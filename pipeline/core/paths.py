@@ -8,8 +8,8 @@ A stage never spells a file name; it is handed one of these objects and asks it:
     artifacts/drift/<pair>/         drift between two files of one vocabulary
     reports/<model>/                report.md, its figures, headline.json (committed)
     reports/index.md                the comparison of all models (committed)
-    series/<series>/                the series stage: trajectories.parquet, tokens.parquet, series.json
-    reports/series/<series>/        series.md, its figure and DVC plot files (committed)
+    series/<series>/                the series stage: trajectories.parquet, tokens.parquet, series.json, plots/
+    reports/series/<series>/        series.md and its figure (compare; committed)
 
 Paths are relative to the project root (DVC runs every stage there), so the provenance
 written into outputs names the same paths on every machine.
@@ -203,6 +203,7 @@ class ProjectPaths:
     models: tuple[ModelPaths, ...]
     drift_dir: Path  # artifacts/drift: one folder per pair
     index: Path  # reports/index.md
+    series_reports: Path  # reports/series: every series' page
     series: tuple[SeriesPaths, ...] = ()
 
     @classmethod
@@ -212,6 +213,7 @@ class ProjectPaths:
             models=tuple(ModelPaths.in_project(name, root) for name in names),
             drift_dir=root / ARTIFACTS_DIR / DRIFT_DIR,
             index=root / REPORTS_DIR / "index.md",
+            series_reports=root / REPORTS_DIR / SERIES_DIR,
             series=tuple(SeriesPaths.in_project(name, versions, root) for name, versions in (series or {}).items()),
         )
 
@@ -222,8 +224,8 @@ class SeriesPaths:
 
     name: str
     versions: tuple[ModelPaths, ...]
-    out: Path  # series/<name>: cached outputs
-    reports: Path  # reports/series/<name>: committed
+    out: Path  # series/<name>: the series stage's outputs, cached
+    reports: Path  # reports/series/<name>: its page, rendered by compare, committed
 
     @classmethod
     def in_project(cls, name: str, versions: list[str], root: Path | str = ".") -> SeriesPaths:
@@ -254,4 +256,4 @@ class SeriesPaths:
     @property
     def plots(self) -> dict[str, Path]:
         """DVC plot files, one per statistic over the versions (x: step): field -> file."""
-        return {field: self.reports / f"{field}.json" for field in ("cosine_to_first_mean", "norm_median", "undertrained")}
+        return {field: self.out / "plots" / f"{field}.json" for field in ("cosine_to_first_mean", "norm_median", "undertrained")}

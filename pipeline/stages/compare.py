@@ -1,4 +1,5 @@
-"""compare stage: ``reports/index.md``, one table over every model in params.yaml.
+"""compare stage: ``reports/index.md``, one table over every model in params.yaml, and the
+page of each series (``reports/series/<name>/series.md``, from its ``series.json``).
 
 A row per model (vocabulary, dimension, statistics, anisotropy, the first word's nearest
 tokens, each quantization scheme's error), links to each model's report, and a short
@@ -16,13 +17,15 @@ import pyarrow.parquet as pq
 
 from pipeline.report import markdown as md
 from pipeline.core.cli import Stage
-from pipeline.core.errors import run_stage
-from pipeline.core.io import read_json, write_bytes_atomic
+from pipeline.core.errors import DissectError, run_stage
+from pipeline.core.io import output_set, read_json, write_bytes_atomic
 from pipeline.core.parquet import read_provenance
 from pipeline.core.params import project_paths
-from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.paths import ModelPaths, ProjectPaths, SeriesPaths
 from pipeline.core.settings import NoSettings, no_settings
+from pipeline.report.render import Rendered
 from pipeline.report.sections import Exports, drift_section, export_section
+from pipeline.report.series import series_page
 
 NEIGHBOURS_SHOWN = 3
 
@@ -166,9 +169,26 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
     return "\n\n".join(parts) + "\n"
 
 
+def series_pages(paths: ProjectPaths) -> list[tuple[SeriesPaths, Rendered]]:
+    """Each series' page, from the series stage's series.json."""
+    pages = []
+    for series in paths.series:
+        if not series.metrics.is_file():
+            raise DissectError(f"{series.metrics} is missing; run the series stage (`dvc repro series@{series.name}`)")
+        pages.append((series, series_page(read_json(series.metrics))))
+    return pages
+
+
 def run(paths: ProjectPaths, settings: NoSettings) -> Path:
     summaries = [load_summary(model) for model in paths.models]
-    write_bytes_atomic(paths.index, render(summaries, [*series_links(paths), *version_sections(paths)]).encode("utf-8"))
+    pages = series_pages(paths)
+    with output_set():
+        paths.series_reports.mkdir(parents=True, exist_ok=True)  # a DVC output even with no series
+        for series, page in pages:
+            for figure in page.figures:
+                figure.run(series.figures)
+            write_bytes_atomic(series.page, page.markdown.encode("utf-8"))
+        write_bytes_atomic(paths.index, render(summaries, [*series_links(paths), *version_sections(paths)]).encode("utf-8"))
     return paths.index
 
 

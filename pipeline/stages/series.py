@@ -17,10 +17,11 @@ version; the earliest on a tie), that cosine, its cosine to the first version at
 whether its neighbours held (``neighbours_kept`` >= ``series.neighbours_held`` at every
 step) and ``moved_rank`` (1 = moved most in a single step; ties by token id).
 
-Per version (``series.json`` and the DVC plot files in ``reports/series/<name>/``): the
+Per version (``series.json`` and the DVC plot files in ``series/<name>/plots/``): the
 version's headline statistics read from its own ``stats.json`` and ``undertrained.json``,
-and the means of the three columns above. ``reports/series/<name>/series.md`` draws them
-and names the tokens that moved most, and when.
+and the means of the three columns above. Every output is cached, so DVC's run-cache can
+carry the stage between machines; the page that draws them
+(``reports/series/<name>/series.md``, committed) is rendered by the compare stage.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ import pyarrow as pa
 from pipeline.core.cli import Stage
 from pipeline.core.drift import Side, align_by_key, jaccard, read_side, row_changes, take_rows
 from pipeline.core.errors import DissectError, run_stage
-from pipeline.core.io import output_set, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.core.io import output_set, read_json, write_json_atomic
 from pipeline.core.knn import MAX_BLOCK_ROWS, MAX_K, knn_graph, unit_rows
 from pipeline.core.params import check_name, model_config
 from pipeline.core.paths import SeriesPaths
 from pipeline.core.parquet import derived_provenance, write_table
 from pipeline.core.settings import as_params, from_section, real_number, setting, shown, whole_number
-from pipeline.report.series import series_page
 
 STAGE = "series"
 
@@ -249,16 +249,12 @@ def run(paths: SeriesPaths, settings: SeriesSettings) -> dict[str, Any]:
     }
     provenance = derived_provenance(STAGE, paths.name, paths.versions[0].embeddings, {"series": {**as_params(settings), "versions": versions}})
     provenance["inputs"] = [{"path": str(side.path), "matrix_sha256": side.matrix_sha256} for side in sides]
-    page = series_page(metrics)
     with output_set():
         write_table(paths.trajectories, trajectory_table(aligned, versions, moves), provenance)
         write_table(paths.tokens, tokens, provenance)
         write_json_atomic(paths.metrics, metrics)
         for field, path in paths.plots.items():
             write_json_atomic(path, plot_rows(rows, field))
-        for figure in page.figures:
-            figure.run(paths.figures)
-        write_bytes_atomic(paths.page, page.markdown.encode("utf-8"))
     return metrics
 
 
