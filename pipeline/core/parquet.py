@@ -126,13 +126,20 @@ def read_provenance(path: Path | str) -> dict[str, Any]:
 
 
 def _float_column_paths(schema: pa.Schema) -> list[str]:
-    """Parquet column paths of every float leaf (BYTE_STREAM_SPLIT applies to leaves)."""
+    """Parquet column paths of every float32/float64 leaf (BYTE_STREAM_SPLIT applies to leaves).
+
+    Not float16: Parquet stores it as 2-byte FIXED_LEN_BYTE_ARRAY, and DuckDB cannot read
+    BYTE_STREAM_SPLIT on those.
+    """
+    def split(value_type: pa.DataType) -> bool:
+        return pa.types.is_floating(value_type) and not pa.types.is_float16(value_type)
+
     paths = []
     for field in schema:
-        if pa.types.is_floating(field.type):
+        if split(field.type):
             paths.append(field.name)
         elif pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type):
-            if pa.types.is_floating(field.type.value_type):
+            if split(field.type.value_type):
                 paths.append(f"{field.name}.list.element")
     return paths
 
