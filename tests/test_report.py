@@ -241,6 +241,14 @@ def test_missing_results_give_a_note(tmp_path):
     assert "## 7. Under-trained tokens\n\nNot computed for this model (`undertrained` stage)." in text
 
 
+def test_duplicate_rows_are_told_with_their_groups(tmp_path):
+    artifacts = load_artifacts(toy_artifacts(tmp_path))
+    stats = {**artifacts.stats, "rows": {**artifacts.stats["rows"], "duplicate": 15, "duplicate_groups": 4}}
+    text = render_report(replace(artifacts, stats=stats)).markdown
+    assert "**15 rows are exact copies of another row**, in 4 groups of identical rows" in text
+    assert "gives each copy the lowest token id of its group" in text
+
+
 def test_report_stage_draws_every_figure_it_shows(tmp_path):
     model_dir = toy_artifacts(tmp_path)
     path = run_report(ModelPaths.in_project("toy", tmp_path), NoSettings())

@@ -148,8 +148,11 @@ def what_the_numbers_say(a: Artifacts) -> list[str]:
     low, high, p01, p99 = md.distinct_numbers([norms["min"], norms["max"], norms["p01"], norms["p99"]], 3)
     notes.append(f"Row norms range from {low} to {high}; the middle 98% lie between {p01} and {p99}.")
     if s["rows"]["duplicate"]:
-        notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**, typically tokens "
-                     "that training never updated (see `duplicate_of` in `tokens.parquet`).")
+        groups = s["rows"].get("duplicate_groups")
+        grouped = f", in {md.number(groups)} {'group' if groups == 1 else 'groups'} of identical rows" if groups else ""
+        notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**{grouped}, typically "
+                     "tokens that training never updated (`duplicate_of` in `tokens.parquet` gives each copy the lowest "
+                     "token id of its group).")
     nonfinite = s["values"]["nan_count"] + s["values"]["inf_count"]
     if nonfinite:
         notes.append(f"**The matrix holds {md.number(nonfinite)} NaN or Inf values** in {md.number(s['rows']['nonfinite'])} rows; "
