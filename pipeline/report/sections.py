@@ -239,7 +239,9 @@ def similarity_section(a: Artifacts) -> str:
         by_variant.setdefault(row["variant"], []).append(row)
     neighbours = md.table(
         ["word", "nearest tokens in the vocabulary (cosine)"],
-        [[labels[index[v]], ", ".join(f"{md.token(r['token'])} ({r['cosine']:.2f})" for r in rows)] for v, rows in by_variant.items()],
+        # A no-break space ties each cosine to its token: a line may wrap between neighbours, never inside one.
+        [[labels[index[v]], ", ".join(f"{md.token(r['token'])}{md.NO_BREAK_SPACE}({r['cosine']:.2f})" for r in rows)]
+         for v, rows in by_variant.items()],
     )
     return "\n".join([
         "Cosine similarity of every pair of word variants:",
