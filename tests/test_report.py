@@ -93,9 +93,9 @@ def test_compare_names_the_extremes():
     text = differences(models)
     assert "from 100 tokens (small) to 5,000 (big)" in text
     assert "small is the most anisotropic" in text and "big the least" in text
-    table = quant_table(models)
-    assert table.splitlines()[0] == "| scheme | small RMSE | small recall@k | big RMSE | big recall@k |"
-    assert table.splitlines()[2] == "| `q8_0` | 1.00×10⁻³ | 0.990 | 1.00×10⁻³ | 0.990 |"
+    lines = quant_table(models).splitlines()
+    assert lines[:5] == ["RMSE:", "", "| scheme | small | big |", "| :--- | ---: | ---: |", "| `q8_0` | 1.00×10⁻³ | 1.00×10⁻³ |"]
+    assert lines[6:9] == ["recall@k:", "", "| scheme | small | big |"] and lines[10] == "| `q8_0` | 0.990 | 0.990 |"
 
 
 def test_index_columns_use_one_number_format_and_state_k():
@@ -104,7 +104,19 @@ def test_index_columns_use_one_number_format_and_state_k():
     assert md.column([49152, 30522]) == ["49,152", "30,522"]
     models = [summary("small", 100, 8, 0.6, 3.0)]
     models[0].quant["q8_0"]["recall_k"] = 10
-    assert "small recall@10" in quant_table(models).splitlines()[0]
+    assert "recall@10:" in quant_table(models).splitlines()
+    models.append(summary("big", 5000, 64, 0.1, 1.0))
+    models[1].quant["q8_0"]["recall_k"] = 5  # k differs: each column says its own
+    assert "| scheme | small recall@10 | big recall@5 |" in quant_table(models).splitlines()
+
+
+def test_index_tables_fit_the_page():
+    from pipeline.stages.compare import MAX_MODEL_COLUMNS, models_table
+
+    models = [summary(f"m{i}", 100 + i, 8, 0.1 * i, 1.0 + i) for i in range(MAX_MODEL_COLUMNS + 1)]
+    widths = [line.count(" | ") + 1 for line in (models_table(models) + "\n" + quant_table(models)).splitlines()
+              if line.startswith("| ")]
+    assert max(widths) <= 7 and quant_table(models).count("| scheme |") == 4  # 7 models: two tables a metric
 
 
 def test_best_trade_off_names_the_other_schemes_that_qualified():

@@ -258,9 +258,10 @@ def similarity_section(a: Artifacts) -> str:
 
 def pca_section(a: Artifacts) -> str:
     shown = a.pca_variance[:10]
-    table = md.table(["component", *(str(v["component"]) for v in shown)],
-                     [["explained variance", *(md.percent(v["explained_variance_ratio"], 1) for v in shown)],
-                      ["cumulative", *(md.percent(v["cumulative"], 1) for v in shown)]], "l" + "r" * len(shown))
+    # A row per component: a column per component would be 11 wide, past the page.
+    table = md.table(["component", "explained variance", "cumulative"],
+                     [[str(v["component"]), md.percent(v["explained_variance_ratio"], 1), md.percent(v["cumulative"], 1)]
+                      for v in shown], "rrr")
     last = a.pca_variance[-1]
     return "\n".join([
         "The words projected to two dimensions, in the basis fitted on the whole vocabulary and in a PCA "
