@@ -287,7 +287,7 @@ def test_metrics_on_the_synthetic_matrix(tiny):
 
 def test_codes_are_dictionary_encoded_and_only_other_columns_carry_statistics(tiny):
     for name, encoding in (("int8_row", "RLE_DICTIONARY"), ("q4_0", "RLE_DICTIONARY"), ("fp16", "RLE_DICTIONARY"),
-                           ("bf16", "RLE_DICTIONARY")):
+                           ("bf16", "BYTE_STREAM_SPLIT")):
         group = pq.ParquetFile(tiny[0] / "quant" / f"{name}.parquet").metadata.row_group(0)
         columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
         codes = columns["codes.list.element"]
@@ -321,6 +321,8 @@ def test_fp16_and_bf16_files_hold_16_bit_codes(tiny):
     assert bits == int(round_to_bf16(matrix[0, :1]).view(np.uint32)[0]) >> 16
     fp16 = str(model_dir / "quant" / "fp16.parquet")
     assert duckdb.sql(f"SELECT codes[1]::DOUBLE FROM '{fp16}' LIMIT 1").fetchall()[0][0] == float(np.float16(matrix[0, 0]))
+    bf16 = str(model_dir / "quant" / "bf16.parquet")
+    assert duckdb.sql(f"SELECT codes[1] FROM '{bf16}' LIMIT 1").fetchall()[0][0] == bits
 
 
 def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path):
