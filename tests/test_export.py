@@ -62,10 +62,12 @@ def test_escape_keeps_one_line_per_token():
 def test_projector_files_read_back(tmp_path):
     rng = np.random.default_rng(0)
     matrix = (rng.normal(size=(len(TRICKY), 5)) * 10.0 ** rng.integers(-8, 3, size=(len(TRICKY), 5))).astype(np.float32)
-    write_projector(tmp_path, "toy", matrix, TRICKY, max_rows=100)
+    kinds = ["normal"] * (len(TRICKY) - 3) + ["padding", "normal", "special"]
+    write_projector(tmp_path, "toy", matrix, TRICKY, kinds, max_rows=100)
     assert np.array_equal(projector_vectors(tmp_path / "vectors.tsv"), matrix)  # exact float32 round trip
     header, rows = projector_metadata(tmp_path / "metadata.tsv")
-    assert header == ["token_id", "token"] and len(rows) == len(matrix)
+    assert header == ["token_id", "token", "kind"] and len(rows) == len(matrix)
+    assert [row[2] for row in rows] == kinds and rows[6][1:] == ["", "padding"]
     assert [int(row[0]) for row in rows] == list(range(len(matrix)))
     assert rows[1][1] == "line\\nbreak" and rows[3][1] == "\\n\\n" and rows[2][1] == "␣"
     (entry,) = pbtxt_embeddings((tmp_path / "projector_config.pbtxt").read_text())
@@ -78,7 +80,7 @@ def test_projector_files_read_back(tmp_path):
 def test_vocabulary_beyond_the_point_cap_is_sharded(tmp_path):
     matrix = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     tokens = [f"t{i}" for i in range(7)]
-    write_projector(tmp_path, "toy", matrix, tokens, max_rows=3)
+    write_projector(tmp_path, "toy", matrix, tokens, ["normal"] * 7, max_rows=3)
     entries = pbtxt_embeddings((tmp_path / "projector_config.pbtxt").read_text())
     assert [e["tensor_shape"] for e in entries] == [[3, 3], [3, 3], [1, 3]]
     parts = [projector_vectors(tmp_path / e["tensor_path"]) for e in entries]
@@ -105,9 +107,10 @@ def test_smollm2_end_to_end(smollm2_artifacts):
     lines = projector_lines(folder / "vectors.tsv")
     assert len(lines) == 49152 and len(lines[9906].split("\t")) == 576
     header, rows = projector_metadata(folder / "metadata.tsv")
-    assert len(rows) == 49152 and all(len(row) == 2 for row in rows)
-    tokens = pq.read_table(smollm2_artifacts / "embeddings.parquet", columns=["token"]).column("token").to_pylist()
-    assert [row[1] for row in rows] == [escape_tsv(text) for text in tokens]
+    assert header == ["token_id", "token", "kind"] and len(rows) == 49152 and all(len(row) == 3 for row in rows)
+    columns = pq.read_table(smollm2_artifacts / "embeddings.parquet", columns=["token", "kind"]).to_pydict()
+    assert [row[1] for row in rows] == [escape_tsv(text) for text in columns["token"]]
+    assert [row[2] for row in rows] == columns["kind"] and rows[0][2] == "special"
     atlas = pq.read_table(smollm2_artifacts / "atlas.parquet")
     assert atlas.column_names == ["token_id", "text", "token", "kind", "x", "y", "neighbors"]
     assert atlas.schema.field("neighbors").type == pa.struct([("ids", pa.list_(pa.int32())), ("distances", pa.list_(pa.float32()))])

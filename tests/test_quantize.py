@@ -18,6 +18,7 @@ from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
 from pipeline.core.parquet import write_in_background
 from pipeline.quant import layout
+from pipeline.quant.floats import round_to_bf16
 from pipeline.quant.recall import Queries, WordQuery
 from pipeline.stages import quantize, words
 from pipeline.stages.words import WordSettings
@@ -285,7 +286,8 @@ def test_metrics_on_the_synthetic_matrix(tiny):
 
 
 def test_codes_are_dictionary_encoded_and_only_other_columns_carry_statistics(tiny):
-    for name, encoding in (("int8_row", "RLE_DICTIONARY"), ("q4_0", "RLE_DICTIONARY"), ("fp16", "BYTE_STREAM_SPLIT")):
+    for name, encoding in (("int8_row", "RLE_DICTIONARY"), ("q4_0", "RLE_DICTIONARY"), ("fp16", "RLE_DICTIONARY"),
+                           ("bf16", "BYTE_STREAM_SPLIT")):
         group = pq.ParquetFile(tiny[0] / "quant" / f"{name}.parquet").metadata.row_group(0)
         columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
         codes = columns["codes.list.element"]
@@ -300,6 +302,27 @@ def test_duckdb_and_polars_read_the_codes(tiny):
     path = str(tiny[0] / "quant" / "q8_0.parquet")
     assert duckdb.sql(f"SELECT count(*), max(len(codes)), max(len(scales)) FROM '{path}'").fetchall() == [(300, 128, 4)]
     assert polars.read_parquet(path).shape == (300, 3)
+
+
+def test_fp16_and_bf16_files_hold_16_bit_codes(tiny):
+    # A file holds the 16 bits per weight quant.json reports: fp16 as Parquet float16, bf16
+    # as its bit pattern (the high half of the float32), both exact.
+    model_dir, matrix, metrics = tiny
+    duckdb = pytest.importorskip("duckdb")
+    for name, stored in (("fp16", pa.float16()), ("bf16", pa.uint16())):
+        path = model_dir / "quant" / f"{name}.parquet"
+        assert pq.read_schema(path).field("codes").type.value_type == stored, name
+        assert read_provenance(path)["dequantize"]["float_format"] == {"fp16": "float16", "bf16": "bfloat16"}[name]
+        assert metrics[name]["bits_per_weight"] == 16
+        codes = pq.read_table(path).column("codes").combine_chunks().flatten().to_numpy().reshape(matrix.shape)
+        assert codes.dtype == stored.to_pandas_dtype(), name
+        assert np.array_equal(layout.dequantize_file(path, read_provenance(path)["dequantize"]), SCHEMES[name]().encode(matrix).codes)
+    bits = pq.read_table(model_dir / "quant" / "bf16.parquet").column("codes")[0].as_py()[0]
+    assert bits == int(round_to_bf16(matrix[0, :1]).view(np.uint32)[0]) >> 16
+    fp16 = str(model_dir / "quant" / "fp16.parquet")
+    assert duckdb.sql(f"SELECT codes[1]::DOUBLE FROM '{fp16}' LIMIT 1").fetchall()[0][0] == float(np.float16(matrix[0, 0]))
+    bf16 = str(model_dir / "quant" / "bf16.parquet")
+    assert duckdb.sql(f"SELECT codes[1] FROM '{bf16}' LIMIT 1").fetchall()[0][0] == bits
 
 
 def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path):

@@ -19,7 +19,7 @@ from pipeline.report import markdown as md
 from pipeline.report.render import SECTIONS
 from pipeline.report.render import render as render_report
 from pipeline.report.sections import Exports, best_trade_off, drift_section, export_section
-from pipeline.stages.compare import ModelSummary, differences, quant_table, quant_tables, render
+from pipeline.stages.compare import ModelSummary, differences, quant_table, render
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import NoSettings
 from pipeline.stages.report import load_artifacts
@@ -93,10 +93,9 @@ def test_compare_names_the_extremes():
     text = differences(models)
     assert "from 100 tokens (small) to 5,000 (big)" in text
     assert "small is the most anisotropic" in text and "big the least" in text
-    table = quant_table(models, "rmse")
-    assert table.splitlines()[0] == "| model | `q8_0` |"
-    assert table.splitlines()[2:] == ["| small | 1.00×10⁻³ |", "| big | 1.00×10⁻³ |"]
-    assert quant_table(models, "tokens_recall_at_k").splitlines()[2] == "| small | 0.990 |"
+    lines = quant_table(models).splitlines()
+    assert lines[:5] == ["RMSE:", "", "| scheme | small | big |", "| :--- | ---: | ---: |", "| `q8_0` | 1.00×10⁻³ | 1.00×10⁻³ |"]
+    assert lines[6:9] == ["recall@k:", "", "| scheme | small | big |"] and lines[10] == "| `q8_0` | 0.990 | 0.990 |"
 
 
 def test_index_columns_use_one_number_format_and_state_k():
@@ -105,7 +104,19 @@ def test_index_columns_use_one_number_format_and_state_k():
     assert md.column([49152, 30522]) == ["49,152", "30,522"]
     models = [summary("small", 100, 8, 0.6, 3.0)]
     models[0].quant["q8_0"]["recall_k"] = 10
-    assert "Recall@10 (k = quantize.recall_k):" in quant_tables(models)
+    assert "recall@10:" in quant_table(models).splitlines()
+    models.append(summary("big", 5000, 64, 0.1, 1.0))
+    models[1].quant["q8_0"]["recall_k"] = 5  # k differs: each column says its own
+    assert "| scheme | small recall@10 | big recall@5 |" in quant_table(models).splitlines()
+
+
+def test_index_tables_fit_the_page():
+    from pipeline.stages.compare import MAX_MODEL_COLUMNS, models_table
+
+    models = [summary(f"m{i}", 100 + i, 8, 0.1 * i, 1.0 + i) for i in range(MAX_MODEL_COLUMNS + 1)]
+    widths = [line.count(" | ") + 1 for line in (models_table(models) + "\n" + quant_table(models)).splitlines()
+              if line.startswith("| ")]
+    assert max(widths) <= 7 and quant_table(models).count("| scheme |") == 4  # 7 models: two tables a metric
 
 
 def test_best_trade_off_names_the_other_schemes_that_qualified():
@@ -240,6 +251,14 @@ def test_missing_results_give_a_note(tmp_path):
     text = render_report(artifacts).markdown
     assert "## 6. Quantization\n\nNo quantization was run for this model (`quantize` stage)." in text
     assert "## 7. Under-trained tokens\n\nNot computed for this model (`undertrained` stage)." in text
+
+
+def test_duplicate_rows_are_told_with_their_groups(tmp_path):
+    artifacts = load_artifacts(toy_artifacts(tmp_path))
+    stats = {**artifacts.stats, "rows": {**artifacts.stats["rows"], "duplicate": 15, "duplicate_groups": 4}}
+    text = render_report(replace(artifacts, stats=stats)).markdown
+    assert "**15 rows are exact copies of another row**, in 4 groups of identical rows" in text
+    assert "gives each copy the lowest token id of its group" in text
 
 
 def test_report_stage_draws_every_figure_it_shows(tmp_path):

@@ -77,7 +77,7 @@ def test_the_stage_writes_its_tables_and_the_page_reads_them(four_token_versions
     assert read_json(paths.plots["norm_median"]) == [{"step": r["step"], "version": r["version"], "norm_median": r["norm_median"]}
                                                       for r in metrics["versions"]]
     page = series_page(read_json(paths.metrics))  # what compare renders into reports/series/toy/
-    assert '**v1** (step 1): 1 token moved sharply (cosine to `v0` below 0.9): `"b"` (0).' in page.markdown
+    assert '**v1** (step 1): 1 token moved sharply (cosine to `v0` below 0.9): `"b"`\u00a0(0).' in page.markdown
     for figure in page.figures:
         figure.run(root / "figures")
     assert (root / "figures" / "series.png").is_file()

@@ -72,8 +72,8 @@ def test_hand_matrix_by_hand():
     assert np.isnan(stats.cos_to_mean[1])
     assert anisotropy["mean_cos_to_mean"] == pytest.approx(431 / (45 * root), rel=1e-14)
 
-    assert stats.summary["rows"] == {"total": 4, "nonfinite": 0, "zero": 1, "duplicate": 2}
-    assert stats.duplicate_of.tolist() == [3, -1, -1, 0]
+    assert stats.summary["rows"] == {"total": 4, "nonfinite": 0, "zero": 1, "duplicate": 2, "duplicate_groups": 1}
+    assert stats.duplicate_of.tolist() == [-1, -1, -1, 0]  # row 3 copies row 0, the first of their group
     assert [bin_["count"] for bin_ in stats.histogram] == [1, 0, 0, 2, 1]  # bins of width 1 over [0, 5]
     assert stats.histogram[0] == {"norm": 0.5, "bin_start": 0.0, "bin_end": 1.0, "count": 1}
 
@@ -155,8 +155,10 @@ def test_duplicates_are_exact_across_chunks():
     matrix[0, 0] = np.nan
     matrix[1] = matrix[0]  # NaN rows with the same bits are duplicates too
     matrix[3] = np.nextafter(matrix[4], np.float32(np.inf))  # one ulp apart: not a duplicate
-    assert duplicate_of(matrix, rows_per_chunk=3).tolist() == [1, 0, 5, -1, -1, 2, 8, -1, 6, 2]
-    assert matrix_stats(matrix, rows_per_chunk=4).summary["rows"]["duplicate"] == 7
+    # Groups {0, 1}, {2, 5, 9}, {6, 8}: every copy names its group's first row, which has none.
+    assert duplicate_of(matrix, rows_per_chunk=3).tolist() == [-1, 0, -1, -1, -1, 2, -1, -1, 6, 2]
+    rows = matrix_stats(matrix, rows_per_chunk=4).summary["rows"]
+    assert rows["duplicate"] == 7 and rows["duplicate_groups"] == 3
 
 
 @settings(max_examples=40, deadline=None)

@@ -126,13 +126,20 @@ def read_provenance(path: Path | str) -> dict[str, Any]:
 
 
 def _float_column_paths(schema: pa.Schema) -> list[str]:
-    """Parquet column paths of every float leaf (BYTE_STREAM_SPLIT applies to leaves)."""
+    """Parquet column paths of every float32/float64 leaf (BYTE_STREAM_SPLIT applies to leaves).
+
+    Not float16: Parquet stores it as 2-byte FIXED_LEN_BYTE_ARRAY, and DuckDB cannot read
+    BYTE_STREAM_SPLIT on those.
+    """
+    def split(value_type: pa.DataType) -> bool:
+        return pa.types.is_floating(value_type) and not pa.types.is_float16(value_type)
+
     paths = []
     for field in schema:
-        if pa.types.is_floating(field.type):
+        if split(field.type):
             paths.append(field.name)
         elif pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type):
-            if pa.types.is_floating(field.type.value_type):
+            if split(field.type.value_type):
                 paths.append(f"{field.name}.list.element")
     return paths
 
@@ -142,12 +149,13 @@ def _writer_options(
     compression_level: int,
     dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
+    split_columns: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "compression": "zstd",
         "compression_level": compression_level,
         "use_dictionary": dictionary_columns or False,
-        "use_byte_stream_split": _float_column_paths(schema),
+        "use_byte_stream_split": _float_column_paths(schema) + list(split_columns or []),
         "write_statistics": True if statistics_columns is None else statistics_columns,
     }
 
@@ -167,14 +175,16 @@ def write_batches(
     *,
     dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
+    split_columns: list[str] | None = None,
 ) -> None:
     """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance.
 
     ``dictionary_columns`` (Parquet column paths, see :func:`leaf_column_paths`) are
     dictionary encoded, the rest are not; ``statistics_columns``, when given, are the only
-    columns with min/max statistics (None: every column has them).
+    columns with min/max statistics (None: every column has them); ``split_columns`` are
+    integer columns BYTE_STREAM_SPLIT like the float ones.
     """
-    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns)
+    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns, split_columns)
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, **options) as writer:
             for batch in batches:

@@ -30,7 +30,7 @@ from pipeline.core.errors import DissectError
 class Encoded:
     """Codes and scales of a run of rows."""
 
-    codes: np.ndarray  # [rows, code_width]: int8, uint8 (two 4-bit codes a byte) or float32 (16-bit float values)
+    codes: np.ndarray  # [rows, code_width]: int8, uint8 (two 4-bit codes a byte) or float32 (16-bit float values, widened)
     scales: np.ndarray | None  # [rows, dim // block] float32; None when one scale covers the tensor
     clipped: int  # values beyond the range the codes can represent
 
@@ -48,6 +48,7 @@ class Scheme(ABC):
     offset: ClassVar[int] = 0  # subtracted from integer codes before scaling
     low_nibble_first: ClassVar[bool] = True
     nibble_span: ClassVar[int] = 1
+    float_format: ClassVar[str | None] = None  # 16-bit float schemes: "float16" or "bfloat16"
 
     def check(self, dim: int) -> None:
         """A :class:`DissectError` when rows of width ``dim`` cannot be encoded."""
@@ -81,16 +82,21 @@ class Scheme(ABC):
 
     @property
     def codes_dtype(self) -> np.dtype:
-        """dtype of the codes :meth:`encode` returns and the ``codes`` column stores."""
-        return np.dtype({4: np.uint8, 8: np.int8, 16: np.float32}[self.code_bits])
+        """dtype of the ``codes`` column: what :meth:`encode` returns, except for the 16-bit
+        float schemes, whose float32 values the quant layout stores in their 16 bits."""
+        if self.code_bits == 16:
+            return np.dtype(np.float16 if self.float_format == "float16" else np.uint16)
+        return np.dtype({4: np.uint8, 8: np.int8}[self.code_bits])
 
     @property
     def codes_column(self) -> str:
         """What the ``codes`` column holds, for a reader of the file's metadata."""
         if self.code_bits == 4:
             return "uint8, two 4-bit codes a byte"
-        if self.code_bits == 16:
-            return f"float32, the values already rounded to {self.name} (exact)"
+        if self.float_format == "float16":
+            return "float16, the values rounded to IEEE half precision"
+        if self.float_format == "bfloat16":
+            return "uint16, the bfloat16 bit pattern (the high 16 bits of the float32 value)"
         return "int8"
 
     def code_width(self, dim: int) -> int:
@@ -112,6 +118,7 @@ class Scheme(ABC):
             "dim": dim,
             "code_bits": self.code_bits,
             "codes_column": self.codes_column,
+            "float_format": self.float_format,
             "low_nibble_first": self.low_nibble_first if self.code_bits == 4 else None,
             "nibble_span": self.nibble_span if self.code_bits == 4 else None,
             "lookup": list(self.lookup) if self.lookup is not None else None,

@@ -1,7 +1,8 @@
 """fp16 and bf16 casts, the references the integer schemes are measured against.
 
-Their "codes" are the rounded values themselves, stored as float32 (exact, as the extract
-stage stores bf16 sources), with scale 1.
+Their "codes" are the rounded values themselves (float32 in memory, with scale 1); the
+quant file stores them in 16 bits (:mod:`pipeline.quant.layout`): fp16 as Parquet float16,
+bf16 as its uint16 bit pattern (Parquet has no bfloat16).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class FloatCast(Scheme):
 
 class FP16(FloatCast):
     name = "fp16"
-    description = "IEEE half precision, round to nearest even (values stored widened to float32)"
+    description = "IEEE half precision, round to nearest even (stored as float16)"
     max_finite = FP16_MAX
+    float_format = "float16"
 
     def round(self, rows: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # beyond 65504 becomes inf, counted as clipped
@@ -50,8 +52,9 @@ class FP16(FloatCast):
 
 class BF16(FloatCast):
     name = "bf16"
-    description = "bfloat16, round to nearest even as torch does (values stored widened to float32)"
+    description = "bfloat16, round to nearest even as torch does (stored as its uint16 bit pattern)"
     max_finite = BF16_MAX
+    float_format = "bfloat16"
 
     def round(self, rows: np.ndarray) -> np.ndarray:
         return round_to_bf16(rows)

@@ -76,38 +76,70 @@ def save_png(figure: Any, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
 
 
-# Where a label may sit around its point, in points: right, below, left, above, then further out.
-LABEL_OFFSETS = ((5, 2), (5, -10), (-5, 2), (-5, -10), (5, 12), (5, -20), (-5, 12), (-5, -20), (5, 22), (5, -30))
+# Where a label may sit around its point, in points: rings of growing distance, eight
+# directions each (right and left first: a label reads best beside its point). A label
+# beyond the first ring gets a thin line to its point.
+_DIRECTIONS = ((1, 0.3), (-1, 0.3), (1, -1), (-1, -1), (1, 1.2), (-1, 1.2), (0.2, 1.5), (0.2, -1.8))
+LABEL_OFFSETS = tuple((round(ring * dx), round(ring * dy)) for ring in (5, 14, 24, 36, 50, 66) for dx, dy in _DIRECTIONS)
+LEADER_BEYOND = 6  # offsets (points) past which a label is joined to its point by a line
+SAME_SPOT_PX = 2.5  # points drawn closer than this share one label: "Hello", " Hello"
 
 
-def label_points(figure: Any, ax: Any, xy: np.ndarray, labels: list[str], boxed: bool = False) -> None:
-    """Label each point, moving a label to the first nearby spot where it overlaps no other.
+def merge_coincident(xy: np.ndarray, labels: list[str], transform: Any) -> tuple[np.ndarray, list[str]]:
+    """Points that land on the same spot (within SAME_SPOT_PX) keep one marker and one label, the texts joined by ", "."""
+    pixels = transform.transform(xy)
+    kept: list[int] = []
+    joined: dict[int, list[str]] = {}
+    for i, label in enumerate(labels):
+        same = next((k for k in kept if np.hypot(*(pixels[i] - pixels[k])) < SAME_SPOT_PX), None)
+        if same is None:
+            kept.append(i)
+            joined[i] = [label]
+        elif label not in joined[same]:
+            joined[same].append(label)
+    return xy[kept], [", ".join(joined[k]) for k in kept]
 
-    Greedy and deterministic; labels stay out of the layout so placing them cannot move the axes.
+
+def label_points(figure: Any, ax: Any, xy: np.ndarray, labels: list[str], boxed: bool = False,
+                 avoid: list[Any] | None = None) -> list[Any]:
+    """Label each point at the first nearby spot where it overlaps no other label, marker or
+    ``avoid`` box and stays inside the axes; points on the same spot share one label.
+
+    Greedy and deterministic; labels stay out of the layout so placing them cannot move the
+    axes. Returns what it placed, markers and labels, for a later call to avoid.
     """
     from matplotlib.transforms import Bbox
 
     figure.draw_without_rendering()  # fix the layout first: label positions depend on it
     renderer = figure.canvas.get_renderer()
+    xy, labels = merge_coincident(np.asarray(xy), labels, ax.transData)
+    frame = ax.get_window_extent(renderer)
     # Labels avoid the markers as well as each other.
     taken: list[Any] = [Bbox.from_extents(px - 3, py - 3, px + 3, py + 3) for px, py in ax.transData.transform(xy)]
-    bbox = {"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.75, "linewidth": 0} if boxed else None
+    taken += list(avoid or [])
+    bbox = {"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "linewidth": 0} if boxed else None
     for (x, y), label in zip(xy, labels):
-        text = ax.annotate(
-            label, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=8, parse_math=False, bbox=bbox
-        )
+        text = ax.annotate(label, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=8,
+                           parse_math=False, bbox=bbox, va="center")
         text.set_in_layout(False)
+        chosen = LABEL_OFFSETS[0]
         for dx, dy in LABEL_OFFSETS:
             text.set_position((dx, dy))
-            text.set_horizontalalignment("left" if dx > 0 else "right")
+            text.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
             extent = text.get_window_extent(renderer)
-            if not any(extent.overlaps(other) for other in taken):
+            inside = frame.containsx(extent.x0) and frame.containsx(extent.x1) and frame.containsy(extent.y0) and frame.containsy(extent.y1)
+            if inside and not any(extent.overlaps(other) for other in taken):
+                chosen = (dx, dy)
                 break
         else:
-            text.set_position(LABEL_OFFSETS[0])
+            text.set_position(chosen)
             text.set_horizontalalignment("left")
             extent = text.get_window_extent(renderer)
+        if max(abs(chosen[0]), abs(chosen[1])) > LEADER_BEYOND:
+            ax.annotate("", (x, y), xytext=chosen, textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.25", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 2})
         taken.append(extent)
+    return taken
 
 
 def copy_figure(source: Path, path: Path) -> None:
@@ -162,12 +194,17 @@ class Heatmap:
     matrix: np.ndarray  # [n, n] cosine similarities
 
 
+HEATMAP_WIDTH = 9.0  # inches: 900 px, within GitHub's ~920-px column, so nothing is scaled down
+
+
 def similarity_heatmap(data: Heatmap, path: Path) -> None:
     """The word variants' cosine similarities, each cell printed."""
     labels, matrix = data.labels, data.matrix
     with style():
-        size = 2.5 + 0.6 * len(labels)
-        figure = new_figure(size + 1, size)
+        # At most HEATMAP_WIDTH inches (pixels / DPI) wide: a wider picture is shrunk to the
+        # page (GitHub: ~920 px), and the cell numbers with it.
+        width = min(3.5 + 0.6 * len(labels), HEATMAP_WIDTH)
+        figure = new_figure(width, width - 1)
         ax = figure.add_subplot()
         image = ax.imshow(matrix, cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
@@ -257,6 +294,31 @@ class PcaVocab:
     ratios: np.ndarray  # that basis's explained variance ratios
     variants: list[str | None]  # the word variants, marked on top
     words_xy: np.ndarray  # [w, 2] the words in the same basis
+    tokens: list[str | None] | None = None  # every token's text, to name a few in the densest cell
+
+
+HEXBIN_GRID = 90  # hexagons across the view
+DENSEST_EXAMPLES = 3  # tokens named in the densest cell's label
+
+
+def densest_cell_tokens(coordinates: np.ndarray, center: np.ndarray, count: int, extent: tuple[float, ...]) -> np.ndarray:
+    """Ids of the ``count`` tokens nearest ``center`` in matplotlib's hexbin metric: the tokens
+    of the cell drawn there (its hexagon is the region nearer its centre than any other)."""
+    nx = HEXBIN_GRID
+    ny = int(nx / np.sqrt(3))
+    sx, sy = (extent[1] - extent[0]) / nx, (extent[3] - extent[2]) / ny
+    d = ((coordinates[:, 0] - center[0]) / sx) ** 2 + 3.0 * ((coordinates[:, 1] - center[1]) / sy) ** 2
+    nearest = np.argsort(d, kind="stable")[:count]
+    return np.sort(nearest)
+
+
+def densest_label(count: int, ids: np.ndarray, tokens: list[str | None] | None) -> str:
+    """``densest cell: 182 tokens, e.g. "[unused0]", "[unused1]", "[unused2]"``."""
+    text = f"densest cell: {count} tokens"
+    if tokens is None or not len(ids):
+        return text
+    examples = [label_text(tokens[int(i)] if tokens[int(i)] is not None else "(padding)") for i in ids[:DENSEST_EXAMPLES]]
+    return text + ", e.g. " + ", ".join(examples) + (", ..." if count > DENSEST_EXAMPLES else "")
 
 
 def pca_vocab_figure(data: PcaVocab, path: Path) -> None:
@@ -275,8 +337,12 @@ def pca_vocab_figure(data: PcaVocab, path: Path) -> None:
         ax = figure.subplots()
         shown = coordinates[inside]
         extent = (box[0, 0], box[1, 0], box[0, 1], box[1, 1])
-        cells = ax.hexbin(shown[:, 0], shown[:, 1], gridsize=90, bins="log", mincnt=1, cmap="viridis", extent=extent)
+        cells = ax.hexbin(shown[:, 0], shown[:, 1], gridsize=HEXBIN_GRID, bins="log", mincnt=1, cmap="viridis", extent=extent)
         figure.colorbar(cells, ax=ax, label="tokens per cell")
+        densest = int(np.argmax(cells.get_array()))
+        count = int(round(float(cells.get_array()[densest])))
+        center = np.asarray(cells.get_offsets()[densest], dtype=np.float64)
+        ax.scatter([center[0]], [center[1]], s=90, facecolors="none", edgecolors="black", linewidths=1.0)
         ax.scatter(words_xy[:, 0], words_xy[:, 1], s=22, color="tab:red", edgecolors="white", linewidths=0.6)
         ax.set_xlim(box[0, 0], box[1, 0])
         ax.set_ylim(box[0, 1], box[1, 1])
@@ -284,13 +350,10 @@ def pca_vocab_figure(data: PcaVocab, path: Path) -> None:
         ax.set_title(f"{data.model}: all {len(coordinates)} tokens{note}, words in red")
         ax.set_xlabel(_axis_label(data.ratios, 0))
         ax.set_ylabel(_axis_label(data.ratios, 1))
-        densest = int(np.argmax(cells.get_array()))
-        count = int(round(float(cells.get_array()[densest])))
-        cx, cy = cells.get_offsets()[densest]
-        ax.annotate(f"densest cell: {count} tokens", (cx, cy), xytext=(0.02, 0.03), textcoords="axes fraction", fontsize=8,
-                    arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 0.8},
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
-        label_points(figure, ax, words_xy, labels, boxed=True)
+        # The words first (what the figure is about), then the densest cell around them.
+        placed = label_points(figure, ax, words_xy, labels, boxed=True)
+        ids = densest_cell_tokens(coordinates, center, count, extent)
+        label_points(figure, ax, center[None, :], [densest_label(count, ids, data.tokens)], boxed=True, avoid=placed)
         save_png(figure, path)
 
 

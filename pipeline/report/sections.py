@@ -148,8 +148,11 @@ def what_the_numbers_say(a: Artifacts) -> list[str]:
     low, high, p01, p99 = md.distinct_numbers([norms["min"], norms["max"], norms["p01"], norms["p99"]], 3)
     notes.append(f"Row norms range from {low} to {high}; the middle 98% lie between {p01} and {p99}.")
     if s["rows"]["duplicate"]:
-        notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**, typically tokens "
-                     "that training never updated (see `duplicate_of` in `tokens.parquet`).")
+        groups = s["rows"].get("duplicate_groups")
+        grouped = f", in {md.number(groups)} {'group' if groups == 1 else 'groups'} of identical rows" if groups else ""
+        notes.append(f"**{md.number(s['rows']['duplicate'])} rows are exact copies of another row**{grouped}, typically "
+                     "tokens that training never updated (`duplicate_of` in `tokens.parquet` gives each copy the lowest "
+                     "token id of its group).")
     nonfinite = s["values"]["nan_count"] + s["values"]["inf_count"]
     if nonfinite:
         notes.append(f"**The matrix holds {md.number(nonfinite)} NaN or Inf values** in {md.number(s['rows']['nonfinite'])} rows; "
@@ -236,7 +239,9 @@ def similarity_section(a: Artifacts) -> str:
         by_variant.setdefault(row["variant"], []).append(row)
     neighbours = md.table(
         ["word", "nearest tokens in the vocabulary (cosine)"],
-        [[labels[index[v]], ", ".join(f"{md.token(r['token'])} ({r['cosine']:.2f})" for r in rows)] for v, rows in by_variant.items()],
+        # A no-break space ties each cosine to its token: a line may wrap between neighbours, never inside one.
+        [[labels[index[v]], ", ".join(f"{md.token(r['token'])}{md.NO_BREAK_SPACE}({r['cosine']:.2f})" for r in rows)]
+         for v, rows in by_variant.items()],
     )
     return "\n".join([
         "Cosine similarity of every pair of word variants:",
@@ -253,9 +258,10 @@ def similarity_section(a: Artifacts) -> str:
 
 def pca_section(a: Artifacts) -> str:
     shown = a.pca_variance[:10]
-    table = md.table(["component", *(str(v["component"]) for v in shown)],
-                     [["explained variance", *(md.percent(v["explained_variance_ratio"], 1) for v in shown)],
-                      ["cumulative", *(md.percent(v["cumulative"], 1) for v in shown)]], "l" + "r" * len(shown))
+    # A row per component: a column per component would be 11 wide, past the page.
+    table = md.table(["component", "explained variance", "cumulative"],
+                     [[str(v["component"]), md.percent(v["explained_variance_ratio"], 1), md.percent(v["cumulative"], 1)]
+                      for v in shown], "rrr")
     last = a.pca_variance[-1]
     return "\n".join([
         "The words projected to two dimensions, in the basis fitted on the whole vocabulary and in a PCA "

@@ -34,7 +34,9 @@ def _moves_in_words(metrics: dict[str, Any]) -> str:
     for row in versions[1:]:
         sharp = row["sharp_moves"]
         movers = [m for m in metrics["top_moved"] if m["moved_most_at_step"] == row["step"] and m["cosine_to_previous_there"] < settings["sharp_move_below"]]
-        named = ", ".join(f"{md.token(m['token'])} ({md.number(m['cosine_to_previous_there'], 2)})" for m in movers[:MOVERS_LISTED])
+        # A no-break space ties each cosine to its token, as in the reports.
+        named = ", ".join(f"{md.token(m['token'])}{md.NO_BREAK_SPACE}({md.number(m['cosine_to_previous_there'], 2)})"
+                          for m in movers[:MOVERS_LISTED])
         what = f"{sharp:,} token{'s' if sharp != 1 else ''} moved sharply (cosine to `{versions[row['step'] - 1]['version']}` below {threshold})"
         lines.append(f"- **{row['version']}** (step {row['step']}): {what}" + (f": {named}." if named else "."))
     return "\n".join(lines)

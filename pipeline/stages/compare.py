@@ -66,38 +66,53 @@ def load_summary(paths: ModelPaths) -> ModelSummary:
     )
 
 
+MAX_MODEL_COLUMNS = 6  # models side by side in one quantization table: wider ones overflow the page (~920 px)
+
+
 def models_table(summaries: list[ModelSummary]) -> str:
-    headers = ["model", "source dtype", "vocab", "dim", "mean", "std", "max \\|x\\|", "row norm median",
-               "mean cos to mean", "duplicate rows", "nearest to the first word"]
-    numeric = [
-        [s.vocab for s in summaries], [s.dim for s in summaries],
-        [s.stats["values"]["mean"] for s in summaries], [s.stats["values"]["std"] for s in summaries],
-        [s.stats["values"]["max_abs"] for s in summaries], [s.stats["row_norm"]["p50"] for s in summaries],
-        [s.stats["anisotropy"]["mean_cos_to_mean"] for s in summaries], [s.stats["rows"]["duplicate"] for s in summaries],
-    ]
-    cells = [md.column(values) for values in numeric]  # one format per column
-    rows = [[
-        f"[{s.name}]({s.name}/report.md)", s.source_dtype, *(column[i] for column in cells),
-        f"{md.token(s.first_word)}: " + ", ".join(f"{md.token(t)} ({c:.2f})" for t, c in s.first_word_neighbours),
-    ] for i, s in enumerate(summaries)]
-    return md.table(headers, rows, "llrrrrrrrrl")
+    """Two tables of at most 7 columns (one would be 11, wider than the page): the matrix, then
+    its geometry and the first word's neighbours."""
+    def numbers(values: list[Any]) -> list[str]:
+        return md.column(values)  # one format per column
+
+    shape = [numbers([s.vocab for s in summaries]), numbers([s.dim for s in summaries]),
+             numbers([s.stats["values"]["mean"] for s in summaries]), numbers([s.stats["values"]["std"] for s in summaries]),
+             numbers([s.stats["values"]["max_abs"] for s in summaries])]
+    geometry = [numbers([s.stats["row_norm"]["p50"] for s in summaries]),
+                numbers([s.stats["anisotropy"]["mean_cos_to_mean"] for s in summaries]),
+                numbers([s.stats["rows"]["duplicate"] for s in summaries])]
+    first = md.table(["model", "source dtype", "vocab", "dim", "mean", "std", "max \\|x\\|"],
+                     [[f"[{s.name}]({s.name}/report.md)", s.source_dtype, *(column[i] for column in shape)]
+                      for i, s in enumerate(summaries)], "llrrrrr")
+    # A no-break space ties each cosine to its token, as in the reports.
+    second = md.table(["model", "row norm median", "mean cos to mean", "duplicate rows", "nearest to the first word"],
+                      [[s.name, *(column[i] for column in geometry),
+                        f"{md.token(s.first_word)}: " + ", ".join(f"{md.token(t)}{md.NO_BREAK_SPACE}({c:.2f})"
+                                                                   for t, c in s.first_word_neighbours)]
+                       for i, s in enumerate(summaries)], "lrrrl")
+    return first + "\n\n" + second
 
 
-def quant_table(summaries: list[ModelSummary], key: str, digits: int = 3) -> str:
-    """One row per model, one column per scheme: ``key`` (rmse or tokens_recall_at_k) of each."""
+def quant_table(summaries: list[ModelSummary]) -> str:
+    """RMSE, then recall@k: one table each, a row per scheme and a column per model (at most
+    MAX_MODEL_COLUMNS models a table, so each fits the page)."""
     schemes = sorted({scheme for s in summaries for scheme in s.quant})
-    columns = [md.column([s.quant[scheme][key] if scheme in s.quant else None for s in summaries], digits) for scheme in schemes]
-    rows = [[s.name, *(column[i] for column in columns)] for i, s in enumerate(summaries)]
-    return md.table(["model", *(f"`{scheme}`" for scheme in schemes)], rows, "l" + "r" * len(schemes))
-
-
-def quant_tables(summaries: list[ModelSummary]) -> list[str]:
-    """RMSE and recall as two tables, models down and schemes across, so each fits a page's width."""
-    if not any(s.quant for s in summaries):
-        return ["No model has quantization results."]
-    ks = sorted({str(m.get("recall_k", "k")) for s in summaries for m in s.quant.values()})
-    return ["RMSE of the dequantized matrix:", quant_table(summaries, "rmse"),
-            f"Recall@{'/'.join(ks)} (k = quantize.recall_k):", quant_table(summaries, "tokens_recall_at_k")]
+    if not schemes:
+        return "No model has quantization results."
+    ks = [next(iter(s.quant.values()), {}).get("recall_k", "k") for s in summaries]
+    tables = []
+    for key, label in (("rmse", "RMSE"), ("tokens_recall_at_k", "recall@k")):
+        for start in range(0, len(summaries), MAX_MODEL_COLUMNS):
+            group = summaries[start : start + MAX_MODEL_COLUMNS]
+            if key == "rmse":
+                headers = [s.name for s in group]
+            else:
+                headers = [f"{s.name} recall@{k}" if len(set(ks)) > 1 else s.name for s, k in zip(group, ks[start:])]
+            columns = [md.column([s.quant[scheme][key] if scheme in s.quant else None for scheme in schemes], 3) for s in group]
+            rows = [[f"`{scheme}`", *(column[i] for column in columns)] for i, scheme in enumerate(schemes)]
+            title = label if key == "rmse" or len(set(ks)) > 1 else f"recall@{ks[0]}"
+            tables.append(f"{title}:\n\n" + md.table(["scheme", *headers], rows, "l" + "r" * len(headers)))
+    return "\n\n".join(tables)
 
 
 def series_links(paths: ProjectPaths) -> list[str]:
@@ -161,7 +176,7 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
         "## Quantization: RMSE, and recall@k of nearest neighbours",
         "Recall@k: the share of a sampled token's k nearest tokens (k = quantize.recall_k) that stay among its k nearest "
         "after quantization; the sample is quantize.sample_tokens tokens.",
-        *quant_tables(summaries),
+        quant_table(summaries),
         "## The largest differences",
         differences(summaries),
         *(extra_sections or []),

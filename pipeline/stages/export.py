@@ -6,8 +6,10 @@ For model ``<name>`` it reads ``artifacts/<name>/embeddings.parquet`` and writes
 
   - ``vectors.tsv``: one row per token in id order, the floats tab-separated, no header,
     each written with 9 significant digits (``%.9g``), which round-trips float32 exactly;
-  - ``metadata.tsv``: a header row ``token_id<TAB>token`` then one row per token. With more
-    than one column the projector reads the first row as the header. In ``token``, every
+  - ``metadata.tsv``: a header row ``token_id<TAB>token<TAB>kind`` then one row per token
+    (``kind`` as in embeddings.parquet: normal, byte, special, unused, padding, so the
+    projector can colour or search by it). With more than one column the projector reads
+    the first row as the header. In ``token``, every
     space is shown as ``␣`` (``␣Hello`` and ``Hello`` are different tokens; a label hides a
     leading space), and a backslash, tab, newline and carriage return are written ``\\\\``, ``\\t``, ``\\n``,
     ``\\r`` (the projector splits rows on newlines and columns on tabs, and nothing
@@ -62,7 +64,7 @@ from pipeline.core.progress import progress_bar
 STAGE = "export"
 TSV_BLOCK_ROWS = 4096
 FLOAT_FORMAT = "%.9g"  # 9 significant digits: every float32 reads back exactly
-METADATA_COLUMNS = ("token_id", "token")
+METADATA_COLUMNS = ("token_id", "token", "kind")
 TENSORBOARD_POINT_LIMIT = 100000
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 VISIBLE_SPACE = "\u2423"  # "␣": " Hello" and "Hello" are different tokens, and must look different
@@ -92,9 +94,9 @@ def escape_tsv(text: str | None) -> str:
     return "" if text is None else text.translate(_VISIBLE).translate(_ESCAPES)
 
 
-def metadata_lines(token_ids: range, tokens: list[str | None]) -> str:
+def metadata_lines(token_ids: range, tokens: list[str | None], kinds: list[str]) -> str:
     """Metadata rows (no header) for ``token_ids``, each ending in a newline."""
-    return "".join(f"{i}\t{escape_tsv(tokens[i])}\n" for i in token_ids)
+    return "".join(f"{i}\t{escape_tsv(tokens[i])}\t{escape_tsv(kinds[i])}\n" for i in token_ids)
 
 
 def write_vectors(handle: IO[bytes], rows: np.ndarray) -> None:
@@ -152,7 +154,9 @@ def standalone_config(embeddings: list[dict[str, Any]]) -> dict[str, Any]:
                             "tensorShape": e["tensor_shape"]} for e in embeddings]}
 
 
-def write_projector(folder: Path, name: str, matrix: np.ndarray, tokens: list[str | None], max_rows: int) -> list[dict[str, Any]]:
+def write_projector(
+    folder: Path, name: str, matrix: np.ndarray, tokens: list[str | None], kinds: list[str], max_rows: int
+) -> list[dict[str, Any]]:
     """Every file of the projector export; returns the config's embeddings."""
     header = "\t".join(METADATA_COLUMNS) + "\n"
     parts = shards(len(matrix), max_rows)
@@ -162,13 +166,13 @@ def write_projector(folder: Path, name: str, matrix: np.ndarray, tokens: list[st
             with progress_bar(total=len(matrix), desc="projector TSV", unit="rows") as bar:
                 for start, block in iter_blocks(matrix, TSV_BLOCK_ROWS):
                     write_vectors(vectors, block)
-                    meta.write(metadata_lines(range(start, start + len(block)), tokens))
+                    meta.write(metadata_lines(range(start, start + len(block)), tokens, kinds))
                     bar.update(len(block))
     for part in parts:
         with atomic_path(folder / "shards" / f"vectors_{part.suffix}.tsv") as tmp, open(tmp, "wb") as handle:
             for start, block in iter_blocks(matrix[part.start : part.stop], TSV_BLOCK_ROWS):
                 write_vectors(handle, block)
-        text = header + metadata_lines(range(part.start, part.stop), tokens)
+        text = header + metadata_lines(range(part.start, part.stop), tokens, kinds)
         write_bytes_atomic(folder / "shards" / f"metadata_{part.suffix}.tsv", text.encode("utf-8"))
     embeddings = projector_embeddings(name, matrix.shape, parts)
     write_bytes_atomic(folder / "projector_config.pbtxt", pbtxt(embeddings).encode("utf-8"))
@@ -227,10 +231,11 @@ def run(paths: ModelPaths, settings: ExportSettings) -> dict[str, Any]:
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     columns = pq.read_table(paths.embeddings, columns=["token", "kind"])
     token_array = columns.column("token").combine_chunks()
+    kind_array = columns.column("kind").combine_chunks()
     tokens = token_array.to_pylist()
     with output_set():
-        projector = write_projector(paths.projector, paths.name, matrix, tokens, settings.projector_max_rows)
-        table = atlas_table(token_array, columns.column("kind").combine_chunks(), pca_xy(matrix),
+        projector = write_projector(paths.projector, paths.name, matrix, tokens, kind_array.to_pylist(), settings.projector_max_rows)
+        table = atlas_table(token_array, kind_array, pca_xy(matrix),
                             knn_graph(unit_rows(matrix), settings.neighbors_k, settings.block_rows, "atlas neighbours"))
         write_table(paths.atlas, table, derived_provenance(STAGE, paths.name, paths.embeddings, {"export": as_params(settings)}))
     return {"rows": len(matrix), "dim": int(matrix.shape[1]), "projector_embeddings": projector}

@@ -132,7 +132,8 @@ def run(paths: ModelPaths, settings: PcaSettings) -> None:
         variants, ratios = words.variant.to_pylist(), vocab_pca.explained_variance_ratio
         pca_words_figure(PcaWords(paths.name, variants, vocab_xy, ratios, words_xy, words_pca.explained_variance_ratio),
                          paths.figures / "pca_words.png")
-        pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy), paths.figures / "pca_vocab.png")
+        pca_vocab_figure(PcaVocab(paths.name, coordinates, ratios, variants, vocab_xy, tokens.to_pylist()),
+                         paths.figures / "pca_vocab.png")
 
 
 main = Stage(STAGE, "MODEL", model_paths, from_section(PcaSettings, STAGE), run).main

@@ -5,12 +5,15 @@ Reads ``artifacts/<name>/embeddings.parquet`` and writes beside it:
 * ``stats.json`` (DVC metrics): the whole matrix (``values``: count, mean, std, min, max,
   max_abs, nan_count, inf_count), the L2 norms of its rows (``row_norm``: mean, std, min,
   max, p01, p50, p99), anisotropy (``anisotropy``: the norm of the mean row and the mean
-  cosine of the rows to it) and row counts (``rows``: total, nonfinite, zero, duplicate);
+  cosine of the rows to it) and row counts (``rows``: total, nonfinite, zero, duplicate,
+  duplicate_groups);
 * ``dims.parquet``: one row per dimension: ``dim int32``, ``mean``, ``std`` (float64),
   ``min``, ``max`` (float32, values of the matrix);
 * ``tokens.parquet``: one row per token: ``token_id int32``, ``token string``,
   ``l2_norm float64``, ``max_abs float32``, ``cos_to_mean float64`` and ``duplicate_of
-  int32`` (the lowest other token id whose row is identical, null if none);
+  int32``: for a row identical to a row of lower id, the lowest id of its group of
+  identical rows (every copy points to the same first row, as pandas' ``duplicated`` keeps
+  the first); null for that first row and for a unique row;
 * ``norm_hist.json`` (DVC plot data): the histogram of row norms as a list of
   ``{"norm": bin centre, "bin_start", "bin_end", "count"}``.
 
@@ -30,7 +33,9 @@ Conventions, so every number means one thing:
 * JSON has no NaN: a statistic over no values at all (a matrix with no finite value, a
   dimension with none) is written as null, for exactly that reason and no other.
 * ``rows.duplicate`` counts the rows that have a bit-identical row elsewhere (all members
-  of every group, so three equal rows count 3; -0.0 and 0.0 count as equal).
+  of every group, so three equal rows count 3; -0.0 and 0.0 count as equal), and
+  ``rows.duplicate_groups`` the groups they form: three equal rows are one group, whose
+  first row has a null ``duplicate_of`` and the two others point to it.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ class MatrixStats:
     l2_norm: np.ndarray  # [vocab] float64, NaN for non-finite rows
     max_abs: np.ndarray  # [vocab] float32, NaN for non-finite rows
     cos_to_mean: np.ndarray  # [vocab] float64, NaN where undefined
-    duplicate_of: np.ndarray  # [vocab] int64, -1 for unique rows
+    duplicate_of: np.ndarray  # [vocab] int64: lowest id of the row's group of equal rows; -1 for it and for unique rows
     histogram: list[dict[str, float | int]]  # norm_hist.json
 
 
@@ -224,7 +229,8 @@ def second_pass(
 
 
 def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np.ndarray:
-    """For each row, the lowest other row index holding the identical row, else -1 [vocab] int64.
+    """For each row, the lowest row index holding the identical row when that is another row,
+    else -1 (the group's first row, a unique row) [vocab] int64.
 
     Rows are hashed by their bytes (after folding -0.0 into 0.0), one chunk at a time, and a
     hash match is confirmed on the bytes, so the answer is exact without sorting the matrix.
@@ -246,21 +252,11 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
                 else:
                     first[index] = match
             bar.update(chunk.stop - chunk.start)
-    return _lowest_other(first)
+    return np.where(first == np.arange(rows), -1, first)
 
 
 def _row_bits(matrix: np.ndarray, index: int) -> np.ndarray:
     return (np.asarray(matrix[index], dtype=np.float32) + np.float32(0.0)).view(np.uint32)
-
-
-def _lowest_other(first: np.ndarray) -> np.ndarray:
-    """From each row's group leader (lowest index of its group) to its lowest *other* member."""
-    rows = first.shape[0]
-    later = first != np.arange(rows)
-    second = np.full(rows, rows, np.int64)  # [vocab]: second-lowest member, indexed by leader
-    np.minimum.at(second, first[later], np.flatnonzero(later))
-    result = np.where(later, first, second)
-    return np.where(result == rows, -1, result)
 
 
 def norm_histogram(norms: np.ndarray, bins: int) -> list[dict[str, float | int]]:
@@ -339,6 +335,7 @@ def matrix_stats(matrix: np.ndarray, histogram_bins: int = 50, rows_per_chunk: i
     finite_norms = l2_norm[rows.finite]
     defined_cos = cos[np.isfinite(cos)]
     duplicates = duplicate_of(matrix, rows_per_chunk)
+    groups = int(np.unique(duplicates[duplicates >= 0]).size)  # each group's first row, which the copies name
 
     summary = {
         "vocab_size": int(matrix.shape[0]),
@@ -353,7 +350,8 @@ def matrix_stats(matrix: np.ndarray, histogram_bins: int = 50, rows_per_chunk: i
             "total": int(matrix.shape[0]),
             "nonfinite": int(matrix.shape[0] - n_finite_rows),
             "zero": int((rows.finite & (rows.l2_norm == 0)).sum()),
-            "duplicate": int((duplicates >= 0).sum()),
+            "duplicate": int((duplicates >= 0).sum()) + groups,
+            "duplicate_groups": groups,
         },
     }
     return MatrixStats(
