@@ -34,13 +34,16 @@ SETTINGS = {
     "undertrained": ("undertrained", "UndertrainedSettings"),
     "drift": ("drift", "DriftSettings"),
     "export": ("export", "ExportSettings"),
+    "trajectory": ("series", "SeriesSettings"),
 }
 HOSTILE = ["x", "max", "10", -5, -1, 0, 10**12, 2**63, 2.5, -0.5, True, None, [], {}, [1], "", float("nan"), float("inf")]
 # The only hostile values that are settings someone may mean: every other one is refused.
 MEANT = {
     ("words", "leading_space", "true"), ("quantize", "sample_tokens", "0"), ("quantize", "seed", "0"),
     ("undertrained", "percentile", "2.5"), ("undertrained", "reference_tokens", "[]"), ("drift", "pairs", "{}"),
-    ("export", "models", "[]"),
+    ("export", "models", "[]"), ("trajectory", "neighbours_held", "0"),
+    # A threshold on a cosine: any value from -1 to 1 is one (-1: no step counts as sharp).
+    ("trajectory", "sharp_move_below", "-1"), ("trajectory", "sharp_move_below", "0"), ("trajectory", "sharp_move_below", "-0.5"),
 }
 
 
@@ -50,9 +53,10 @@ def settings_class(section: str):
 
 
 def test_every_section_of_params_has_typed_settings():
-    assert set(PARAMS) - {"models"} == set(SETTINGS)
+    # models and series name what is run (checked by pipeline.core.params and the series stage).
+    assert set(PARAMS) - {"models", "series"} == set(SETTINGS)
     for section, values in PARAMS.items():
-        if section != "models":
+        if section not in ("models", "series"):
             read_section(settings_class(section), values, section)  # the shipped values pass
 
 
