@@ -51,6 +51,11 @@ def row_dots_at(a: np.ndarray, a_rows: np.ndarray, b: np.ndarray, b_rows: np.nda
     return out
 
 
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """float64 [n]: the L2 norm of each row of ``rows`` [n, dim], in a fixed order (no BLAS)."""
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+
+
 def dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """float64 [n]: ``rows @ vector`` ([n, dim] times [dim]) in a fixed order (no BLAS)."""
     return np.einsum("ij,j->i", rows, np.asarray(vector, np.float64), dtype=np.float64)

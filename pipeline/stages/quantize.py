@@ -19,8 +19,8 @@ whose words it measures) and writes:
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
 near one float32 copy of the matrix. The codes are written by a second thread (integer codes
 dictionary encoded, see :func:`pipeline.quant.layout.quant_write_options`), a chunk is measured while the next is
-encoded, and the neighbours are searched through the bfloat16 screen of
-:mod:`pipeline.quant.screen`, whose result is exact.
+encoded, and the neighbours are searched by the engine's bfloat16 screen
+(:class:`pipeline.core.knn.TopK`), whose result is exact.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
 from pipeline.core.io import output_set, write_json_atomic, written_path
-from pipeline.core.knn import MAX_K, TopK, excluding_own
+from pipeline.core.knn import MAX_K, TopK, best_of_pairs, excluding_own, unit_rows
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, list_of, one_of, setting, whole_number
@@ -62,9 +62,7 @@ from pipeline.quant.measure import (
     recall,
     row_dots_and_norms,
     similarity_table,
-    unit_rows,
 )
-from pipeline.quant.screen import ScreenedTopK, exact_best
 
 # Chunks between two returns of freed memory: the chunk buffers of several threads leave
 # freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
@@ -138,9 +136,9 @@ class SchemeRun:
 
     The neighbours of the dequantized matrix are exact, found one of two ways:
 
-    * in full: every chunk's dequantized rows against every query, through the bfloat16
-      screen of :mod:`pipeline.quant.screen` (exact: the rows it cannot rule out are
-      rescored in float64);
+    * in full: every chunk's dequantized rows against every query, through the engine's
+      bfloat16 screen (:class:`pipeline.core.knn.TopK`; exact: the rows it cannot rule out
+      are rescored in float64);
     * pruned, when ``ref`` carries candidates: a query's cosine with a row moves by at most
       ``delta_q + eps_j`` (the distances between the original and dequantized unit vectors of
       the query and of the row), so a row can enter the dequantized top-k only if its original
@@ -161,7 +159,8 @@ class SchemeRun:
         self.errors = ErrorStats()
         tokens, self.words = self.queries.vectors(self.restore)
         self.units = unit_rows(np.concatenate([tokens, self.words]))
-        self.top = ScreenedTopK(self.units, self.queries.self_rows, self.k)
+        self.top = TopK(self.units, self.k, excluding_own(self.queries.self_rows), screen="bfloat16")
+        self.neighbours: np.ndarray | None = None  # [q, k] row ids, after the pass
         self.max_row_shift = 0.0  # eps_max: largest distance between a row's unit vectors
         self.pruned = False
         self.query_shift = None
@@ -224,11 +223,12 @@ class SchemeRun:
         # The error's passes are single-threaded numpy; they run beside the screen, whose
         # own single-threaded steps leave a core free between its matrix products.
         errors_done = beside(self.errors.add_chunk, rows, restored, clipped, sums, dots, norms)
-        self.top.add(start, restored, norms)
+        self.top.add(start, restored, norms=norms)
         errors_done()
 
     def _finish_screen(self) -> None:
-        if self.top.finish():
+        self.neighbours = self.top.finish().ids
+        if self.top.bound_held:
             return
         # A screen score broke its error bound (a bfloat16 kernel that does not accumulate
         # in float32): search again with the engine's float32 screen.
@@ -236,14 +236,13 @@ class SchemeRun:
         top = TopK(self.units, self.k, excluding_own(self.queries.self_rows), f"neighbours {self.scheme.name}", vocab)
         for start, stop in row_chunks(vocab, ROWS_PER_CHUNK):
             top.add(start, encode_decode(self.scheme, self.matrix[start:stop])[1])
-        found = top.finish()
-        self.top.ids, self.top.scores = found.ids, found.cosines
+        self.neighbours = top.finish().ids
 
     def _finish_neighbours(self) -> None:
         if self.errors.sum_sq_error == 0.0 and self.errors.max_abs_error == 0.0 and not np.any(self.query_shift):
             # Nothing was lost (a Q8_0 source under q8_0, a bf16 source under bf16): the
             # dequantized matrix is the original, so are its neighbours, ties and all.
-            self.top.ids = self.ref.neighbours.copy()
+            self.neighbours = self.ref.neighbours.copy()
             return
         if not self._window_covered(self.max_row_shift):
             self.pruned = False  # the error was larger than the sampled rows showed
@@ -260,7 +259,8 @@ class SchemeRun:
         floor = ref.kth_cosine - self._windows(self.max_row_shift)  # [q]
         inside = (ref.reach(ref.candidate_scores, ref.candidate_slack[:, None]) >= floor[:, None]) & (ids >= 0)
         query, row = np.nonzero(inside)[0], ids[inside]  # [m] pairs
-        self.top.ids, self.top.scores = exact_best(self.units, query, row, self.queries.self_rows, self.k, self.restore)
+        mine = row != self.queries.self_rows[query]  # a query is never its own neighbour
+        self.neighbours = best_of_pairs(self.units, query[mine], row[mine], self.k, self.restore).ids
 
     def metrics(self, ref: Reference, bytes_on_disk: int) -> dict[str, Any]:
         shape = self.matrix.shape
@@ -274,8 +274,8 @@ class SchemeRun:
             "compression_vs_source": ref.source_bits / bits if ref.source_bits else None,
             **self.errors.summary(),
             "recall_k": self.k,
-            "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.top.ids[:tokens]),
-            "words_recall_at_k": recall(ref.neighbours[tokens:], self.top.ids[tokens:]),
+            "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.neighbours[:tokens]),
+            "words_recall_at_k": recall(ref.neighbours[tokens:], self.neighbours[tokens:]),
             "words_similarity_max_change": float(words_change) if words_change is not None else None,
         }
 
