@@ -234,18 +234,29 @@ def _tile_top(
         r, c = np.nonzero(np.ones(sub.shape, dtype=bool))
     else:
         kth = np.partition(sub, cols - m, axis=1)[:, cols - m]  # [rows], the m-th largest
-        above = sub > kth[:, None]
-        tied = sub == kth[:, None]
-        for row in np.flatnonzero(tied.sum(axis=1) > m):
-            tied[row, np.flatnonzero(tied[row])[m:]] = False
-        keep = above | tied
-        if margin is not None and (margin > 0).any():
+        if margin is None or not (margin > 0).any():
+            keep = _best_with_ties(sub, kth, m)
+        else:
             wide = kth.astype(np.float64) - margin
             low = wide.astype(np.float32)
             low = np.where(low > wide, np.nextafter(low, np.float32(-np.inf)), low)
-            keep |= (sub >= low[:, None]) & (margin > 0)[:, None]
+            # Within the margin of the m-th: a superset of the m best, ties and all.
+            keep = sub >= low[:, None]
+            if not (margin > 0).all():  # rows without a margin (zero queries) keep the m best only
+                keep &= (margin > 0)[:, None]
+                keep |= _best_with_ties(sub, kth, m) & (margin == 0)[:, None]
         r, c = np.nonzero(keep)
     return queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c]
+
+
+def _best_with_ties(sub: np.ndarray, kth: np.ndarray, m: int) -> np.ndarray:
+    """[rows, cols] mask of each row's entries above its m-th largest ``kth``, and of the m
+    lowest-column entries tied with it."""
+    above = sub > kth[:, None]
+    tied = sub == kth[:, None]
+    for row in np.flatnonzero(tied.sum(axis=1) > m):
+        tied[row, np.flatnonzero(tied[row])[m:]] = False
+    return above | tied
 
 
 def _no_triples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
