@@ -144,8 +144,10 @@ class SchemeRun:
       the query and of the row), so a row can enter the dequantized top-k only if its original
       cosine is within ``2 (delta_q + eps_max)`` of the original k-th best. When each query's
       candidate list reaches below that window, the top-k is found among those rows alone;
-      otherwise (a coarse scheme) the full pass runs after all. The sampled token queries
-      are themselves rows, so their deltas predict the window before the pass starts.
+      otherwise (a coarse scheme) the full search runs. The sampled token queries are
+      themselves rows, so their deltas predict the window before the pass starts; a chunk
+      whose rows moved farther than that switches the pass to the full search from there
+      on, and only the rows before it are decoded again for it afterwards.
     """
 
     scheme: Scheme
@@ -163,6 +165,7 @@ class SchemeRun:
         self.neighbours: np.ndarray | None = None  # [q, k] row ids, after the pass
         self.max_row_shift = 0.0  # eps_max: largest distance between a row's unit vectors
         self.pruned = False
+        self.screen_before = 0  # rows the pruned pass measured before it gave way to the full search
         self.query_shift = None
         if self.ref is not None and self.ref.candidate_ids is not None:
             shift = self.units.astype(np.float64) - self.ref.query_units
@@ -208,6 +211,7 @@ class SchemeRun:
         if self.pruned:
             self._finish_neighbours()
         else:
+            self._screen_rows_before()
             self._finish_screen()
 
     def _measure(self, start: int, rows: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums) -> None:
@@ -219,12 +223,27 @@ class SchemeRun:
             # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
             shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
             self.max_row_shift = max(self.max_row_shift, shift)
+            if self._window_covered(self.max_row_shift):
+                return
+            # The error is larger than the sampled rows showed: the full search from this
+            # chunk on, and for the rows before it once the pass is done.
+            self.pruned, self.screen_before = False, start
+            self.top.add(start, restored, norms=norms)
             return
         # The error's passes are single-threaded numpy; they run beside the screen, whose
         # own single-threaded steps leave a core free between its matrix products.
         errors_done = beside(self.errors.add_chunk, rows, restored, clipped, sums, dots, norms)
         self.top.add(start, restored, norms=norms)
         errors_done()
+
+    def _screen_rows_before(self) -> None:
+        """The full search over the rows measured before the pruned pass gave way (none if it never ran)."""
+        if not self.screen_before:
+            return
+        with progress_bar(total=self.screen_before, desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
+            for start, stop in row_chunks(self.screen_before, ROWS_PER_CHUNK):
+                self.top.add(start, encode_decode(self.scheme, self.matrix[start:stop])[1])
+                bar.update(stop - start)
 
     def _finish_screen(self) -> None:
         self.neighbours = self.top.finish().ids
@@ -243,15 +262,6 @@ class SchemeRun:
             # Nothing was lost (a Q8_0 source under q8_0, a bf16 source under bf16): the
             # dequantized matrix is the original, so are its neighbours, ties and all.
             self.neighbours = self.ref.neighbours.copy()
-            return
-        if not self._window_covered(self.max_row_shift):
-            self.pruned = False  # the error was larger than the sampled rows showed
-            with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
-                for start, stop in row_chunks(self.matrix.shape[0], ROWS_PER_CHUNK):
-                    _, restored = encode_decode(self.scheme, self.matrix[start:stop])
-                    self.top.add(start, restored)
-                    bar.update(stop - start)
-            self._finish_screen()
             return
         # The rows a query's window can hold are among its candidates that reach the window;
         # they are scored on the dequantized matrix and the k best kept.
