@@ -193,8 +193,19 @@ def _beating_worst(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entries that beat the worst kept entry of their query (cosine higher, or equal with a lower id)."""
     sub = tile if rows.size == tile.shape[0] else tile[rows]  # [rows, cols]
-    r, c = _nonzero(sub >= state.worst_score[queries[rows]][:, None])
-    return _beating(state, queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c])
+    r, c = _nonzero(sub >= _unclipped_threshold(state.worst_score[queries[rows]])[:, None])
+    return _beating(state, queries[rows[r]], c.astype(np.int64) + key_start, _clipped(sub[r, c]))
+
+
+def _unclipped_threshold(worst: np.ndarray) -> np.ndarray:
+    """What a tile entry x must reach so that its cosine clip(x, -1, 1) reaches ``worst``: ``worst``
+    itself above -1, and -inf at or below it (where every cosine does). So a tile need not be
+    clipped as a whole: only the entries taken are."""
+    return np.where(worst > -1.0, worst, np.float32(-np.inf))
+
+
+def _clipped(values: np.ndarray) -> np.ndarray:
+    return np.clip(values, -1.0, 1.0, out=values)
 
 
 def _beating(
@@ -228,7 +239,7 @@ def _tile_top(
     with it only the m lowest ids can matter. With a ``margin`` [rows] (float64), entries
     within it of the m-th are kept too.
     """
-    sub = tile if rows.size == tile.shape[0] else tile[rows]  # [rows, cols]
+    sub = np.clip(tile if rows.size == tile.shape[0] else tile[rows], -1.0, 1.0)  # [rows, cols] cosines
     cols = sub.shape[1]
     if m >= cols:
         r, c = np.nonzero(np.ones(sub.shape, dtype=bool))
@@ -549,16 +560,16 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
             rows_a = np.arange(start_a, min(start_a + block_rows, n))
             for start_b in starts[a + 1 :]:
                 rows_b = np.arange(start_b, min(start_b + block_rows, n))
-                tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
+                tile = _tile(unit, rows_a, rows_b, clip=False)  # [a rows, b rows], entries not yet clipped
                 state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
                 state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
                 bar.update(1)
     return exact_top_k(state, unit, unit)
 
 
-def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
     tile = unit[rows_a[0] : rows_a[-1] + 1] @ unit[rows_b[0] : rows_b[-1] + 1].T  # [a, b]
-    return np.clip(tile, -1.0, 1.0, out=tile)
+    return np.clip(tile, -1.0, 1.0, out=tile) if clip else tile
 
 
 def _candidates_per_column(
@@ -570,8 +581,8 @@ def _candidates_per_column(
         # Only with blocks smaller than k + 1 rows: take the simple path on a transposed copy.
         return _candidates_per_row(np.ascontiguousarray(tile.T), queries, key_start, state, 0)
     # Comparing against a row of thresholds keeps the pass over the tile contiguous.
-    r, c = _nonzero(tile >= worst[None, :])
-    return _beating(state, queries[c], r.astype(np.int64) + key_start, tile[r, c])
+    r, c = _nonzero(tile >= _unclipped_threshold(worst)[None, :])
+    return _beating(state, queries[c], r.astype(np.int64) + key_start, _clipped(tile[r, c]))
 
 
 def brute_force_neighbors(unit: np.ndarray, k: int, exclude_self: bool = True) -> Neighbors:
