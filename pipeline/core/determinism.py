@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 FLOAT32_UNIT = 2.0**-24  # unit roundoff of float32
-PAIR_ROWS = 4096  # pairs scored at a time by :func:`row_dots`: bounded temporaries
+PAIR_ROWS = 1024  # pairs scored at a time by :func:`row_dots`: bounded temporaries (8 MB at dim 2048)
 
 
 def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -424,7 +424,7 @@ class TopK:
             self.screen.keep_best(screen, start, slack)
         query, column, approx = self.screen.candidates(screen, slack, self.best_scores)
         unique, where = np.unique(column, return_inverse=True)
-        keys = rows[unique] if unit else unit_rows(rows[unique])  # [u, dim]
+        keys = rows[unique] if unit else unit_rows(rows[unique], block_rows=1024)  # [u, dim]
         exact = _cosines(self.queries, self.screen.screened[query], keys, where)  # [m] float64
         self.screen.check(approx, exact, slack[query])
         from pipeline.core.determinism import top_k_pairs
