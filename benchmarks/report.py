@@ -249,10 +249,13 @@ LIMITS = {
     ),
     "whole 1B pipeline <= 45 s": "whole 1B pipeline: quantize is about half of it (see its line).",
     "405B-shaped PCA <= 120 s": (
-        "405B-shaped PCA: beyond the covariance's syrk (its line gives the GEMM-rate time), LAPACK's dsyevr "
-        "reduces the 16384 x 16384 covariance to tridiagonal form, 4/3 d^3 = 5.9 TFLOP of memory-bound "
-        "matrix-vector steps on one thread: minutes. A block Krylov solve for the 51 leading eigenpairs "
-        "(GEMM-bound, threaded) would replace it; not done yet."
+        "405B-shaped PCA: the covariance's syrk alone takes the GEMM-rate time on its line (over 120 s at this "
+        "machine's Haswell-kernel rate); beyond it LAPACK's ssyevr reduces the 16384 x 16384 covariance to "
+        "tridiagonal form (from float32 since this width solves in float32, about half the float64 time), "
+        "4/3 d^3 = 5.9 TFLOP of memory-bound matrix-vector steps on one thread, and two to five float64 "
+        "refinement passes read the 8.4 GB matrix. A GEMM-bound block Krylov solve for the 51 leading "
+        "eigenpairs would replace the reduction; the top eigenvalues of this synthetic (Marchenko-Pastur-like) "
+        "spectrum are too close together for it to converge in few steps, so it is not done."
     ),
     "PCA (1B): >= 80% of the fp32 GEMM rate (the covariance's syrk)": (
         "PCA (1B): besides the syrk it makes a column-mean pass, a dsyevr on one thread (the 2048 x 2048 "
