@@ -18,10 +18,18 @@ def test_params_yaml_equals_the_composition_of_conf():
 
 def test_adding_a_model_is_one_override():
     default = list(yaml.safe_load(compose(conf_dir=ROOT / "conf"))["models"])
-    assert default == ["smollm2-135m", "minilm-l6", "minilm-l6-int8", "paraphrase-minilm-l3"]
+    steps = [f"run-step-{step}" for step in range(6)]
+    assert default == ["smollm2-135m", "minilm-l6", "minilm-l6-int8", "paraphrase-minilm-l3", *steps]
     composed = yaml.safe_load(compose(["+model@models.llama-3-2-1b-synthetic=llama-3-2-1b-synthetic"], conf_dir=ROOT / "conf"))
     assert list(composed["models"]) == [*default, "llama-3-2-1b-synthetic"]
     assert composed["models"]["llama-3-2-1b-synthetic"]["format"] == "meta"
+
+
+def test_each_version_of_the_demo_series_is_its_own_step():
+    composed = yaml.safe_load(compose(conf_dir=ROOT / "conf"))
+    versions = composed["series"]["run-demo"]
+    assert [composed["models"][v]["source"]["step"] for v in versions] == list(range(6))
+    assert {composed["models"][v]["source"]["synthetic"] for v in versions} == {"small-30522"}
 
 
 def test_every_shipped_model_config_composes():

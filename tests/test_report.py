@@ -19,7 +19,7 @@ from pipeline.report import markdown as md
 from pipeline.report.render import SECTIONS
 from pipeline.report.render import render as render_report
 from pipeline.report.sections import Exports, best_trade_off, drift_section, export_section
-from pipeline.stages.compare import ModelSummary, differences, quant_table, render
+from pipeline.stages.compare import ModelSummary, differences, quant_table, quant_tables, render
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import NoSettings
 from pipeline.stages.report import load_artifacts
@@ -93,9 +93,10 @@ def test_compare_names_the_extremes():
     text = differences(models)
     assert "from 100 tokens (small) to 5,000 (big)" in text
     assert "small is the most anisotropic" in text and "big the least" in text
-    table = quant_table(models)
-    assert table.splitlines()[0] == "| scheme | small RMSE | small recall@k | big RMSE | big recall@k |"
-    assert table.splitlines()[2] == "| `q8_0` | 1.00×10⁻³ | 0.990 | 1.00×10⁻³ | 0.990 |"
+    table = quant_table(models, "rmse")
+    assert table.splitlines()[0] == "| model | `q8_0` |"
+    assert table.splitlines()[2:] == ["| small | 1.00×10⁻³ |", "| big | 1.00×10⁻³ |"]
+    assert quant_table(models, "tokens_recall_at_k").splitlines()[2] == "| small | 0.990 |"
 
 
 def test_index_columns_use_one_number_format_and_state_k():
@@ -104,7 +105,7 @@ def test_index_columns_use_one_number_format_and_state_k():
     assert md.column([49152, 30522]) == ["49,152", "30,522"]
     models = [summary("small", 100, 8, 0.6, 3.0)]
     models[0].quant["q8_0"]["recall_k"] = 10
-    assert "small recall@10" in quant_table(models).splitlines()[0]
+    assert "Recall@10 (k = quantize.recall_k):" in quant_tables(models)
 
 
 def test_best_trade_off_names_the_other_schemes_that_qualified():

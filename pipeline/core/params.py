@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import DissectError
-from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.paths import RESERVED_NAMES, ModelPaths, ProjectPaths
 from pipeline.core.settings import shown, string, whole_number
 
 PARAMS_FILE = Path("params.yaml")
@@ -30,8 +30,10 @@ REPO_PATTERN = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Z
 # Sections of a stage's settings that a model's config may set for itself.
 MODEL_STAGE_SECTIONS = ("undertrained",)
 MODEL_KEYS = ("format", "source", "tokenizer", "tensor", *MODEL_STAGE_SECTIONS)
-SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed"), "from": ("from",),
+SOURCE_KEYS = {"path": ("path",), "pypi": ("pypi", "files"), "synthetic": ("synthetic", "seed", "step"), "from": ("from",),
                "hf": ("hf",), "url": ("url", "files")}
+# The last step a synthetic checkpoint series can be asked for (each step is one noise draw).
+MAX_SERIES_STEP = 10_000
 PIN_PATTERN = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 # A tokenizer: a file or folder, a pinned wheel's member, or another model's of the same run.
@@ -95,13 +97,15 @@ def check_name(name: Any, what: str = "model", where: str | None = None) -> str:
 
 
 def check_names(params: dict[str, Any]) -> None:
-    """Every name params.yaml gives (models, export.models, drift.pairs), checked before any
+    """Every name params.yaml gives (models, export.models, drift.pairs, series), checked before any
     stage runs: a name becomes a folder, so one bad name must stop every stage, not only its own."""
     models = params.get("models")
     if models is not None and not isinstance(models, dict):
         raise DissectError("models must map each model name to its config; recompose params.yaml with `python -m pipeline.core.params`")
     for name in models or {}:
         check_name(name, "model", "models")
+        if name in RESERVED_NAMES:
+            raise DissectError(f"model name {name!r} in models is reserved (artifacts/{name}/ holds every {name} output); rename the model")
     export = params.get("export")
     exported = export.get("models") if isinstance(export, dict) else None
     if isinstance(exported, list):  # any other type is refused with the export settings
@@ -112,6 +116,10 @@ def check_names(params: dict[str, Any]) -> None:
     if isinstance(pairs, dict):  # any other type is refused with the drift settings
         for name in pairs:
             check_name(name, "drift pair", "drift.pairs")
+    series = params.get("series")
+    if isinstance(series, dict):  # any other type is refused with the series settings
+        for name in series:
+            check_name(name, "series", "series")
 
 
 def model_config(params: dict[str, Any], name: str) -> ModelConfig:
@@ -197,6 +205,7 @@ def source_kind(source: Any, where: str, allowed: tuple[str, ...] = SOURCE_KINDS
     else:
         string()(source["synthetic"], f"{where}.synthetic")
         whole_number(0, 2**32 - 1)(source.get("seed", 0), f"{where}.seed")
+        whole_number(0, MAX_SERIES_STEP)(source.get("step", 0), f"{where}.step")
     return kind
 
 
@@ -287,7 +296,9 @@ def project_paths(params: dict[str, Any], target: str | None = None) -> ProjectP
     names = list((params.get("models") or {}).keys())
     if not names:
         raise DissectError("params.yaml lists no models; add one with -S '+model@models.NAME=NAME'")
-    return ProjectPaths.in_project([check_name(name) for name in names])
+    series = params.get("series") or {}
+    return ProjectPaths.in_project([check_name(name) for name in names],
+                                   series={check_name(name, "series"): list(versions) for name, versions in series.items()})
 
 
 if __name__ == "__main__":

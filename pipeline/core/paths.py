@@ -8,6 +8,8 @@ A stage never spells a file name; it is handed one of these objects and asks it:
     artifacts/drift/<pair>/         drift between two files of one vocabulary
     reports/<model>/                report.md, its figures, headline.json (committed)
     reports/index.md                the comparison of all models (committed)
+    series/<series>/                the series stage: trajectories.parquet, tokens.parquet, series.json, plots/
+    reports/series/<series>/        series.md and its figure (compare; committed)
 
 Paths are relative to the project root (DVC runs every stage there), so the provenance
 written into outputs names the same paths on every machine.
@@ -22,6 +24,9 @@ MODELS_DIR = "models"
 ARTIFACTS_DIR = "artifacts"
 REPORTS_DIR = "reports"
 DRIFT_DIR = "drift"
+SERIES_DIR = "series"
+# Folders beside the models' own under artifacts/ and reports/: no model may take these names.
+RESERVED_NAMES = (DRIFT_DIR, SERIES_DIR)
 
 
 @dataclass(frozen=True)
@@ -198,12 +203,57 @@ class ProjectPaths:
     models: tuple[ModelPaths, ...]
     drift_dir: Path  # artifacts/drift: one folder per pair
     index: Path  # reports/index.md
+    series_reports: Path  # reports/series: every series' page
+    series: tuple[SeriesPaths, ...] = ()
 
     @classmethod
-    def in_project(cls, names: list[str], root: Path | str = ".") -> ProjectPaths:
+    def in_project(cls, names: list[str], root: Path | str = ".", series: dict[str, list[str]] | None = None) -> ProjectPaths:
         root = Path(root)
         return cls(
             models=tuple(ModelPaths.in_project(name, root) for name in names),
             drift_dir=root / ARTIFACTS_DIR / DRIFT_DIR,
             index=root / REPORTS_DIR / "index.md",
+            series_reports=root / REPORTS_DIR / SERIES_DIR,
+            series=tuple(SeriesPaths.in_project(name, versions, root) for name, versions in (series or {}).items()),
         )
+
+
+@dataclass(frozen=True)
+class SeriesPaths:
+    """The versions of a series, in order, and where the series stage writes."""
+
+    name: str
+    versions: tuple[ModelPaths, ...]
+    out: Path  # series/<name>: the series stage's outputs, cached
+    reports: Path  # reports/series/<name>: its page, rendered by compare, committed
+
+    @classmethod
+    def in_project(cls, name: str, versions: list[str], root: Path | str = ".") -> SeriesPaths:
+        root = Path(root)
+        return cls(name=name, versions=tuple(ModelPaths.in_project(v, root) for v in versions),
+                   out=root / SERIES_DIR / name, reports=root / REPORTS_DIR / SERIES_DIR / name)
+
+    @property
+    def trajectories(self) -> Path:
+        return self.out / "trajectories.parquet"
+
+    @property
+    def tokens(self) -> Path:
+        return self.out / "tokens.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "series.json"
+
+    @property
+    def page(self) -> Path:
+        return self.reports / "series.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+    @property
+    def plots(self) -> dict[str, Path]:
+        """DVC plot files, one per statistic over the versions (x: step): field -> file."""
+        return {field: self.out / "plots" / f"{field}.json" for field in ("cosine_to_first_mean", "norm_median", "undertrained")}

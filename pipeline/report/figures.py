@@ -292,3 +292,34 @@ def pca_vocab_figure(data: PcaVocab, path: Path) -> None:
                     bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
         label_points(figure, ax, words_xy, labels, boxed=True)
         save_png(figure, path)
+
+
+# ---- the series stage's figure --------------------------------------------------------------
+
+
+def series_figure(versions: list[dict[str, Any]], path: Path) -> None:
+    """Three panels over the versions: how far they moved, their norms and anisotropy, flagged tokens."""
+    steps = [row["step"] for row in versions]
+    names = [drawable(row["version"]) for row in versions]
+    with style():
+        figure = new_figure(9, 3)
+        moved, shape, flagged = figure.subplots(1, 3)
+        for field, label in (("cosine_to_first_mean", "cos to first"), ("cosine_to_previous_mean", "cos to previous"),
+                             ("neighbours_kept_mean", "neighbours kept")):
+            points = [(row["step"], row[field]) for row in versions if row[field] is not None]
+            moved.plot(*zip(*points), marker="o", label=label)
+        moved.set_title("How far each version moved")
+        moved.legend(loc="lower left", fontsize=8)
+        shape.plot(steps, [row["norm_median"] for row in versions], marker="o", color="#4C72B0", label="median norm")
+        shape.set_ylabel("median row norm")
+        twin = shape.twinx()
+        twin.plot(steps, [row["anisotropy"] for row in versions], marker="s", color="#C44E52", label="anisotropy")
+        twin.set_ylabel("anisotropy (mean cos to mean)")
+        shape.set_title("Norms and anisotropy")
+        for ax in (shape, twin):  # the values themselves on the axis, not an offset like "+1"
+            ax.ticklabel_format(axis="y", useOffset=False)
+        flagged.plot(steps, [row["undertrained"] or 0 for row in versions], marker="o", color="#55A868")
+        flagged.set_title("Under-trained tokens flagged")
+        for ax in (moved, shape, flagged):
+            ax.set_xticks(steps, names, rotation=30, ha="right", fontsize=7)
+        save_png(figure, path)

@@ -8,6 +8,12 @@ rows) and lets tests run on a tiny model of the same family.
 Values are a pure function of ``(seed, tensor name, shape)``: every tensor has its own
 generator, so a tensor does not depend on which other tensors are drawn, the shard count,
 or the number of CPU threads, and ``torch.save`` output is byte-identical across runs.
+
+A checkpoint series (``step`` > 0) stands in for the checkpoints of one training run:
+step ``s`` is step 0's embedding plus ``s`` independent small noise steps, and a planted
+set of tokens (:func:`planted_movers`, a pure function of the seed and the vocabulary
+size) each jumps to a new direction at its own step. Every step is made on its own from
+``(seed, step)``, so the versions of a series can be generated on different machines.
 """
 
 from __future__ import annotations
@@ -200,7 +206,61 @@ def norm_values(dim: int, generator: torch.Generator) -> torch.Tensor:
     return torch.empty(dim, dtype=DTYPE).normal_(1.0, NORM_GAIN_STD, generator=generator)  # [dim]
 
 
-def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+# --- a checkpoint series -------------------------------------------------------------------
+
+# Each step moves every row by noise of this size relative to its norm (cosine to the step
+# before about 1 - STEP_NOISE**2 / 2 = 0.9998), so ordinary tokens drift but never jump.
+STEP_NOISE = 0.02
+PLANTED_MOVERS = 10
+# Steps at which the planted movers jump: mover i at step 1 + i % MOVER_STEPS.
+MOVER_STEPS = 5
+# A mover keeps this much of its old direction (cosine to the step before about 0.3).
+MOVER_KEEP = 0.3
+# Movers are drawn from ids at or above this fraction of the vocabulary, past the special
+# and placeholder tokens that vocabularies put first.
+MOVER_LOW_ID_FRACTION = 0.05
+
+
+def planted_movers(vocab_size: int, seed: int) -> dict[int, int]:
+    """The tokens a series plants: token id -> the step at which it jumps (1..MOVER_STEPS)."""
+    generator = torch.Generator().manual_seed(tensor_seed(seed, "series:movers"))
+    low = int(vocab_size * MOVER_LOW_ID_FRACTION)
+    ids = (torch.randperm(vocab_size - low, generator=generator)[:PLANTED_MOVERS] + low).tolist()
+    return {int(token): 1 + i % MOVER_STEPS for i, token in enumerate(ids)}
+
+
+def random_directions(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows`` unit vectors [rows, dim] float32, uniform on the sphere."""
+    directions = torch.empty(rows, dim).normal_(generator=generator)
+    return directions / directions.norm(dim=1, keepdim=True)
+
+
+def series_embedding(vocab_size: int, dim: int, seed: int, step: int) -> torch.Tensor:
+    """The embedding [vocab, dim] bf16 of ``step`` of the series (step 0: the plain checkpoint's)."""
+    base = make_tensor(EMBEDDING, (vocab_size, dim), seed)
+    if step == 0:
+        return base
+    table = base.float()  # [vocab, dim]
+    movers = planted_movers(vocab_size, seed)
+    for s in range(1, step + 1):
+        generator = torch.Generator().manual_seed(tensor_seed(seed, f"series:step:{s}"))
+        norms = table.norm(dim=1, keepdim=True)  # [vocab, 1]
+        noise = torch.empty(vocab_size, dim).normal_(generator=generator)  # [vocab, dim]
+        table += noise * (norms * (STEP_NOISE * dim**-0.5))
+        jumping = sorted(token for token, at in movers.items() if at == s)
+        if jumping:
+            rows = torch.tensor(jumping)
+            old = table[rows]  # [movers, dim]
+            old_norm = old.norm(dim=1, keepdim=True)
+            fresh = random_directions(len(jumping), dim, generator)
+            direction = MOVER_KEEP * old / old_norm + (1 - MOVER_KEEP**2) ** 0.5 * fresh
+            table[rows] = direction / direction.norm(dim=1, keepdim=True) * old_norm
+    return table.to(DTYPE)
+
+
+def make_tensor(name: str, shape: tuple[int, ...], seed: int, step: int = 0) -> torch.Tensor:
+    if name == EMBEDDING and step:
+        return series_embedding(shape[0], shape[1], seed, step)
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     if name == EMBEDDING:
         return embedding_values(shape[0], shape[1], generator)
@@ -209,10 +269,10 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return linear_values(shape[0], shape[1], generator)
 
 
-def iter_tensors(layout: LlamaLayout, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(layout: LlamaLayout, seed: int, step: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Each full (unsharded) tensor in Meta's order, made one at a time."""
     for name, shape in layout.tensor_shapes().items():
-        yield name, make_tensor(name, shape, seed)
+        yield name, make_tensor(name, shape, seed, step)
 
 
 # --- model-parallel shards ----------------------------------------------------------------
@@ -271,9 +331,10 @@ def build_shards(
     n_shards: int,
     embedding_split: EmbeddingSplit,
     bar: tqdm,
+    step: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
-    for name, tensor in iter_tensors(layout, seed):
+    for name, tensor in iter_tensors(layout, seed, step):
         pieces = split_tensor(tensor, split_axis(name, embedding_split), n_shards)
         for shard, piece in zip(shards, pieces):
             shard[name] = piece
@@ -321,8 +382,12 @@ def write_meta_checkpoint(
     n_shards: int = 1,
     progress: bool = True,
     embedding_split: EmbeddingSplit = "vocab",
+    step: int = 0,
 ) -> list[Path]:
     """Write ``consolidated.00.pth`` .. ``consolidated.NN.pth`` and ``params.json``.
+
+    ``step`` > 0 writes that step of the checkpoint series (see :func:`series_embedding`):
+    only the embedding differs from step 0.
 
     Returns the shard paths in order. Tensors are bf16. With ``n_shards > 1`` the
     tensors are split as Meta's model-parallel layers hold them (see :func:`split_axis`);
@@ -335,7 +400,7 @@ def write_meta_checkpoint(
     check_no_stale_shards(out_dir, n_shards)
 
     with bar_or_silence(progress, len(layout.tensor_shapes()), "generating", "tensor") as bar:
-        shards = build_shards(layout, seed, n_shards, embedding_split, bar)
+        shards = build_shards(layout, seed, n_shards, embedding_split, bar, step)
 
     paths = [out_dir / shard_name(i) for i in range(n_shards)]
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".synthetic-") as staging:

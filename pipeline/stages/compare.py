@@ -1,4 +1,5 @@
-"""compare stage: ``reports/index.md``, one table over every model in params.yaml.
+"""compare stage: ``reports/index.md``, one table over every model in params.yaml, and the
+page of each series (``reports/series/<name>/series.md``, from its ``series.json``).
 
 A row per model (vocabulary, dimension, statistics, anisotropy, the first word's nearest
 tokens, each quantization scheme's error), links to each model's report, and a short
@@ -16,13 +17,15 @@ import pyarrow.parquet as pq
 
 from pipeline.report import markdown as md
 from pipeline.core.cli import Stage
-from pipeline.core.errors import run_stage
-from pipeline.core.io import read_json, write_bytes_atomic
+from pipeline.core.errors import DissectError, run_stage
+from pipeline.core.io import output_set, read_json, write_bytes_atomic
 from pipeline.core.parquet import read_provenance
 from pipeline.core.params import project_paths
-from pipeline.core.paths import ModelPaths, ProjectPaths
+from pipeline.core.paths import ModelPaths, ProjectPaths, SeriesPaths
 from pipeline.core.settings import NoSettings, no_settings
+from pipeline.report.render import Rendered
 from pipeline.report.sections import Exports, drift_section, export_section
+from pipeline.report.series import series_page
 
 NEIGHBOURS_SHOWN = 3
 
@@ -80,18 +83,30 @@ def models_table(summaries: list[ModelSummary]) -> str:
     return md.table(headers, rows, "llrrrrrrrrl")
 
 
-def quant_table(summaries: list[ModelSummary]) -> str:
+def quant_table(summaries: list[ModelSummary], key: str, digits: int = 3) -> str:
+    """One row per model, one column per scheme: ``key`` (rmse or tokens_recall_at_k) of each."""
     schemes = sorted({scheme for s in summaries for scheme in s.quant})
-    if not schemes:
-        return "No model has quantization results."
-    columns, headers = [], []
-    for s in summaries:
-        k = next(iter(s.quant.values()), {}).get("recall_k", "k")
-        for key, label in (("rmse", "RMSE"), ("tokens_recall_at_k", f"recall@{k}")):
-            columns.append(md.column([s.quant[scheme][key] if scheme in s.quant else None for scheme in schemes], 3))
-            headers.append(f"{s.name} {label}")
-    rows = [[f"`{scheme}`", *(column[i] for column in columns)] for i, scheme in enumerate(schemes)]
-    return md.table(["scheme", *headers], rows, "l" + "r" * len(headers))
+    columns = [md.column([s.quant[scheme][key] if scheme in s.quant else None for s in summaries], digits) for scheme in schemes]
+    rows = [[s.name, *(column[i] for column in columns)] for i, s in enumerate(summaries)]
+    return md.table(["model", *(f"`{scheme}`" for scheme in schemes)], rows, "l" + "r" * len(schemes))
+
+
+def quant_tables(summaries: list[ModelSummary]) -> list[str]:
+    """RMSE and recall as two tables, models down and schemes across, so each fits a page's width."""
+    if not any(s.quant for s in summaries):
+        return ["No model has quantization results."]
+    ks = sorted({str(m.get("recall_k", "k")) for s in summaries for m in s.quant.values()})
+    return ["RMSE of the dequantized matrix:", quant_table(summaries, "rmse"),
+            f"Recall@{'/'.join(ks)} (k = quantize.recall_k):", quant_table(summaries, "tokens_recall_at_k")]
+
+
+def series_links(paths: ProjectPaths) -> list[str]:
+    """A line per series of params.yaml, linking its page."""
+    if not paths.series:
+        return []
+    lines = [f"- [{s.name}](series/{s.name}/series.md): {len(s.versions)} versions, "
+             f"`{s.versions[0].name}` to `{s.versions[-1].name}`" for s in paths.series]
+    return ["## Series", "How tokens moved over each ordered run of versions:", "\n".join(lines)]
 
 
 def differences(summaries: list[ModelSummary]) -> str:
@@ -146,7 +161,7 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
         "## Quantization: RMSE, and recall@k of nearest neighbours",
         "Recall@k: the share of a sampled token's k nearest tokens (k = quantize.recall_k) that stay among its k nearest "
         "after quantization; the sample is quantize.sample_tokens tokens.",
-        quant_table(summaries),
+        *quant_tables(summaries),
         "## The largest differences",
         differences(summaries),
         *(extra_sections or []),
@@ -154,9 +169,26 @@ def render(summaries: list[ModelSummary], extra_sections: list[str] | None = Non
     return "\n\n".join(parts) + "\n"
 
 
+def series_pages(paths: ProjectPaths) -> list[tuple[SeriesPaths, Rendered]]:
+    """Each series' page, from the series stage's series.json."""
+    pages = []
+    for series in paths.series:
+        if not series.metrics.is_file():
+            raise DissectError(f"{series.metrics} is missing; run the series stage (`dvc repro series@{series.name}`)")
+        pages.append((series, series_page(read_json(series.metrics))))
+    return pages
+
+
 def run(paths: ProjectPaths, settings: NoSettings) -> Path:
     summaries = [load_summary(model) for model in paths.models]
-    write_bytes_atomic(paths.index, render(summaries, version_sections(paths)).encode("utf-8"))
+    pages = series_pages(paths)
+    with output_set():
+        paths.series_reports.mkdir(parents=True, exist_ok=True)  # a DVC output even with no series
+        for series, page in pages:
+            for figure in page.figures:
+                figure.run(series.figures)
+            write_bytes_atomic(series.page, page.markdown.encode("utf-8"))
+        write_bytes_atomic(paths.index, render(summaries, [*series_links(paths), *version_sections(paths)]).encode("utf-8"))
     return paths.index
 
 

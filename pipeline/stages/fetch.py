@@ -152,19 +152,24 @@ def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     """A generated Meta checkpoint in ``dest/checkpoint``, regenerated only when its params change."""
     from pipeline.sources import synthetic
 
-    layouts = {"llama-3.2-1b": synthetic.LLAMA_3_2_1B, "llama-3.2-1b-small": synthetic.small_layout()}
+    # small-30522: the size of BERT's WordPiece vocabulary, for a series read with that tokenizer.
+    layouts = {"llama-3.2-1b": synthetic.LLAMA_3_2_1B, "llama-3.2-1b-small": synthetic.small_layout(),
+               "small-30522": synthetic.small_layout(vocab_size=30522)}
     name = source["synthetic"]
     if name not in layouts:
         raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
-    seed = source.get("seed", 0)  # checked with the params (pipeline.core.params.source_kind)
+    # Both checked with the params (pipeline.core.params.source_kind).
+    seed, step = source.get("seed", 0), source.get("step", 0)
     stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
+    if step:
+        stamp["step"] = step
     checkpoint = dest / "checkpoint"
     stamp_file = checkpoint / "synthetic.json"
     if stamp_file.is_file() and _read_json(stamp_file) == stamp:
         return checkpoint
     building = dest / ".checkpoint.partial"
     shutil.rmtree(building, ignore_errors=True)
-    synthetic.write_meta_checkpoint(building, layouts[name], seed=seed)
+    synthetic.write_meta_checkpoint(building, layouts[name], seed=seed, step=step)
     write_json_atomic(building / "synthetic.json", stamp)
     shutil.rmtree(checkpoint, ignore_errors=True)
     building.rename(checkpoint)
