@@ -157,7 +157,7 @@ def build_inputs(inputs: Inputs, cases: list[str]) -> None:
         build_once(inputs.meta_405b / "consolidated.00.pth", "meta-405b", inputs.meta_405b)
         prepare_project(inputs.work_405b, {M405B: local_meta_checkpoint(inputs.meta_405b)}, QUANTIZE_405B)
         fetch(M405B, inputs.work_405b)
-    needs_artifacts = [c for c in cases if not c.startswith(("limit", "extract_", f"stage_extract_{M1B}"))]
+    needs_artifacts = [c for c in cases if not c.startswith(("limit", "convert_", "dequantize_", "extract_", f"stage_extract_{M1B}"))]
     if needs_artifacts and not inputs.embeddings(M1B).exists():
         log("extract (to build the 1B embeddings.parquet)")
         run_python(["-m", "pipeline.stages.extract", M1B], cwd=inputs.work)

@@ -9,7 +9,5 @@ from pipeline.formats import meta
 
 def pth_tensor_span(file: Path, key: str) -> tuple[int, int]:
     """(byte offset, byte length) of tensor ``key``'s data in ``file``."""
-    state, entry = meta._fast_state(Path(file))
-    array, _ = entry(state[key], key, Path(file))
-    mapped = meta._MAPS.pop(id(array))
-    return mapped.base + mapped.skip, mapped.length
+    found, start, length = meta.embedding_span(Path(file), key, Path(file))
+    return start, length

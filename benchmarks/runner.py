@@ -52,7 +52,8 @@ def run_case(name: str, inputs: Inputs, env: dict, timeout: float | None = None)
     exit_code = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
     wall = time.perf_counter() - started
     result = json.loads(out.read_text()) if out.exists() else {}
-    result.update({"case": name, "process_seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "exit": exit_code})
+    result.update({"case": name, "process_seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "exit": exit_code,
+                   "cpu_seconds": usage.ru_utime + usage.ru_stime})  # the whole process's, all threads
     if timed_out:
         result.update({"timeout": timeout, "seconds": wall})
         log(f"  stopped after {timeout:.0f} s, peak RSS so far {result['peak_rss'] / 1e9:.2f} GB")

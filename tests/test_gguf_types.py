@@ -65,6 +65,21 @@ def test_k_quants_equal_gguf_dequantize(tmp_path, qtype):
     assert np.array_equal(embedding.matrix, dequantize(blocks, qtype).reshape(VOCAB, DIM))
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K])
+def test_k_quant_kernels_equal_gguf_bit_for_bit_with_varied_scales(qtype):
+    from pipeline.formats.gguf import dequantize_rows
+
+    blocks = k_quant_blocks(qtype, np.random.default_rng(5))
+    rng = np.random.default_rng(6)
+    per_row = blocks.reshape(VOCAB, -1, gguf.GGML_QUANT_SIZES[qtype][1])
+    for at in ((0, 2) if qtype == QT.Q4_K else (per_row.shape[2] - 2,)):
+        scales = (rng.standard_normal(per_row.shape[:2]) * 0.05).astype(np.float16)  # signed, varied
+        per_row[..., at : at + 2] = scales.view(np.uint8).reshape(*per_row.shape[:2], 2)
+    rows = dequantize_rows(per_row.reshape(VOCAB, -1), int(qtype), (VOCAB, DIM), "token_embd.weight")
+    reference = dequantize(per_row.reshape(VOCAB, -1), qtype).reshape(VOCAB, DIM)
+    assert np.array_equal(rows.view(np.uint32), reference.view(np.uint32))
+
+
 def test_gguf_without_embedding_names_the_closest_tensors(tmp_path, values):
     path = write_gguf(tmp_path / "m.gguf", values, QT.F32, name="tok_embd_v2.weight")
     with pytest.raises(DissectError, match=r"closest names: 'tok_embd_v2.weight'"):

@@ -109,6 +109,21 @@ def test_top_components_equal_the_full_fit():
     assert len(fit_pca(matrix[:5], n_components=3).components) == 3  # fewer rows than dims: the SVD path
 
 
+def test_wide_matrices_solve_in_float32_and_publish_the_same(monkeypatch):
+    import pipeline.core.pca as pca_module
+
+    matrix = separated_matrix(11, 600, 24)
+    narrow = fit_pca(matrix, n_components=6)
+    monkeypatch.setattr(pca_module, "FLOAT32_EIGH_DIM", 16)  # this width now takes the float32 solve
+    wide = fit_pca(matrix, n_components=6)
+    # The refined axes, and so every published coordinate, are the float64 ones.
+    assert np.allclose(wide.components[:2], narrow.components[:2], atol=1e-12)
+    assert np.array_equal(wide.transform(matrix), narrow.transform(matrix))
+    # The other variances within float32's reach of the largest: far inside a ratio's 4 decimals.
+    assert np.allclose(wide.explained_variance, narrow.explained_variance, rtol=0, atol=1e-6 * narrow.explained_variance[0])
+    assert np.array_equal(np.round(wide.explained_variance_ratio, 4), np.round(narrow.explained_variance_ratio, 4))
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 80), dim=st.integers(2, 10))
 def test_invariants(seed, rows, dim):

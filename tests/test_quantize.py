@@ -30,9 +30,9 @@ from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors
 from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
-from pipeline.core.knn import TopK, excluding_own
-from pipeline.quant.measure import ErrorStats, recall, unit_rows
-from pipeline.quant.screen import ScreenedTopK, ScreenPrecision
+from pipeline.core.knn import Neighbors, TopK, excluding_own, unit_rows
+from pipeline.core.screen import ScreenPrecision
+from pipeline.quant.measure import ErrorStats, recall
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = list(SCHEMES)
@@ -149,11 +149,11 @@ def brute_force_ids(matrix: np.ndarray, queries: np.ndarray, self_rows: np.ndarr
     return [set(row) for row in np.argsort(-cosines, axis=1, kind="stable")[:, :k]]
 
 
-def screened(units, self_rows, k, matrix, step, precision=None) -> ScreenedTopK:
-    top = ScreenedTopK(units, self_rows, k, precision)
+def screened(units, self_rows, k, matrix, step, precision=None) -> tuple[TopK, Neighbors]:
+    top = TopK(units, k, excluding_own(self_rows), screen="bfloat16", precision=precision)
     for start in range(0, len(matrix), step):
         top.add(start, matrix[start : start + step])
-    return top
+    return top, top.finish()
 
 
 @pytest.mark.parametrize("precision", ["native", "float32"])
@@ -168,9 +168,9 @@ def test_screened_topk_equals_brute_force(precision):
     self_rows = np.r_[query_rows, -1, -1]
     chosen = None if precision == "native" else ScreenPrecision(torch.float32, False, 0.0)
     for step in (256, 3):  # chunks larger than k, and smaller (3 rows, k = 7)
-        top = screened(unit_rows(queries), self_rows, 7, matrix, step, chosen)
-        assert top.finish()
-        assert [set(row) for row in top.ids] == brute_force_ids(matrix, unit_rows(queries), self_rows, 7)
+        top, found = screened(unit_rows(queries), self_rows, 7, matrix, step, chosen)
+        assert top.bound_held
+        assert [set(row) for row in found.ids] == brute_force_ids(matrix, unit_rows(queries), self_rows, 7)
         assert np.all(np.diff(top.scores, axis=1) <= 0)  # best first
 
 
@@ -179,10 +179,11 @@ def test_screened_candidate_lists_hold_every_row_that_can_beat_what_they_leave_o
     matrix = rng.standard_normal((3000, 40)).astype(np.float32)
     query_rows = np.array([2, 999, 2000])
     units = unit_rows(np.concatenate([matrix[query_rows], rng.standard_normal((1, 40)).astype(np.float32)]))
-    top = ScreenedTopK(units, np.r_[query_rows, -1], 5, keep=60)
+    top = TopK(units, 5, excluding_own(np.r_[query_rows, -1]), screen="bfloat16", keep=60)
     for start in range(0, 3000, 512):
         top.add(start, matrix[start : start + 512])
-    assert top.finish()
+    top.finish()
+    assert top.bound_held
     cosines = units.astype(np.float64) @ unit_rows(matrix.astype(np.float64)).T  # [q, vocab]
     cosines[np.arange(3), query_rows] = -np.inf
     c = top.precision.out
@@ -200,9 +201,9 @@ def test_screened_topk_gives_a_query_without_direction_the_lowest_rows():
     matrix = np.random.default_rng(5).standard_normal((50, 16)).astype(np.float32)
     matrix[1, 0] = np.nan
     queries = np.zeros((2, 16), np.float32)  # every row is at cosine 0 from a zero query
-    top = screened(queries, np.array([0, -1]), 4, matrix, 16)
-    assert top.finish()
-    assert top.ids.tolist() == [[2, 3, 4, 5], [0, 2, 3, 4]]  # never itself (row 0) nor the NaN row
+    top, found = screened(queries, np.array([0, -1]), 4, matrix, 16)
+    assert top.bound_held
+    assert found.ids.tolist() == [[2, 3, 4, 5], [0, 2, 3, 4]]  # never itself (row 0) nor the NaN row
 
 
 def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeypatch):
@@ -219,7 +220,7 @@ def test_scheme_run_searches_in_float32_when_the_screen_breaks_its_bound(monkeyp
     for _ in broken.batches(layout.quant_schema(scheme, 32)):
         pass
     assert not broken.top.bound_held  # the screen was not trusted: the engine's float32 search ran
-    assert broken.top.ids.tolist() == honest.top.ids.tolist()  # the same exact answer, ties and order
+    assert broken.neighbours.tolist() == honest.neighbours.tolist()  # the same exact answer, ties and order
 
 
 def test_recall_by_hand():

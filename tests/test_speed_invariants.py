@@ -101,7 +101,8 @@ def test_pruned_recall_equals_the_full_pass(name):
     from pipeline.quant import schemes_for
     from pipeline.quant.recall import PRUNE_MIN_ROWS, Queries, WordQuery, reference, sample_token_rows
     from pipeline.stages.quantize import SchemeRun
-    from pipeline.quant.measure import inverse_norms
+    from pipeline.core.determinism import row_norms
+    from pipeline.quant.measure import inverse_of_norms
     from pipeline.quant.layout import quant_schema
 
     rng = np.random.default_rng(3)
@@ -109,7 +110,7 @@ def test_pruned_recall_equals_the_full_pass(name):
     matrix = rng.standard_normal((rows, 32)).astype(np.float32)
     matrix[::97] *= 3  # some structure in the norms
     matrix[5] = 0.0
-    queries = Queries(sample_token_rows(inverse_norms(matrix), 60, 0), [WordQuery("w", (7, 11))])
+    queries = Queries(sample_token_rows(inverse_of_norms(row_norms(matrix)), 60, 0), [WordQuery("w", (7, 11))])
     ref = reference(matrix, queries, 10, "float32")
     assert ref.candidate_ids is not None
     scheme = schemes_for([name], 32)[0].fit(matrix)
@@ -120,6 +121,31 @@ def test_pruned_recall_equals_the_full_pass(name):
         for _ in run.batches(schema):
             pass
         runs[mode] = run
-    assert [set(r) for r in runs["pruned"].top.ids] == [set(r) for r in runs["full"].top.ids]
+    assert [set(r) for r in runs["pruned"].neighbours] == [set(r) for r in runs["full"].neighbours]
     if name in ("fp16", "bf16", "q8_0"):
         assert runs["pruned"].pruned  # the fine schemes take the cheap path
+
+
+def test_pruned_pass_gives_way_to_the_full_search_when_later_rows_move_more():
+    from pipeline.core.determinism import row_norms
+    from pipeline.quant import schemes_for
+    from pipeline.quant.layout import ROWS_PER_CHUNK, quant_schema
+    from pipeline.quant.recall import PRUNE_MIN_ROWS, Queries, WordQuery, reference
+    from pipeline.stages.quantize import SchemeRun
+
+    rng = np.random.default_rng(8)
+    matrix = rng.standard_normal((PRUNE_MIN_ROWS + 500, 32)).astype(np.float32)
+    matrix[3 * ROWS_PER_CHUNK :] *= 0.02  # rows the per-tensor int8 scale rounds coarsely
+    queries = Queries(np.arange(0, 600, 10, dtype=np.int64), [WordQuery("w", (7, 11))])  # all in the first chunk
+    assert row_norms(matrix[queries.token_rows]).min() > 1
+    ref = reference(matrix, queries, 10, "float32")
+    scheme = schemes_for(["int8_tensor"], 32)[0].fit(matrix)
+    runs = {}
+    for mode, given in (("switched", ref), ("full", None)):
+        run = SchemeRun(scheme, matrix, queries, 10, given)
+        for _ in run.batches(quant_schema(scheme, 32)):
+            pass
+        runs[mode] = run
+    assert runs["switched"].screen_before == 3 * ROWS_PER_CHUNK  # pruned until the first coarse chunk
+    assert runs["switched"].neighbours.tolist() == runs["full"].neighbours.tolist()
+    assert runs["switched"].errors.summary() == runs["full"].errors.summary()

@@ -28,24 +28,6 @@ def read_ours(fmt: str, path: Path) -> dict:
     return {**t.result, "torch_imported": "torch" in sys.modules, "check": check, "float32_bytes": matrix.nbytes}
 
 
-@case("limit_read_meta")
-def limit_read_meta(inputs: Inputs) -> dict:
-    """A plain read of the embedding's bytes (its span in the .pth zip) into memory."""
-    import numpy as np
-
-    from benchmarks.locate import pth_tensor_span
-
-    file = inputs.meta_1b / "consolidated.00.pth"
-    offset, nbytes = pth_tensor_span(file, "tok_embeddings.weight")
-    buffer = np.empty(nbytes, np.uint8)
-    with Timer() as t, open(file, "rb", buffering=0) as handle:
-        handle.seek(offset)
-        view, done = memoryview(buffer), 0
-        while done < nbytes:
-            done += handle.readinto(view[done:])
-    return {**t.result, "bytes": nbytes}
-
-
 @case("extract_meta_ours")
 def extract_meta_ours(inputs: Inputs) -> dict:
     return read_ours("meta", inputs.meta_1b)

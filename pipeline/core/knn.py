@@ -28,8 +28,9 @@ The entry points: :class:`TopK` streams keys chunk by chunk (raw or unit rows) a
 queries, :func:`nearest_keys` is one pass of it over a matrix, and :func:`knn_graph` is the
 symmetric search of a whole vocabulary. All rank with
 :func:`pipeline.core.determinism.top_k_pairs` and, given a ``desc``, show their own progress
-bar. The quantize stage's bfloat16 screen (:mod:`pipeline.quant.screen`) ranks with the same
-rule and falls back to :class:`TopK`.
+bar. :class:`TopK` may screen in bfloat16 instead (``screen="bfloat16"``, the quantize stage's
+recall; :mod:`pipeline.core.screen`), with the same cosine and the same exact answer, and
+:func:`best_of_pairs` ranks given candidate pairs by that cosine.
 """
 
 from __future__ import annotations
@@ -192,8 +193,19 @@ def _beating_worst(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entries that beat the worst kept entry of their query (cosine higher, or equal with a lower id)."""
     sub = tile if rows.size == tile.shape[0] else tile[rows]  # [rows, cols]
-    r, c = _nonzero(sub >= state.worst_score[queries[rows]][:, None])
-    return _beating(state, queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c])
+    r, c = _nonzero(sub >= _unclipped_threshold(state.worst_score[queries[rows]])[:, None])
+    return _beating(state, queries[rows[r]], c.astype(np.int64) + key_start, _clipped(sub[r, c]))
+
+
+def _unclipped_threshold(worst: np.ndarray) -> np.ndarray:
+    """What a tile entry x must reach so that its cosine clip(x, -1, 1) reaches ``worst``: ``worst``
+    itself above -1, and -inf at or below it (where every cosine does). So a tile need not be
+    clipped as a whole: only the entries taken are."""
+    return np.where(worst > -1.0, worst, np.float32(-np.inf))
+
+
+def _clipped(values: np.ndarray) -> np.ndarray:
+    return np.clip(values, -1.0, 1.0, out=values)
 
 
 def _beating(
@@ -227,24 +239,35 @@ def _tile_top(
     with it only the m lowest ids can matter. With a ``margin`` [rows] (float64), entries
     within it of the m-th are kept too.
     """
-    sub = tile if rows.size == tile.shape[0] else tile[rows]  # [rows, cols]
+    sub = np.clip(tile if rows.size == tile.shape[0] else tile[rows], -1.0, 1.0)  # [rows, cols] cosines
     cols = sub.shape[1]
     if m >= cols:
         r, c = np.nonzero(np.ones(sub.shape, dtype=bool))
     else:
         kth = np.partition(sub, cols - m, axis=1)[:, cols - m]  # [rows], the m-th largest
-        above = sub > kth[:, None]
-        tied = sub == kth[:, None]
-        for row in np.flatnonzero(tied.sum(axis=1) > m):
-            tied[row, np.flatnonzero(tied[row])[m:]] = False
-        keep = above | tied
-        if margin is not None and (margin > 0).any():
+        if margin is None or not (margin > 0).any():
+            keep = _best_with_ties(sub, kth, m)
+        else:
             wide = kth.astype(np.float64) - margin
             low = wide.astype(np.float32)
             low = np.where(low > wide, np.nextafter(low, np.float32(-np.inf)), low)
-            keep |= (sub >= low[:, None]) & (margin > 0)[:, None]
+            # Within the margin of the m-th: a superset of the m best, ties and all.
+            keep = sub >= low[:, None]
+            if not (margin > 0).all():  # rows without a margin (zero queries) keep the m best only
+                keep &= (margin > 0)[:, None]
+                keep |= _best_with_ties(sub, kth, m) & (margin == 0)[:, None]
         r, c = np.nonzero(keep)
     return queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c]
+
+
+def _best_with_ties(sub: np.ndarray, kth: np.ndarray, m: int) -> np.ndarray:
+    """[rows, cols] mask of each row's entries above its m-th largest ``kth``, and of the m
+    lowest-column entries tied with it."""
+    above = sub > kth[:, None]
+    tied = sub == kth[:, None]
+    for row in np.flatnonzero(tied.sum(axis=1) > m):
+        tied[row, np.flatnonzero(tied[row])[m:]] = False
+    return above | tied
 
 
 def _no_triples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -263,34 +286,65 @@ def _merge_excluding(
 
 
 
+SCREENS = ("float32", "bfloat16")
+RESCORE_ROWS = 2048  # rows restored and normalised at a time by :func:`best_of_pairs`
+
+
 class TopK:
     """The k nearest rows of each query, over rows added chunk by chunk: the streaming engine.
 
     ``queries`` [q, dim] are unit rows (:func:`unit_rows`); ``exclude[i]`` lists the row ids
     query i may not return (its own row, a word's own tokens). :meth:`add` screens a chunk
-    in float32 against the running top-k with its margin (:func:`screen_margin`) and scores
-    the survivors in float64 at once (:func:`pipeline.core.determinism.row_dots`), so the
-    rows need not be kept; :meth:`finish` ranks the kept pairs by that cosine, then id
+    and scores the rows that survive in float64 at once
+    (:func:`pipeline.core.determinism.row_dots` of the unit rows), so the rows need not be
+    kept; :meth:`finish` ranks the scored pairs by that cosine, then id
     (:func:`pipeline.core.determinism.top_k_pairs`), exactly as :func:`exact_top_k` does.
     Rows with NaN or Inf have no direction and are never returned. With a ``desc`` it shows
     a progress bar of that name over ``total`` rows, closed by :meth:`finish`.
+
+    Two screens give the same exact answer:
+
+    * ``"float32"``: a float32 product against the running top-k with its margin
+      (:func:`screen_margin`);
+    * ``"bfloat16"``: a bfloat16 product (float32 where the CPU has no native bfloat16) whose
+      proven error bound decides what may still rank (:mod:`pipeline.core.screen`), about
+      four times cheaper where it runs natively. Asked to ``keep`` more, it also keeps each
+      query's ``keep`` best rows by screen score (``candidate_ids``, ``candidate_scores``,
+      ``candidate_slack`` after :meth:`finish`: every row left out has a cosine of at most
+      the lowest kept score plus ``candidate_slack + precision.out * |score|``). A kernel
+      that broke the bound leaves ``bound_held`` False: then the answer is not to be trusted
+      and the caller searches again with ``"float32"``.
+
+    After :meth:`finish`, ``scores`` [q, k] holds the float64 cosines of the answer.
     """
 
     def __init__(
         self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None,
         desc: str | None = None, total: int | None = None,
+        screen: str = "float32", keep: int = 0, precision: object | None = None,
     ):
-        self.queries, self.k = queries, k
+        if screen not in SCREENS:
+            raise ValueError(f"screen must be one of {SCREENS}, got {screen!r}")
+        self.queries, self.k, self.exclude = queries, k, exclude
         self.slack = max((len(e) for e in exclude), default=0) if exclude is not None else 0
         self.excluder = _pair_excluder(exclude, EXCLUDE_SPAN) if self.slack else None
-        self.state = RunningTopK(len(queries), k, screen_margin(queries))
         self.query_ids = np.arange(len(queries))
-        self.scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, id, float64 cosine)
         self.bar = progress_bar(total=total, desc=desc or "", unit="rows", enabled=desc is not None)
+        self.bound_held = True
+        self.scores: np.ndarray | None = None
+        self.screen = None
+        if screen == "float32":
+            self.state = RunningTopK(len(queries), k, screen_margin(queries))
+            self.scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, id, float64 cosine)
+        else:
+            self._start_bounded(keep, precision)
 
-    def add(self, start: int, rows: np.ndarray, unit: bool = False) -> None:
-        """Fold in rows ``start .. start + len(rows)`` [n, dim]; ``unit`` when they are unit rows already."""
-        if len(rows) and len(self.queries):
+    def add(self, start: int, rows: np.ndarray, unit: bool = False, norms: np.ndarray | None = None) -> None:
+        """Fold in rows ``start .. start + len(rows)`` [n, dim]; ``unit`` when they are unit rows
+        already; ``norms`` [n] their float64 norms (:func:`pipeline.core.determinism.row_norms`) if known."""
+        if self.screen is not None:
+            self._add_bounded(start, rows, unit, norms)
+        elif len(rows) and len(self.queries):
             finite = np.ones(len(rows), bool) if unit else np.isfinite(rows).all(axis=1)  # [n]
             keys = rows if unit else unit_rows(np.where(finite[:, None], rows, 0))  # [n, dim]
             tile = self.queries @ keys.T  # [q, n]
@@ -299,9 +353,7 @@ class TopK:
             keep = finite[ids - start] if self.excluder is None else finite[ids - start] & ~self.excluder(q, ids)
             q, ids, s = q[keep], ids[keep], s[keep]
             self.state.merge(q, ids, s)
-            from pipeline.core.determinism import row_dots_at
-
-            self.scored.append((q, ids, np.clip(row_dots_at(self.queries, q, keys, ids - start), -1.0, 1.0)))
+            self.scored.append((q, ids, _cosines(self.queries, q, keys, ids - start)))
         self.bar.update(len(rows))
 
     def finish(self) -> Neighbors:
@@ -309,6 +361,8 @@ class TopK:
         from pipeline.core.determinism import top_k_pairs
 
         self.bar.close()
+        if self.screen is not None:
+            return self._finish_bounded()
         query, found = self.state.candidates()
         if self.scored:
             q, ids, exact = (np.concatenate(part) for part in zip(*self.scored))
@@ -318,9 +372,131 @@ class TopK:
         scored_keys, wanted = q * EXCLUDE_SPAN + ids, query * EXCLUDE_SPAN + found
         order = np.argsort(scored_keys, kind="stable")
         at = order[np.searchsorted(scored_keys, wanted, sorter=order)]
-        ids, cosines = top_k_pairs(query, found, exact[at], len(self.queries), self.k)
-        # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
-        return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))
+        ids, self.scores = top_k_pairs(query, found, exact[at], len(self.queries), self.k)
+        return _published(ids, self.scores)
+
+    # The bounded screen ------------------------------------------------------------------
+
+    def _start_bounded(self, keep: int, precision: object | None) -> None:
+        from pipeline.core.screen import BoundedScreen
+
+        self.screen = BoundedScreen(self.queries, keep, precision)  # type: ignore[arg-type]
+        self.precision = self.screen.precision
+        screened = self.screen.screened  # [s] query indices
+        self.best_ids = np.full((len(screened), self.k), -1, dtype=np.int64)  # [s, k]
+        self.best_scores = np.full((len(screened), self.k), -np.inf)  # [s, k] float64 cosines
+        self.rows_seen = 0
+        self.broken_rows: list[np.ndarray] = []
+        # Excluded (screened query, row) pairs, by row, for each chunk to mask its own.
+        position = np.full(len(self.queries), -1, np.int64)
+        position[screened] = np.arange(len(screened))
+        lists = self.exclude or []
+        owner = position[np.repeat(np.arange(len(lists), dtype=np.int64), [len(e) for e in lists])]
+        rows = np.concatenate([np.asarray(e, np.int64) for e in lists]) if lists else np.empty(0, np.int64)
+        order = np.argsort(rows[owner >= 0], kind="stable")
+        self.excluded_rows, self.excluded_queries = rows[owner >= 0][order], owner[owner >= 0][order]
+
+    def _add_bounded(self, start: int, rows: np.ndarray, unit: bool, norms: np.ndarray | None) -> None:
+        import torch
+
+        from pipeline.core.determinism import row_norms
+        from pipeline.core.screen import inverse_norms
+
+        n = len(rows)
+        self.rows_seen = max(self.rows_seen, start + n)
+        if not n or not len(self.queries):
+            return
+        norms = row_norms(rows) if norms is None else norms  # [n]
+        broken = ~np.isfinite(norms)  # a value that is NaN or Inf: never a neighbour
+        if broken.any():
+            self.broken_rows.append(np.flatnonzero(broken) + start)
+        if not len(self.screen.screened):
+            return
+        _, unscaled = inverse_norms(norms)
+        tiny = np.flatnonzero(unscaled & ~broken)  # too small for a float32 inverse: scaled in float64
+        screen, slack = self.screen.scores(rows, norms, dict(zip(tiny.tolist(), unit_rows(rows[tiny]))))  # [s, n], [s]
+        lo, hi = np.searchsorted(self.excluded_rows, [start, start + n])
+        masked = self.excluded_queries[lo:hi], self.excluded_rows[lo:hi] - start
+        screen[torch.from_numpy(masked[0]), torch.from_numpy(masked[1])] = -torch.inf
+        if broken.any():
+            screen[:, torch.from_numpy(np.flatnonzero(broken))] = -torch.inf
+        if self.screen.keep:
+            self.screen.keep_best(screen, start, slack)
+        query, column, approx = self.screen.candidates(screen, slack, self.best_scores)
+        unique, where = np.unique(column, return_inverse=True)
+        keys = rows[unique] if unit else unit_rows(rows[unique], block_rows=1024)  # [u, dim]
+        exact = _cosines(self.queries, self.screen.screened[query], keys, where)  # [m] float64
+        self.screen.check(approx, exact, slack[query])
+        from pipeline.core.determinism import top_k_pairs
+
+        held = self.best_ids >= 0  # [s, k]
+        self.best_ids, self.best_scores = top_k_pairs(
+            np.concatenate([np.nonzero(held)[0], query]),
+            np.concatenate([self.best_ids[held], column + start]),
+            np.concatenate([self.best_scores[held], exact]),
+            len(self.best_ids),
+            self.k,
+        )
+
+    def _finish_bounded(self) -> Neighbors:
+        screened, q = self.screen.screened, len(self.queries)
+        ids = np.full((q, self.k), -1, dtype=np.int64)  # [q, k]
+        self.scores = np.full((q, self.k), -np.inf)  # [q, k]
+        ids[screened], self.scores[screened] = self.best_ids, self.best_scores
+        # Queries without a direction tie at cosine 0 with every row: the lowest row ids win.
+        broken = np.concatenate(self.broken_rows) if self.broken_rows else np.empty(0, np.int64)
+        for query in np.setdiff1d(np.arange(q), screened):
+            own = self.exclude[query] if self.exclude is not None else np.empty(0, np.int64)
+            usable = np.setdiff1d(np.arange(min(self.rows_seen, self.k + len(broken) + len(own))), np.concatenate([broken, own]))
+            ids[query, : len(usable[: self.k])] = usable[: self.k]
+            self.scores[query, : len(usable[: self.k])] = 0.0
+        # A query not screened has no list: its +inf lowest score never lets a window fit.
+        keep = self.screen.keep
+        self.candidate_ids = np.full((q, keep), -1, dtype=np.int64)  # [q, keep]
+        self.candidate_scores = np.full((q, keep), np.inf, dtype=np.float32)  # [q, keep]
+        self.candidate_slack = np.zeros(q)  # [q]
+        self.candidate_ids[screened] = self.screen.kept_ids
+        self.candidate_scores[screened] = self.screen.kept_scores
+        self.candidate_slack[screened] = self.screen.kept_slack
+        self.bound_held = self.screen.bound_held
+        return _published(ids, self.scores)
+
+
+def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """float64 [m]: the cosine of unit rows ``queries[query]`` and ``keys[key]``, the engine's one
+    formula: their float64 dot in a fixed order (no BLAS), clipped to [-1, 1]."""
+    from pipeline.core.determinism import row_dots_at
+
+    return np.clip(row_dots_at(queries, query, keys, key), -1.0, 1.0)
+
+
+def _published(ids: np.ndarray, cosines: np.ndarray) -> Neighbors:
+    # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
+    return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))
+
+
+def best_of_pairs(
+    queries: np.ndarray, query: np.ndarray, row: np.ndarray, k: int, rows_of: Callable[[np.ndarray], np.ndarray]
+) -> Neighbors:
+    """Each query's k best of the (query, row) pairs given ([m] each, a pair once), by the
+    engine's cosine, then row id (:func:`pipeline.core.determinism.top_k_pairs`).
+
+    ``queries`` [q, dim] are unit rows; ``rows_of(ids) -> rows`` gives the (raw) rows, a
+    block of them at a time, so a few thousand rows are in memory at once.
+    """
+    from pipeline.core.determinism import top_k_pairs
+
+    cosine = np.empty(len(query))  # [m]
+    unique, where = np.unique(row, return_inverse=True)
+    order = np.argsort(where, kind="stable")
+    bounds = np.searchsorted(where[order], np.arange(0, len(unique) + RESCORE_ROWS, RESCORE_ROWS))
+    for block, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        first = block * RESCORE_ROWS
+        keys = unit_rows(rows_of(unique[first : first + RESCORE_ROWS]))  # [b, dim]
+        pairs = order[lo:hi]
+        cosine[pairs] = _cosines(queries, query[pairs], keys, where[pairs] - first)
+    ids, scores = top_k_pairs(query, row, cosine, len(queries), k)
+    return _published(ids, scores)
 
 
 EXCLUDE_SPAN = 1 << 32  # (query, row) pairs are keyed query * EXCLUDE_SPAN + row
@@ -384,16 +560,16 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
             rows_a = np.arange(start_a, min(start_a + block_rows, n))
             for start_b in starts[a + 1 :]:
                 rows_b = np.arange(start_b, min(start_b + block_rows, n))
-                tile = _tile(unit, rows_a, rows_b)  # [a rows, b rows]
+                tile = _tile(unit, rows_a, rows_b, clip=False)  # [a rows, b rows], entries not yet clipped
                 state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
                 state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
                 bar.update(1)
     return exact_top_k(state, unit, unit)
 
 
-def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
     tile = unit[rows_a[0] : rows_a[-1] + 1] @ unit[rows_b[0] : rows_b[-1] + 1].T  # [a, b]
-    return np.clip(tile, -1.0, 1.0, out=tile)
+    return np.clip(tile, -1.0, 1.0, out=tile) if clip else tile
 
 
 def _candidates_per_column(
@@ -405,8 +581,8 @@ def _candidates_per_column(
         # Only with blocks smaller than k + 1 rows: take the simple path on a transposed copy.
         return _candidates_per_row(np.ascontiguousarray(tile.T), queries, key_start, state, 0)
     # Comparing against a row of thresholds keeps the pass over the tile contiguous.
-    r, c = _nonzero(tile >= worst[None, :])
-    return _beating(state, queries[c], r.astype(np.int64) + key_start, tile[r, c])
+    r, c = _nonzero(tile >= _unclipped_threshold(worst)[None, :])
+    return _beating(state, queries[c], r.astype(np.int64) + key_start, _clipped(tile[r, c]))
 
 
 def brute_force_neighbors(unit: np.ndarray, k: int, exclude_self: bool = True) -> Neighbors:
@@ -451,10 +627,8 @@ def exact_top_k(state: RunningTopK, queries: np.ndarray, keys: np.ndarray) -> Ne
     k-th float32 cosine minus twice the bound, so a float64 cosine below that k-th minus the
     bound, which each of the k keys with the best float32 cosines reaches.
     """
-    from pipeline.core.determinism import row_dots_at, top_k_pairs
+    from pipeline.core.determinism import top_k_pairs
 
     query, found = state.candidates()
-    exact = np.clip(row_dots_at(queries, query, keys, found), -1.0, 1.0)  # [m] float64
-    ids, cosines = top_k_pairs(query, found, exact, len(state.ids), state.k)
-    # +0.0 turns a -0.0 cosine into 0.0, so equal tables are equal bytes
-    return Neighbors(ids=ids, cosines=cosines.astype(np.float32) + np.float32(0.0))
+    ids, cosines = top_k_pairs(query, found, _cosines(queries, query, keys, found), len(state.ids), state.k)
+    return _published(ids, cosines)

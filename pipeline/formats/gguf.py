@@ -4,7 +4,7 @@ The header is parsed by :mod:`pipeline.formats.gguf_file` (bounded and validated
 tensor's blocks are memory-mapped and dequantized with the ``gguf`` package in row chunks,
 so memory stays near one float32 copy of the matrix.
 
-The common types (F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized here, bit-identical to the
+The common types (F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are dequantized here, bit-identical to the
 ``gguf`` package's formulas but without its temporaries: each slab of rows is written
 straight into the output, over a thread per core, and the converted source pages are
 dropped from memory as the work moves on. Every other type goes through the package.
@@ -138,7 +138,47 @@ def _bf16(out: np.ndarray, raw: np.ndarray) -> None:
     np.left_shift(wide, np.uint32(16), out=wide)
 
 
-_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "F16": _f16, "BF16": _bf16}
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n, 8] scales, [n, 8] mins), uint8, of Q4_K's 12 bytes [n, 12] of packed 6-bit fields."""
+    low, high, mixed = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([low & np.uint8(0x3F), (mixed & np.uint8(0x0F)) | ((low >> np.uint8(2)) & np.uint8(0x30))], axis=1)
+    mins = np.concatenate([high & np.uint8(0x3F), (mixed >> np.uint8(4)) | ((high >> np.uint8(2)) & np.uint8(0x30))], axis=1)
+    return scales, mins
+
+
+def _q4_k(out: np.ndarray, raw: np.ndarray) -> None:
+    """256 values a block: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
+    value = (d * scale) * q - dmin * min for each 32-value sub-block, as gguf computes it."""
+    blocks = raw.reshape(-1, 144)
+    n = len(blocks)
+    scales, mins = _k_scales(blocks[:, 4:16])
+    step = (_scales(blocks, 0) * scales.astype(np.float32)).reshape(n, 4, 2, 1)  # [n, 4, 2, 1]
+    low = (_scales(blocks, 2) * mins.astype(np.float32)).reshape(n, 4, 2, 1)
+    values = out.reshape(n, 4, 2, 32)  # sub-block 2i: low nibbles of bytes 32i.., 2i + 1: high ones
+    codes = blocks[:, 16:].reshape(n, 4, 32)
+    np.multiply(codes & np.uint8(15), step[:, :, 0], out=values[:, :, 0], dtype=np.float32)
+    np.multiply(codes >> np.uint8(4), step[:, :, 1], out=values[:, :, 1], dtype=np.float32)
+    np.subtract(values, low, out=values)
+
+
+def _q6_k(out: np.ndarray, raw: np.ndarray) -> None:
+    """256 values a block: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d;
+    value = (d * scale) * (q - 32) for each 16-value sub-block, as gguf computes it."""
+    blocks = raw.reshape(-1, 210)
+    n = len(blocks)
+    low = blocks[:, :128].reshape(n, 2, 2, 32)  # [n, half, 64-byte part, byte]
+    high = blocks[:, 128:192].reshape(n, 2, 32)  # [n, half, byte]
+    step = (_scales(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)).reshape(n, 2, 4, 2, 1)
+    values = out.reshape(n, 2, 4, 2, 16)  # [n, half, quarter, sub-block in it, value]
+    for quarter in range(4):
+        codes = ((low[:, :, quarter % 2] >> np.uint8(4 * (quarter // 2))) & np.uint8(15)) | (
+            ((high >> np.uint8(2 * quarter)) & np.uint8(3)) << np.uint8(4)
+        )  # [n, 2, 32], 0..63
+        q = np.subtract(codes.view(np.int8), np.int8(32)).reshape(n, 2, 2, 16)
+        np.multiply(q, step[:, :, quarter], out=values[:, :, quarter], dtype=np.float32)
+
+
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k, "F16": _f16, "BF16": _bf16}
 
 
 def _dequantize(gguf, chunk: np.ndarray, qtype, key: str) -> np.ndarray:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.core.determinism import row_norms
+
 
 @dataclass(frozen=True)
 class OriginalSums:
@@ -21,11 +23,6 @@ class OriginalSums:
 
 def original_sums(original: np.ndarray) -> OriginalSums:
     return OriginalSums(sum_sq=float(np.einsum("ij,ij->", original, original, dtype=np.float64)), norms=row_norms(original))
-
-
-def row_norms(rows: np.ndarray) -> np.ndarray:
-    """float64 [n] L2 norm of each row of ``rows`` [n, dim]."""
-    return np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
 
 
 CAST_ROWS = 256  # rows widened to float64 at a time: 4 MB at dim 2048
@@ -115,19 +112,10 @@ def cosines_of(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.nd
     return np.clip(cosines, -1.0, 1.0)
 
 
-def inverse_norms(rows: np.ndarray) -> np.ndarray:
-    """float32 [n]: 1 / L2 norm of each row, 0 for zero rows (their cosine with anything is 0)."""
-    return inverse_of_norms(row_norms(rows))
-
-
 def inverse_of_norms(norms: np.ndarray) -> np.ndarray:
     """float32 [n]: 1 / ``norms`` (float64 [n]), 0 where a norm is 0."""
     with np.errstate(divide="ignore"):
         return np.where(norms > 0, 1.0 / norms, 0.0).astype(np.float32)
-
-
-def unit_rows(rows: np.ndarray) -> np.ndarray:
-    return rows * inverse_norms(rows)[:, None]
 
 
 def recall(expected: np.ndarray, found: np.ndarray) -> float | None:

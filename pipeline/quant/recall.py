@@ -14,12 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.core.knn import TopK, excluding_own
+from pipeline.core.knn import TopK, excluding_own, unit_rows
 from pipeline.core.parallel import row_chunks
 from pipeline.lookup import pool
 from pipeline.quant.layout import ROWS_PER_CHUNK
-from pipeline.quant.measure import OriginalSums, similarity_table, unit_rows
-from pipeline.quant.screen import ScreenedTopK
+from pipeline.quant.measure import OriginalSums, similarity_table
 
 FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 
@@ -102,22 +101,27 @@ SCORE_SLACK = 1e-3  # float32 rounding of the cosines, with a wide margin
 def reference(
     matrix: np.ndarray, queries: Queries, k: int, source_dtype: str | None, sums: list[OriginalSums] | None = None
 ) -> Reference:
-    """The neighbours of the original matrix (exact, through the screen), and the candidate
-    lists that prune fine schemes when the matrix is large; ``sums`` as :attr:`SchemeRun.sums`."""
+    """The neighbours of the original matrix (exact, through the engine's bfloat16 screen), and
+    the candidate lists that prune fine schemes when the matrix is large; ``sums`` as
+    :attr:`SchemeRun.sums`."""
     tokens, words = queries.vectors(lambda rows: matrix[rows])
     units = unit_rows(np.concatenate([tokens, words]))  # [t + w, dim]
     similarity, bits = similarity_table(words), source_bits(source_dtype)
     keep = min(CANDIDATES, matrix.shape[0])
     prune = matrix.shape[0] >= PRUNE_MIN_ROWS and keep > k
-    top = ScreenedTopK(units, queries.self_rows, k, keep=keep if prune else 0, desc="neighbours (original)", total=matrix.shape[0])
+    top = TopK(
+        units, k, excluding_own(queries.self_rows), "neighbours (original)", matrix.shape[0],
+        screen="bfloat16", keep=keep if prune else 0,
+    )
     for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
-        top.add(start, matrix[start:stop], sums[index].norms if sums is not None else None)
-    if not top.finish():
+        top.add(start, matrix[start:stop], norms=sums[index].norms if sums is not None else None)
+    found = top.finish()
+    if not top.bound_held:
         return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
     if not prune:
-        return Reference(neighbours=top.ids, word_similarity=similarity, source_bits=bits)
+        return Reference(neighbours=found.ids, word_similarity=similarity, source_bits=bits)
     return Reference(
-        neighbours=top.ids,
+        neighbours=found.ids,
         word_similarity=similarity,
         source_bits=bits,
         query_units=units,

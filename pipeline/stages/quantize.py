@@ -19,8 +19,8 @@ whose words it measures) and writes:
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
 near one float32 copy of the matrix. The codes are written by a second thread (integer codes
 dictionary encoded, see :func:`pipeline.quant.layout.quant_write_options`), a chunk is measured while the next is
-encoded, and the neighbours are searched through the bfloat16 screen of
-:mod:`pipeline.quant.screen`, whose result is exact.
+encoded, and the neighbours are searched by the engine's bfloat16 screen
+(:class:`pipeline.core.knn.TopK`), whose result is exact.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError, run_stage
 from pipeline.core.memory import return_freed_memory
 from pipeline.core.io import output_set, write_json_atomic, written_path
-from pipeline.core.knn import MAX_K, TopK, excluding_own
+from pipeline.core.knn import MAX_K, TopK, best_of_pairs, excluding_own, unit_rows
 from pipeline.core.params import model_paths
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import as_params, from_section, list_of, one_of, setting, whole_number
@@ -62,9 +62,7 @@ from pipeline.quant.measure import (
     recall,
     row_dots_and_norms,
     similarity_table,
-    unit_rows,
 )
-from pipeline.quant.screen import ScreenedTopK, exact_best
 
 # Chunks between two returns of freed memory: the chunk buffers of several threads leave
 # freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
@@ -138,16 +136,18 @@ class SchemeRun:
 
     The neighbours of the dequantized matrix are exact, found one of two ways:
 
-    * in full: every chunk's dequantized rows against every query, through the bfloat16
-      screen of :mod:`pipeline.quant.screen` (exact: the rows it cannot rule out are
-      rescored in float64);
+    * in full: every chunk's dequantized rows against every query, through the engine's
+      bfloat16 screen (:class:`pipeline.core.knn.TopK`; exact: the rows it cannot rule out
+      are rescored in float64);
     * pruned, when ``ref`` carries candidates: a query's cosine with a row moves by at most
       ``delta_q + eps_j`` (the distances between the original and dequantized unit vectors of
       the query and of the row), so a row can enter the dequantized top-k only if its original
       cosine is within ``2 (delta_q + eps_max)`` of the original k-th best. When each query's
       candidate list reaches below that window, the top-k is found among those rows alone;
-      otherwise (a coarse scheme) the full pass runs after all. The sampled token queries
-      are themselves rows, so their deltas predict the window before the pass starts.
+      otherwise (a coarse scheme) the full search runs. The sampled token queries are
+      themselves rows, so their deltas predict the window before the pass starts; a chunk
+      whose rows moved farther than that switches the pass to the full search from there
+      on, and only the rows before it are decoded again for it afterwards.
     """
 
     scheme: Scheme
@@ -161,9 +161,11 @@ class SchemeRun:
         self.errors = ErrorStats()
         tokens, self.words = self.queries.vectors(self.restore)
         self.units = unit_rows(np.concatenate([tokens, self.words]))
-        self.top = ScreenedTopK(self.units, self.queries.self_rows, self.k)
+        self.top = TopK(self.units, self.k, excluding_own(self.queries.self_rows), screen="bfloat16")
+        self.neighbours: np.ndarray | None = None  # [q, k] row ids, after the pass
         self.max_row_shift = 0.0  # eps_max: largest distance between a row's unit vectors
         self.pruned = False
+        self.screen_before = 0  # rows the pruned pass measured before it gave way to the full search
         self.query_shift = None
         if self.ref is not None and self.ref.candidate_ids is not None:
             shift = self.units.astype(np.float64) - self.ref.query_units
@@ -209,6 +211,7 @@ class SchemeRun:
         if self.pruned:
             self._finish_neighbours()
         else:
+            self._screen_rows_before()
             self._finish_screen()
 
     def _measure(self, start: int, rows: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums) -> None:
@@ -220,15 +223,31 @@ class SchemeRun:
             # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
             shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
             self.max_row_shift = max(self.max_row_shift, shift)
+            if self._window_covered(self.max_row_shift):
+                return
+            # The error is larger than the sampled rows showed: the full search from this
+            # chunk on, and for the rows before it once the pass is done.
+            self.pruned, self.screen_before = False, start
+            self.top.add(start, restored, norms=norms)
             return
         # The error's passes are single-threaded numpy; they run beside the screen, whose
         # own single-threaded steps leave a core free between its matrix products.
         errors_done = beside(self.errors.add_chunk, rows, restored, clipped, sums, dots, norms)
-        self.top.add(start, restored, norms)
+        self.top.add(start, restored, norms=norms)
         errors_done()
 
+    def _screen_rows_before(self) -> None:
+        """The full search over the rows measured before the pruned pass gave way (none if it never ran)."""
+        if not self.screen_before:
+            return
+        with progress_bar(total=self.screen_before, desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
+            for start, stop in row_chunks(self.screen_before, ROWS_PER_CHUNK):
+                self.top.add(start, encode_decode(self.scheme, self.matrix[start:stop])[1])
+                bar.update(stop - start)
+
     def _finish_screen(self) -> None:
-        if self.top.finish():
+        self.neighbours = self.top.finish().ids
+        if self.top.bound_held:
             return
         # A screen score broke its error bound (a bfloat16 kernel that does not accumulate
         # in float32): search again with the engine's float32 screen.
@@ -236,23 +255,13 @@ class SchemeRun:
         top = TopK(self.units, self.k, excluding_own(self.queries.self_rows), f"neighbours {self.scheme.name}", vocab)
         for start, stop in row_chunks(vocab, ROWS_PER_CHUNK):
             top.add(start, encode_decode(self.scheme, self.matrix[start:stop])[1])
-        found = top.finish()
-        self.top.ids, self.top.scores = found.ids, found.cosines
+        self.neighbours = top.finish().ids
 
     def _finish_neighbours(self) -> None:
         if self.errors.sum_sq_error == 0.0 and self.errors.max_abs_error == 0.0 and not np.any(self.query_shift):
             # Nothing was lost (a Q8_0 source under q8_0, a bf16 source under bf16): the
             # dequantized matrix is the original, so are its neighbours, ties and all.
-            self.top.ids = self.ref.neighbours.copy()
-            return
-        if not self._window_covered(self.max_row_shift):
-            self.pruned = False  # the error was larger than the sampled rows showed
-            with progress_bar(total=self.matrix.shape[0], desc=f"neighbours {self.scheme.name}", unit="rows") as bar:
-                for start, stop in row_chunks(self.matrix.shape[0], ROWS_PER_CHUNK):
-                    _, restored = encode_decode(self.scheme, self.matrix[start:stop])
-                    self.top.add(start, restored)
-                    bar.update(stop - start)
-            self._finish_screen()
+            self.neighbours = self.ref.neighbours.copy()
             return
         # The rows a query's window can hold are among its candidates that reach the window;
         # they are scored on the dequantized matrix and the k best kept.
@@ -260,7 +269,8 @@ class SchemeRun:
         floor = ref.kth_cosine - self._windows(self.max_row_shift)  # [q]
         inside = (ref.reach(ref.candidate_scores, ref.candidate_slack[:, None]) >= floor[:, None]) & (ids >= 0)
         query, row = np.nonzero(inside)[0], ids[inside]  # [m] pairs
-        self.top.ids, self.top.scores = exact_best(self.units, query, row, self.queries.self_rows, self.k, self.restore)
+        mine = row != self.queries.self_rows[query]  # a query is never its own neighbour
+        self.neighbours = best_of_pairs(self.units, query[mine], row[mine], self.k, self.restore).ids
 
     def metrics(self, ref: Reference, bytes_on_disk: int) -> dict[str, Any]:
         shape = self.matrix.shape
@@ -274,8 +284,8 @@ class SchemeRun:
             "compression_vs_source": ref.source_bits / bits if ref.source_bits else None,
             **self.errors.summary(),
             "recall_k": self.k,
-            "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.top.ids[:tokens]),
-            "words_recall_at_k": recall(ref.neighbours[tokens:], self.top.ids[tokens:]),
+            "tokens_recall_at_k": recall(ref.neighbours[:tokens], self.neighbours[:tokens]),
+            "words_recall_at_k": recall(ref.neighbours[tokens:], self.neighbours[tokens:]),
             "words_similarity_max_change": float(words_change) if words_change is not None else None,
         }
 
