@@ -218,7 +218,7 @@ def project_params() -> dict:
     params["drift"]["pairs"] = {"minilm-l6-q4_0": {"base": "artifacts/minilm-l6/embeddings.parquet",
                                                    "other": "artifacts/minilm-l6/quant/q4_0.parquet"}}
     params["export"]["models"] = ["minilm-l6"]
-    params["series"] = {}  # one model here; the series' own sums are float64 in a fixed order (test_series.py)
+    params["series"] = {}  # one model here, and a series needs two versions
     params["quantize"]["sample_tokens"] = 300  # enough queries for recall, a third of the time
     return params
 
