@@ -281,6 +281,8 @@ def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     if args.workers < 1:
         raise DissectError("--workers must be 1 or more")
+    driver_state(Path.cwd())  # refuse an uncommitted project or a missing remote before a cluster starts
+    check_remote(Path.cwd())
     with connect(args.scheduler, args.workers) as client:
         print(f"cluster: dashboard at {client.dashboard_link}", file=sys.stderr)
         started = time.perf_counter()
