@@ -91,7 +91,7 @@ def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
     import duckdb
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (block,) = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    (block,) = [block for block in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if "embeddings.parquet" in block]
     queries = [query for query in block.split(";") if "SELECT" in query]
     monkeypatch.chdir(project)
     duck = duckdb.connect()

@@ -132,3 +132,30 @@ def test_settings_come_from_the_trajectory_section():
     assert read_settings({"trajectory": {"k": 3}}, "s").k == 3
     with pytest.raises(DissectError, match="trajectory.sharp_move_below"):
         read_settings({"trajectory": {"sharp_move_below": "low"}}, "s")
+
+
+def test_readme_series_queries_run_on_the_outputs(tmp_path, monkeypatch):
+    """README's DuckDB queries over a series, on a series named as in the README."""
+    import re
+
+    import duckdb
+
+    from project_repo import ROOT
+
+    tokens = ["cocoa", "river", "stone", "cloud"]
+    v0 = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], float)
+    v1 = v0.copy()
+    v1[0] = [0, 0.3, 1]  # cocoa jumps at step 1
+    for name, matrix in (("run-step-0", v0), ("run-step-1", v1), ("run-step-2", v1)):
+        write_version(tmp_path, name, matrix, tokens)
+    run(SeriesPaths.in_project("run-demo", ["run-step-0", "run-step-1", "run-step-2"], tmp_path), SeriesSettings(k=1))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if "series/run-demo" in b]
+    queries = [query for query in block.split(";") if "SELECT" in query]
+    monkeypatch.chdir(tmp_path)
+    duck = duckdb.connect()
+    steps = duck.execute(queries[0]).fetchall()
+    assert [(row[0], row[1]) for row in steps] == [(1, "run-step-1"), (2, "run-step-2")]
+    assert steps[0][2] < 0.3 and steps[1][2] == pytest.approx(1.0)  # cosine to previous: the jump, then still
+    top = duck.execute(queries[1]).fetchall()
+    assert top[0][:2] == ("cocoa", "run-step-1") and len(top) == 4
