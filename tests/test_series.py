@@ -12,9 +12,7 @@ from pipeline.core.drift import read_side
 from pipeline.core.errors import DissectError
 from pipeline.core.io import read_json
 from pipeline.core.paths import ModelPaths, SeriesPaths
-from pipeline.sources.synthetic import (
-    EMBEDDING, MOVER_STEPS, PLANTED_MOVERS, make_tensor, planted_movers, series_embedding,
-)
+from pipeline.sources.synthetic import MOVER_STEPS, PLANTED_MOVERS, planted_movers, series_embedding
 from pipeline.report.series import series_page
 from pipeline.stages import stats
 from pipeline.stages.series import SeriesSettings, align_versions, read_settings, run, series_paths, trajectories
@@ -108,11 +106,13 @@ def test_planted_movers_are_found_at_their_steps(tmp_path):
     assert [row["sharp_moves"] for row in metrics["versions"][1:]] == [2] * MOVER_STEPS
 
 
-def test_series_step_zero_is_the_plain_checkpoint_and_steps_repeat_exactly():
-    plain = make_tensor(EMBEDDING, (500, 8), seed=3)
-    assert torch.equal(series_embedding(500, 8, seed=3, step=0), plain)
+def test_series_steps_repeat_exactly_and_move_only_the_planted_tokens_sharply():
     assert torch.equal(series_embedding(500, 8, seed=3, step=2), series_embedding(500, 8, seed=3, step=2))
     assert set(planted_movers(500, seed=3).values()) == set(range(1, MOVER_STEPS + 1))
+    before, after = (series_embedding(500, 8, seed=3, step=s).double() for s in (0, 1))
+    cosine = (before * after).sum(1) / before.norm(dim=1) / after.norm(dim=1)
+    jumped = {t for t, at in planted_movers(500, seed=3).items() if at == 1}
+    assert set(torch.nonzero(cosine < 0.9).flatten().tolist()) == jumped
 
 
 @pytest.mark.parametrize("series, message", [
@@ -142,10 +142,10 @@ def test_readme_series_queries_run_on_the_outputs(tmp_path, monkeypatch):
 
     from project_repo import ROOT
 
-    tokens = ["cocoa", "river", "stone", "cloud"]
+    tokens = ["powder", "river", "stone", "cloud"]
     v0 = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], float)
     v1 = v0.copy()
-    v1[0] = [0, 0.3, 1]  # cocoa jumps at step 1
+    v1[0] = [0, 0.3, 1]  # powder jumps at step 1
     for name, matrix in (("run-step-0", v0), ("run-step-1", v1), ("run-step-2", v1)):
         write_version(tmp_path, name, matrix, tokens)
     run(SeriesPaths.in_project("run-demo", ["run-step-0", "run-step-1", "run-step-2"], tmp_path), SeriesSettings(k=1))
@@ -158,4 +158,4 @@ def test_readme_series_queries_run_on_the_outputs(tmp_path, monkeypatch):
     assert [(row[0], row[1]) for row in steps] == [(1, "run-step-1"), (2, "run-step-2")]
     assert steps[0][2] < 0.3 and steps[1][2] == pytest.approx(1.0)  # cosine to previous: the jump, then still
     top = duck.execute(queries[1]).fetchall()
-    assert top[0][:2] == ("cocoa", "run-step-1") and len(top) == 4
+    assert top[0][:2] == ("powder", "run-step-1") and len(top) == 4

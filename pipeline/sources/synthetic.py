@@ -9,7 +9,7 @@ Values are a pure function of ``(seed, tensor name, shape)``: every tensor has i
 generator, so a tensor does not depend on which other tensors are drawn, the shard count,
 or the number of CPU threads, and ``torch.save`` output is byte-identical across runs.
 
-A checkpoint series (``step`` > 0) stands in for the checkpoints of one training run:
+A checkpoint series (a ``step``) stands in for the checkpoints of one training run:
 step ``s`` is step 0's embedding plus ``s`` independent small noise steps, and a planted
 set of tokens (:func:`planted_movers`, a pure function of the seed and the vocabulary
 size) each jumps to a new direction at its own step. Every step is made on its own from
@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.core.errors import run_stage
+from pipeline.core.determinism import row_norms
 from pipeline.core.errors import DissectError
 from pipeline.core.hashing import file_sha256
 from pipeline.core.io import write_bytes_atomic
@@ -223,43 +225,42 @@ MOVER_LOW_ID_FRACTION = 0.05
 
 def planted_movers(vocab_size: int, seed: int) -> dict[int, int]:
     """The tokens a series plants: token id -> the step at which it jumps (1..MOVER_STEPS)."""
-    generator = torch.Generator().manual_seed(tensor_seed(seed, "series:movers"))
+    rng = np.random.default_rng(tensor_seed(seed, "series:movers"))
     low = int(vocab_size * MOVER_LOW_ID_FRACTION)
-    ids = (torch.randperm(vocab_size - low, generator=generator)[:PLANTED_MOVERS] + low).tolist()
+    ids = rng.permutation(vocab_size - low)[:PLANTED_MOVERS] + low
     return {int(token): 1 + i % MOVER_STEPS for i, token in enumerate(ids)}
 
 
-def random_directions(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """``rows`` unit vectors [rows, dim] float32, uniform on the sphere."""
-    directions = torch.empty(rows, dim).normal_(generator=generator)
-    return directions / directions.norm(dim=1, keepdim=True)
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / row_norms(rows)[:, None]
 
 
 def series_embedding(vocab_size: int, dim: int, seed: int, step: int) -> torch.Tensor:
-    """The embedding [vocab, dim] bf16 of ``step`` of the series (step 0: the plain checkpoint's)."""
-    base = make_tensor(EMBEDDING, (vocab_size, dim), seed)
-    if step == 0:
-        return base
-    table = base.float()  # [vocab, dim]
+    """The embedding [vocab, dim] bf16 of ``step`` of the series.
+
+    Drawn and computed in float64 by numpy's own loops (its generator, elementwise
+    arithmetic, :func:`pipeline.core.determinism.row_norms`, libm's exp), never by a
+    vectorised kernel picked for the CPU, so every machine writes the same bytes: the series
+    is part of the default run, whose outputs are checked byte for byte.
+    """
+    rng = np.random.default_rng(tensor_seed(seed, "series:embedding"))
+    gains = np.array([math.exp(g) for g in rng.normal(0.0, ROW_NORM_LOG_SIGMA, vocab_size)]) * dim**-0.5  # [vocab]
+    table = rng.standard_normal((vocab_size, dim)) * gains[:, None]  # [vocab, dim] float64
     movers = planted_movers(vocab_size, seed)
     for s in range(1, step + 1):
-        generator = torch.Generator().manual_seed(tensor_seed(seed, f"series:step:{s}"))
-        norms = table.norm(dim=1, keepdim=True)  # [vocab, 1]
-        noise = torch.empty(vocab_size, dim).normal_(generator=generator)  # [vocab, dim]
-        table += noise * (norms * (STEP_NOISE * dim**-0.5))
-        jumping = sorted(token for token, at in movers.items() if at == s)
-        if jumping:
-            rows = torch.tensor(jumping)
-            old = table[rows]  # [movers, dim]
-            old_norm = old.norm(dim=1, keepdim=True)
-            fresh = random_directions(len(jumping), dim, generator)
-            direction = MOVER_KEEP * old / old_norm + (1 - MOVER_KEEP**2) ** 0.5 * fresh
-            table[rows] = direction / direction.norm(dim=1, keepdim=True) * old_norm
-    return table.to(DTYPE)
+        rng = np.random.default_rng(tensor_seed(seed, f"series:step:{s}"))
+        noise = rng.standard_normal((vocab_size, dim))  # [vocab, dim]
+        table += noise * (row_norms(table) * (STEP_NOISE * dim**-0.5))[:, None]
+        jumping = np.array(sorted(token for token, at in movers.items() if at == s), np.int64)
+        if len(jumping):
+            old = table[jumping]  # [movers, dim]
+            direction = MOVER_KEEP * _unit(old) + (1 - MOVER_KEEP**2) ** 0.5 * _unit(rng.standard_normal((len(jumping), dim)))
+            table[jumping] = _unit(direction) * row_norms(old)[:, None]
+    return torch.from_numpy(table.astype(np.float32)).to(DTYPE)
 
 
-def make_tensor(name: str, shape: tuple[int, ...], seed: int, step: int = 0) -> torch.Tensor:
-    if name == EMBEDDING and step:
+def make_tensor(name: str, shape: tuple[int, ...], seed: int, step: int | None = None) -> torch.Tensor:
+    if name == EMBEDDING and step is not None:
         return series_embedding(shape[0], shape[1], seed, step)
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     if name == EMBEDDING:
@@ -269,7 +270,7 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int, step: int = 0) -> 
     return linear_values(shape[0], shape[1], generator)
 
 
-def iter_tensors(layout: LlamaLayout, seed: int, step: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(layout: LlamaLayout, seed: int, step: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Each full (unsharded) tensor in Meta's order, made one at a time."""
     for name, shape in layout.tensor_shapes().items():
         yield name, make_tensor(name, shape, seed, step)
@@ -331,7 +332,7 @@ def build_shards(
     n_shards: int,
     embedding_split: EmbeddingSplit,
     bar: tqdm,
-    step: int = 0,
+    step: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
     for name, tensor in iter_tensors(layout, seed, step):
@@ -382,12 +383,12 @@ def write_meta_checkpoint(
     n_shards: int = 1,
     progress: bool = True,
     embedding_split: EmbeddingSplit = "vocab",
-    step: int = 0,
+    step: int | None = None,
 ) -> list[Path]:
     """Write ``consolidated.00.pth`` .. ``consolidated.NN.pth`` and ``params.json``.
 
-    ``step`` > 0 writes that step of the checkpoint series (see :func:`series_embedding`):
-    only the embedding differs from step 0.
+    ``step`` (0, 1, ...) writes that step of the checkpoint series (see
+    :func:`series_embedding`); only the embedding differs between steps.
 
     Returns the shard paths in order. Tensors are bf16. With ``n_shards > 1`` the
     tensors are split as Meta's model-parallel layers hold them (see :func:`split_axis`);

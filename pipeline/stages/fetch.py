@@ -42,7 +42,9 @@ from pipeline.core.paths import ModelPaths
 
 from pipeline.sources.cache import CACHE_ENV, cache_dir  # noqa: F401 - CACHE_ENV is part of this module's interface
 
-SYNTHETIC_GENERATOR_VERSION = 1
+# Part of the stamp a generated checkpoint keeps: raise it when the generator writes other bytes
+# (2: a series step is drawn by numpy in float64, the same on every CPU), so fetch rewrites it.
+SYNTHETIC_GENERATOR_VERSION = 2
 
 
 # ---- pypi sources -------------------------------------------------------------------------
@@ -159,9 +161,9 @@ def ensure_synthetic(source: dict[str, Any], dest: Path) -> Path:
     if name not in layouts:
         raise DissectError(f"unknown synthetic layout {name!r}; use one of {', '.join(layouts)}")
     # Both checked with the params (pipeline.core.params.source_kind).
-    seed, step = source.get("seed", 0), source.get("step", 0)
+    seed, step = source.get("seed", 0), source.get("step")  # a step: one checkpoint of a series
     stamp = {"layout": name, "seed": seed, "generator_version": SYNTHETIC_GENERATOR_VERSION}
-    if step:
+    if step is not None:
         stamp["step"] = step
     checkpoint = dest / "checkpoint"
     stamp_file = checkpoint / "synthetic.json"
