@@ -37,3 +37,12 @@ def copy_project(repo: Path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+def readme_sql_queries(reading: str) -> list[str]:
+    """The queries of README's one ```sql block that mentions ``reading`` (a file it queries)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = [block for block in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if reading in block]
+    return [query for query in block.split(";") if "SELECT" in query]

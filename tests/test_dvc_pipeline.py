@@ -86,13 +86,11 @@ def test_output_reads_in_pandas_polars_and_duckdb(project):
 
 
 def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
-    import re
-
     import duckdb
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (block,) = [block for block in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if "embeddings.parquet" in block]
-    queries = [query for query in block.split(";") if "SELECT" in query]
+    from project_repo import readme_sql_queries
+
+    queries = readme_sql_queries("embeddings.parquet")
     monkeypatch.chdir(project)
     duck = duckdb.connect()
     hello_rows = duck.execute(queries[0]).fetchall()

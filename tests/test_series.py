@@ -136,11 +136,9 @@ def test_settings_come_from_the_trajectory_section():
 
 def test_readme_series_queries_run_on_the_outputs(tmp_path, monkeypatch):
     """README's DuckDB queries over a series, on a series named as in the README."""
-    import re
-
     import duckdb
 
-    from project_repo import ROOT
+    from project_repo import readme_sql_queries
 
     tokens = ["powder", "river", "stone", "cloud"]
     v0 = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], float)
@@ -149,9 +147,7 @@ def test_readme_series_queries_run_on_the_outputs(tmp_path, monkeypatch):
     for name, matrix in (("run-step-0", v0), ("run-step-1", v1), ("run-step-2", v1)):
         write_version(tmp_path, name, matrix, tokens)
     run(SeriesPaths.in_project("run-demo", ["run-step-0", "run-step-1", "run-step-2"], tmp_path), SeriesSettings(k=1))
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (block,) = [b for b in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if "series/run-demo" in b]
-    queries = [query for query in block.split(";") if "SELECT" in query]
+    queries = readme_sql_queries("series/run-demo")
     monkeypatch.chdir(tmp_path)
     duck = duckdb.connect()
     steps = duck.execute(queries[0]).fetchall()
