@@ -3,7 +3,7 @@
 First the rules, on inputs small enough to check by hand: the tie rule of every ranking,
 the fixed-order float64 sums, the rounding grids. Then the promise itself: every stage
 after extract runs on a real model in subprocesses under several OpenBLAS kernels and
-thread counts, and every output file must have the same md5.
+thread counts, and with the device code path, and every output file must have the same md5.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.core.determinism import (
     scale_quantum,
     top_k_pairs,
 )
+from pipeline.core.device import DEVICE_ENV, TORCH_ON_CPU
 from pipeline.core.knn import knn_graph, nearest_keys, unit_rows
 from pipeline.core.pca import fit_pca
 
@@ -188,13 +189,14 @@ def kernels_this_cpu_runs() -> list[str]:
     return kernels or ["ARMV8", "NEOVERSEN1"]
 
 
-# (OPENBLAS_CORETYPE, CPUs the stage may use): two kernels at least, one and all CPUs.
-def configurations() -> list[tuple[str, int]]:
+# (OPENBLAS_CORETYPE, CPUs the stage may use, compute device): two kernels at least, one and
+# all CPUs, and the device code path (torch) run on the CPU, as a CUDA GPU would run it.
+def configurations() -> list[tuple[str, int, str]]:
     kernels = kernels_this_cpu_runs()
     cpus = len(os.sched_getaffinity(0))
     first, second = kernels[0], kernels[1] if len(kernels) > 1 else kernels[0]
     last = kernels[-1] if len(kernels) > 2 else first
-    return [(first, cpus), (second, 1), (last, max(cpus, 2))]
+    return [(first, cpus, "cpu"), (second, 1, "cpu"), (last, max(cpus, 2), "cpu"), (second, cpus, TORCH_ON_CPU)]
 
 
 STAGES = [
@@ -223,8 +225,9 @@ def project_params() -> dict:
     return params
 
 
-def run_stages(root: Path, extracted: Path, kernel: str, cpus: int) -> dict[str, str]:
-    """Every stage after extract in ``root`` under OPENBLAS_CORETYPE=kernel on ``cpus`` CPUs; md5 of every output."""
+def run_stages(root: Path, extracted: Path, kernel: str, cpus: int, device: str) -> dict[str, str]:
+    """Every stage after extract in ``root`` under OPENBLAS_CORETYPE=kernel on ``cpus`` CPUs with
+    its products on ``device`` (EMBEDDING_DISSECT_DEVICE); md5 of every output."""
     model_dir = root / "artifacts" / "minilm-l6"
     model_dir.mkdir(parents=True)
     for name in ("embeddings.parquet", "tokenizer.json"):
@@ -232,7 +235,7 @@ def run_stages(root: Path, extracted: Path, kernel: str, cpus: int) -> dict[str,
     (root / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
     threads = str(cpus)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDDING_DISSECT_NO_PROGRESS": "1", "OPENBLAS_CORETYPE": kernel,
-           "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+           "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, DEVICE_ENV: device}
     allowed = sorted(os.sched_getaffinity(0))[:cpus] if cpus <= len(os.sched_getaffinity(0)) else None
     for stage, argument in STAGES:
         command = [sys.executable, "-m", f"pipeline.stages.{stage}"] + ([argument] if argument else [])
@@ -240,7 +243,7 @@ def run_stages(root: Path, extracted: Path, kernel: str, cpus: int) -> dict[str,
             command, cwd=root, env=env, capture_output=True, text=True, check=False,
             preexec_fn=(lambda: os.sched_setaffinity(0, allowed)) if allowed else None,
         )
-        assert result.returncode == 0, f"{stage} under {kernel} on {cpus} CPUs failed:\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"{stage} under {kernel} on {cpus} CPUs, device {device}, failed:\n{result.stderr[-3000:]}"
     inputs = {model_dir / "embeddings.parquet", model_dir / "tokenizer.json", root / "params.yaml"}
     return {
         str(path.relative_to(root)): hashlib.md5(path.read_bytes()).hexdigest()
@@ -249,7 +252,7 @@ def run_stages(root: Path, extracted: Path, kernel: str, cpus: int) -> dict[str,
 
 
 def test_every_output_is_byte_identical_across_kernels_and_thread_counts(minilm_artifacts, tmp_path):
-    runs = {config: run_stages(tmp_path / f"{config[0]}-{config[1]}", minilm_artifacts, *config) for config in configurations()}
+    runs = {config: run_stages(tmp_path / "-".join(map(str, config)), minilm_artifacts, *config) for config in configurations()}
     (first, reference), *others = runs.items()
     assert len(reference) >= 30  # stats, words, similarity, pca, quant/*, undertrained, drift, export, reports
     for config, hashes in others:

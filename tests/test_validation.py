@@ -35,6 +35,7 @@ SETTINGS = {
     "drift": ("drift", "DriftSettings"),
     "export": ("export", "ExportSettings"),
     "trajectory": ("series", "SeriesSettings"),
+    "compute": ("pipeline.core.device", "ComputeSettings"),
 }
 HOSTILE = ["x", "max", "10", -5, -1, 0, 10**12, 2**63, 2.5, -0.5, True, None, [], {}, [1], "", float("nan"), float("inf")]
 # The only hostile values that are settings someone may mean: every other one is refused.
@@ -49,7 +50,7 @@ MEANT = {
 
 def settings_class(section: str):
     module, name = SETTINGS[section]
-    return getattr(importlib.import_module(f"pipeline.stages.{module}"), name)
+    return getattr(importlib.import_module(module if "." in module else f"pipeline.stages.{module}"), name)
 
 
 def test_every_section_of_params_has_typed_settings():

@@ -3,7 +3,8 @@
 Every stage module has the same contract, ``run(paths, settings)``: ``paths`` comes from
 :mod:`pipeline.core.paths` (the one object that knows the artifact layout) and ``settings``
 is the stage's typed settings, built and checked from params.yaml by
-:mod:`pipeline.core.settings` before any work starts. A module's ``main = Stage(...).main`` wires the two
+:mod:`pipeline.core.settings` before any work starts. params.yaml's ``compute`` section sets
+where the products run for every stage (:mod:`pipeline.core.device`). A module's ``main = Stage(...).main`` wires the two
 together for ``dvc repro``; tests and notebooks call ``run`` directly.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
+from pipeline.core.device import use_compute_settings
 from pipeline.core.errors import DissectError
 from pipeline.core.params import NAME_RULE, load_params
 
@@ -46,5 +48,6 @@ class Stage(Generic[P, S]):
         target = argv[0] if argv else None
         params = load_params()
         settings = self.settings(params, target)
+        use_compute_settings(params)
         self.run(self.paths(params, target), settings)
 

@@ -14,7 +14,9 @@ float32 error (:func:`pipeline.core.determinism.float32_dot_error`) of its k-th;
 is then provably below k others. The kept keys' cosines are recomputed in float64 from the
 same unit rows in a fixed order (:func:`pipeline.core.determinism.row_dots`, no BLAS) and the k
 best by that cosine, then id, are the answer (the float32 of it is what is published). So
-the result does not depend on the BLAS kernel, the thread count or ``block_rows``.
+the result does not depend on the BLAS kernel, the thread count or ``block_rows``, nor on
+the device the float32 products run on (:mod:`pipeline.core.device`: a CUDA GPU summing in
+float32 is one more summation order the bound covers).
 
 How the search stays fast: the cosines are computed tile by tile (``block_rows`` x
 ``block_rows``), and a running top-k per query keeps its current worst entry. A tile
@@ -40,6 +42,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pipeline.core.device import Resident
 from pipeline.core.errors import DissectError
 from pipeline.core.progress import progress_bar
 
@@ -334,6 +337,7 @@ class TopK:
         self.scores: np.ndarray | None = None
         self.screen = None
         if screen == "float32":
+            self.resident = Resident(queries)  # [q, dim], where the products run
             self.state = RunningTopK(len(queries), k, screen_margin(queries))
             self.scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, id, float64 cosine)
         else:
@@ -347,7 +351,7 @@ class TopK:
         elif len(rows) and len(self.queries):
             finite = np.ones(len(rows), bool) if unit else np.isfinite(rows).all(axis=1)  # [n]
             keys = rows if unit else unit_rows(np.where(finite[:, None], rows, 0))  # [n, dim]
-            tile = self.queries @ keys.T  # [q, n]
+            tile = self.resident.times(keys)  # [q, n]
             np.clip(tile, -1.0, 1.0, out=tile)
             q, ids, s = _candidates_per_row(tile, self.query_ids, start, self.state, self.slack)
             keep = finite[ids - start] if self.excluder is None else finite[ids - start] & ~self.excluder(q, ids)
@@ -548,27 +552,28 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     """
     n = unit.shape[0]
     state = RunningTopK(n, k, screen_margin(unit))
+    resident = Resident(unit)  # [n, dim], where the products run
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
     with progress_bar(total=len(starts) * (len(starts) + 1) // 2, desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
         for start in starts:
             rows = np.arange(start, min(start + block_rows, n))
-            tile = _tile(unit, rows, rows)
+            tile = _tile(resident, rows, rows)
             _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
             bar.update(1)
         for a, start_a in enumerate(starts):
             rows_a = np.arange(start_a, min(start_a + block_rows, n))
             for start_b in starts[a + 1 :]:
                 rows_b = np.arange(start_b, min(start_b + block_rows, n))
-                tile = _tile(unit, rows_a, rows_b, clip=False)  # [a rows, b rows], entries not yet clipped
+                tile = _tile(resident, rows_a, rows_b, clip=False)  # [a rows, b rows], entries not yet clipped
                 state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
                 state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
                 bar.update(1)
     return exact_top_k(state, unit, unit)
 
 
-def _tile(unit: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
-    tile = unit[rows_a[0] : rows_a[-1] + 1] @ unit[rows_b[0] : rows_b[-1] + 1].T  # [a, b]
+def _tile(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
+    tile = unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1))  # [a, b] float32
     return np.clip(tile, -1.0, 1.0, out=tile) if clip else tile
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core.device import compute_device
 from pipeline.core.errors import DissectError
 from pipeline.core.knn import iter_blocks
 from pipeline.core.progress import progress_bar
@@ -258,20 +259,54 @@ def _scatter(matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Ca
     from scipy.linalg import blas
 
     n, dim = matrix.shape
-    wide = matrix.dtype == np.float64
-    dtype, syrk = (np.float64, blas.dsyrk) if wide else (np.float32, blas.ssyrk)
+    dtype = np.float64 if matrix.dtype == np.float64 else np.float32
     shift = mean.astype(dtype)  # [dim]: the mean as the blocks can subtract it
+    device = compute_device()
+    if device is None:
+        scatter = _summed_block_products(matrix, shift, block_rows, progress)
+    else:
+        scatter = _summed_block_products_on(device, matrix, shift, block_rows, progress)
+    # Centring on the rounded shift rather than the exact mean adds n * d d^T, d = mean - shift.
+    offset = mean - shift.astype(np.float64)  # [dim]
+    return blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
+
+
+def _summed_block_products(
+    matrix: np.ndarray, shift: np.ndarray, block_rows: int, progress: Callable[[int], object]
+) -> np.ndarray:
+    """float64 [dim, dim], Fortran order, upper triangle: the sum over blocks of C^T C, C a block
+    minus ``shift``, each product a BLAS syrk in ``shift``'s precision."""
+    from scipy.linalg import blas
+
+    dim = matrix.shape[1]
+    syrk = blas.dsyrk if shift.dtype == np.float64 else blas.ssyrk
     scatter = np.zeros((dim, dim), order="F")  # [dim, dim] float64
-    product = np.zeros((dim, dim), dtype=dtype, order="F")  # [dim, dim], reused by every block
+    product = np.zeros((dim, dim), dtype=shift.dtype, order="F")  # [dim, dim], reused by every block
     for _, block in iter_blocks(matrix, block_rows):
-        centred = np.subtract(block, shift, dtype=dtype)  # [block, dim]
+        centred = np.subtract(block, shift, dtype=shift.dtype)  # [block, dim]
         # centred.T is a Fortran-order view, so BLAS takes it without a copy.
         product = syrk(1.0, centred.T, beta=0.0, c=product, overwrite_c=1, lower=0)
         scatter += product
         progress(len(block))
-    # Centring on the rounded shift rather than the exact mean adds n * d d^T, d = mean - shift.
-    offset = mean - shift.astype(np.float64)  # [dim]
-    return blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
+    return scatter
+
+
+def _summed_block_products_on(
+    device: str, matrix: np.ndarray, shift: np.ndarray, block_rows: int, progress: Callable[[int], object]
+) -> np.ndarray:
+    """:func:`_summed_block_products` with each block's product on torch ``device`` (a GEMM, in
+    ``shift``'s precision, strictly float32 there: :func:`pipeline.core.device.strict_float32`)
+    and the sum in float64 there; the whole square comes back, of which the upper triangle is used."""
+    import torch
+
+    dim = matrix.shape[1]
+    centre = torch.from_numpy(shift).to(device)  # [dim]
+    scatter = torch.zeros((dim, dim), dtype=torch.float64, device=device)  # [dim, dim]
+    for _, block in iter_blocks(matrix, block_rows):
+        centred = torch.from_numpy(np.ascontiguousarray(block)).to(device).to(centre.dtype) - centre  # [block, dim]
+        scatter += (centred.T @ centred).double()
+        progress(len(block))
+    return np.asfortranarray(scatter.cpu().numpy())
 
 
 def _top_eigh(covariance_upper: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:

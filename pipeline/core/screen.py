@@ -38,6 +38,10 @@ caller runs the plain float32 search instead.
 Asked to ``keep`` more, it also keeps each query's best rows by screen score, with the
 bound: every row left out has a cosine of at most the lowest kept score plus its bound.
 The quantize stage prunes the recall of fine schemes with those lists.
+
+On a CUDA device (:mod:`pipeline.core.device`) the product runs there in bfloat16 (float32
+accumulation, reduced-precision reductions off) and its scores come back to the CPU, where
+everything else above happens as on the CPU path.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.determinism import row_norms
+from pipeline.core.device import compute_device
 
 FLOAT32_UNIT = 2.0**-24
 SCALING = 2.0**-22  # |r * inv - w'| / |w| for float32 inv and products, and w' - w, with margin
@@ -55,9 +60,13 @@ TINY = 1e-30  # flushed subnormal products and inputs: at most dim * 2^-126 in a
 DIRECTION_ROWS = 512  # rows scaled and rounded at a time: 4 MB of float32 at dim 2048
 
 
-def native_bfloat16() -> bool:
-    """Whether torch multiplies bfloat16 natively here (else it emulates it, slower than float32)."""
+def native_bfloat16(device: str | None = None) -> bool:
+    """Whether torch multiplies bfloat16 natively on ``device`` (None: numpy's CPU, i.e. torch's
+    CPU), else it emulates it, slower than float32."""
     import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
 
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
@@ -79,10 +88,12 @@ class ScreenPrecision:
     out: float  # c: relative error of a result, against its own magnitude
 
     @staticmethod
-    def choose() -> ScreenPrecision:
+    def choose(device: str | None = None) -> ScreenPrecision:
+        """bfloat16 where the products run natively in it (a CUDA device with bfloat16, a CPU
+        with AVX512-BF16 or AMX), else float32."""
         import torch
 
-        if native_bfloat16():
+        if native_bfloat16(device):
             output = 2.0**-7
             return ScreenPrecision(torch.bfloat16, True, output / (1 - output))
         return ScreenPrecision(torch.float32, False, 0.0)
@@ -143,7 +154,8 @@ class BoundedScreen:
     def __init__(self, units: np.ndarray, keep: int, precision: ScreenPrecision | None):
         import torch
 
-        self.precision = precision or ScreenPrecision.choose()
+        self.device = compute_device()
+        self.precision = precision or ScreenPrecision.choose(self.device)
         norms = row_norms(units)  # [q]
         self.screened = np.flatnonzero(np.isfinite(norms) & (norms > 0))  # [s]
         screened_units = np.ascontiguousarray(units[self.screened])  # [s, dim] float32
@@ -151,6 +163,7 @@ class BoundedScreen:
         shift = self.rounded.double() - torch.from_numpy(screened_units).double()
         self.query_error = torch.linalg.vector_norm(shift, dim=1).numpy()  # [s] e_q
         self.query_norms = norms[self.screened]  # [s] |u|
+        self.rounded_on_device = None if self.device is None else self.rounded.to(self.device)  # [s, dim]
         self.bound_held = True
         self.keep = keep
         # Reused by every chunk, so no chunk leaves freed copies in the allocator.
@@ -187,7 +200,10 @@ class BoundedScreen:
         inverse, _ = inverse_norms(norms)
         directions, screen = self._buffers(len(rows), rows.shape[1])  # [n, dim], [s, n]
         residual = rounded_directions(rows, inverse, self.precision, directions, exact)
-        torch.matmul(self.rounded, directions.T, out=screen)
+        if self.rounded_on_device is None:
+            torch.matmul(self.rounded, directions.T, out=screen)
+        else:
+            screen.copy_(self.rounded_on_device @ directions.to(self.device).T)
         return screen, self.slack(residual, rows.shape[1])
 
     def keep_best(self, screen: Any, start: int, slack: np.ndarray) -> None:

@@ -1,0 +1,168 @@
+"""Where the matmul-bound work runs: numpy's BLAS on the CPU, or a CUDA device through torch.
+
+``compute.device`` in params.yaml chooses it for every stage:
+
+* ``auto`` (the default): CUDA when the machine has an NVIDIA device and torch can use it,
+  else the CPU;
+* ``cpu``: numpy's BLAS, never torch's device code;
+* ``cuda``: the first CUDA device; a machine without one stops the stage with one line.
+
+Three products move to the device: the float32 tiles of the exact neighbour search
+(:func:`pipeline.core.knn.knn_graph`, :class:`pipeline.core.knn.TopK`), the bfloat16 screen of the
+quantize stage's recall (:mod:`pipeline.core.screen`) and the block products of PCA's
+covariance (:mod:`pipeline.core.pca`). None of them is published as it comes out: each engine
+bounds the rounding error of its products for any summation order and decides what it
+publishes from values it recomputes on the CPU in a fixed order (neighbour cosines in
+float64, PCA's refined axes and rounded coordinates). So the choice changes where the time
+goes, never a byte of an output, and it is not part of any output's provenance. For those
+bounds to hold, the device must sum float32 products in float32: TF32 and reduced-precision
+reductions are switched off before the first product (:func:`strict_float32`).
+
+The torch path runs on any torch device; the tests run it on the CPU (``computing_on("cpu")``)
+and check its outputs are the bytes of the numpy path.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from pipeline.core.errors import DissectError
+from pipeline.core.settings import one_of, read_section, setting
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_ENV = "EMBEDDING_DISSECT_DEVICE"  # overrides compute.device for one process (a GPU worker)
+# Also allowed there: the device code path run by torch on the CPU, to check it on a machine without a GPU.
+TORCH_ON_CPU = "torch-cpu"
+# Device nodes the NVIDIA driver creates: without one, `auto` needs no torch import to know.
+NVIDIA_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia/version")
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    # Where products run: auto (CUDA when present), cpu or cuda; outputs are the same bytes.
+    device: str = setting("auto", one_of(*DEVICE_CHOICES), recorded=False)
+
+
+def read_compute(params: Mapping[str, Any]) -> ComputeSettings:
+    return read_section(ComputeSettings, params.get("compute"), "compute")
+
+
+def nvidia_driver_present(nodes: tuple[str, ...] = NVIDIA_NODES) -> bool:
+    return any(Path(node).exists() for node in nodes)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(
+    choice: str,
+    driver_present: Callable[[], bool] = nvidia_driver_present,
+    cuda_available: Callable[[], bool] = torch_cuda_available,
+) -> str | None:
+    """The torch device name the products run on for a ``compute.device`` choice, or None for
+    numpy on the CPU. ``auto`` imports torch only where an NVIDIA driver is installed."""
+    if choice == "cpu":
+        return None
+    if choice == TORCH_ON_CPU:
+        return "cpu"
+    if choice == "auto":
+        return "cuda" if driver_present() and cuda_available() else None
+    if choice == "cuda":
+        if not cuda_available():
+            raise DissectError(
+                "compute.device is cuda but torch sees no CUDA device here (a CPU build of torch, or no GPU); "
+                "set compute.device to auto or cpu"
+            )
+        return "cuda"
+    raise DissectError(f"compute.device must be one of {', '.join(DEVICE_CHOICES)}, got {choice!r}")
+
+
+_DEVICE: str | None = None  # the torch device of this process's products; None: numpy on the CPU
+
+
+def compute_device() -> str | None:
+    """The torch device products run on in this process, or None for numpy on the CPU."""
+    return _DEVICE
+
+
+def use_device(name: str | None) -> None:
+    """Run this process's products on torch device ``name`` (None: numpy on the CPU)."""
+    global _DEVICE
+    if name is not None:
+        strict_float32()
+    _DEVICE = name
+
+
+def use_compute_settings(params: Mapping[str, Any]) -> None:
+    """Set this process's device from params.yaml's ``compute`` section (what a stage does first);
+    the environment variable EMBEDDING_DISSECT_DEVICE, when set, overrides it (one worker of a
+    cluster with a GPU, say)."""
+    settings = read_compute(params)
+    choice = os.environ.get(DEVICE_ENV) or settings.device
+    if choice not in (*DEVICE_CHOICES, TORCH_ON_CPU):
+        raise DissectError(f"{DEVICE_ENV} must be one of {', '.join((*DEVICE_CHOICES, TORCH_ON_CPU))}, got {choice!r}; unset it to use compute.device")
+    use_device(resolve_device(choice))
+
+
+
+@contextmanager
+def computing_on(name: str | None) -> Iterator[None]:
+    """Products inside the block run on torch device ``name`` (None: numpy), as before after it."""
+    before = compute_device()
+    use_device(name)
+    try:
+        yield
+    finally:
+        use_device(before)
+
+
+def strict_float32() -> None:
+    """Make CUDA matmuls accumulate float32 in float32 (no TF32, no reduced-precision
+    reductions for bfloat16 and float16 inputs): the error bounds of the screens assume it."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_tf32 = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+
+
+class Resident:
+    """A float32 matrix [n, dim] kept where the products run, copied there once.
+
+    On the CPU it is the array itself and products are numpy's BLAS; on a torch device it is
+    a copy on that device, and each product comes back as a float32 numpy array.
+    """
+
+    def __init__(self, matrix: np.ndarray):
+        self.device = compute_device()
+        self.matrix = matrix
+        self.on_device = None
+        if self.device is not None:
+            import torch
+
+            self.on_device = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).to(self.device)  # [n, dim]
+
+    def times_rows(self, a: slice, b: slice) -> np.ndarray:
+        """float32 [a rows, b rows]: rows ``a`` times rows ``b`` of the matrix, transposed."""
+        if self.on_device is None:
+            return self.matrix[a] @ self.matrix[b].T
+        return (self.on_device[a] @ self.on_device[b].T).cpu().numpy()
+
+    def times(self, keys: np.ndarray) -> np.ndarray:
+        """float32 [n, m]: the matrix times ``keys`` [m, dim] (host rows), transposed."""
+        if self.on_device is None:
+            return self.matrix @ keys.T
+        import torch
+
+        moved = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)).to(self.device)  # [m, dim]
+        return (self.on_device @ moved.T).cpu().numpy()

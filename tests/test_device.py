@@ -1,0 +1,153 @@
+"""compute.device: which device a choice resolves to, and that the device code path (torch)
+gives the numpy path's bytes, run here on the CPU as a CUDA GPU would run it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.core.device import (
+    DEVICE_ENV,
+    Resident,
+    compute_device,
+    computing_on,
+    resolve_device,
+    use_compute_settings,
+)
+from pipeline.core.errors import DissectError
+from pipeline.core.knn import TopK, excluding_own, knn_graph, nearest_keys, unit_rows
+from pipeline.core.pca import fit_pca
+
+
+def never() -> bool:
+    raise AssertionError("torch was asked about CUDA although no NVIDIA driver is installed")
+
+
+@pytest.mark.parametrize(
+    "choice, driver, cuda, expected",
+    [
+        ("cpu", True, True, None),
+        ("auto", True, True, "cuda"),
+        ("auto", True, False, None),
+        ("cuda", True, True, "cuda"),
+        ("torch-cpu", False, False, "cpu"),
+    ],
+)
+def test_each_choice_resolves_to_its_device(choice, driver, cuda, expected):
+    assert resolve_device(choice, lambda: driver, lambda: cuda) == expected
+
+
+def test_auto_without_a_driver_is_the_cpu_without_importing_torch():
+    assert resolve_device("auto", lambda: False, never) is None
+
+
+def test_cuda_without_a_device_is_refused_with_the_fix():
+    with pytest.raises(DissectError, match="^compute.device is cuda but torch sees no CUDA device.*set compute.device to auto or cpu$"):
+        resolve_device("cuda", lambda: True, lambda: False)
+
+
+def test_this_machine_without_a_gpu_computes_with_numpy():
+    # auto is the default; a machine with no NVIDIA driver (this one, CI) keeps numpy's BLAS.
+    from pipeline.core.device import nvidia_driver_present
+
+    with computing_on("cuda"):
+        use_compute_settings({})
+        expected = "cuda" if nvidia_driver_present() and __import__("torch").cuda.is_available() else None
+        assert compute_device() == expected
+
+
+def test_the_setting_is_checked_and_the_environment_overrides_it(monkeypatch):
+    with pytest.raises(DissectError, match="^compute.device must be one of auto, cpu, cuda, got \"gpu\"$"):
+        use_compute_settings({"compute": {"device": "gpu"}})
+    with computing_on(None):
+        monkeypatch.setenv(DEVICE_ENV, "torch-cpu")
+        use_compute_settings({"compute": {"device": "cpu"}})
+        assert compute_device() == "cpu"
+        monkeypatch.setenv(DEVICE_ENV, "tpu")
+        with pytest.raises(DissectError, match=f"^{DEVICE_ENV} must be one of .*got 'tpu'; unset it"):
+            use_compute_settings({})
+    assert compute_device() is None
+
+
+def test_computing_on_restores_the_device_before_it():
+    with computing_on("cpu"):
+        assert compute_device() == "cpu"
+        with computing_on(None):
+            assert compute_device() is None
+        assert compute_device() == "cpu"
+    assert compute_device() is None
+
+
+def test_resident_products_by_hand():
+    # Rows e1, e2, e1 + e2 of a 3x2 matrix: their products are small integers, exact in float32.
+    matrix = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)  # [3, 2]
+    keys = np.array([[2, 3]], dtype=np.float32)  # [1, 2]
+    for device in (None, "cpu"):
+        with computing_on(device):
+            resident = Resident(matrix)
+            assert (resident.on_device is None) == (device is None)
+            assert resident.times_rows(slice(0, 3), slice(2, 3)).tolist() == [[1], [1], [2]]
+            assert resident.times(keys).tolist() == [[2], [3], [5]]
+
+
+@pytest.fixture
+def clustered_rows() -> np.ndarray:
+    """[600, 24] float32 rows around 12 centres, with exact duplicates and a zero row: ties the
+    engine must break by id, the same way wherever the products ran."""
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((12, 24))
+    rows = centres[rng.integers(0, 12, 600)] + 0.05 * rng.standard_normal((600, 24))
+    rows[10:20] = rows[0]
+    rows[33] = 0.0
+    return rows.astype(np.float32)
+
+
+def same_neighbours(a, b) -> bool:
+    return np.array_equal(a.ids, b.ids) and a.cosines.tobytes() == b.cosines.tobytes()
+
+
+def test_knn_graph_on_the_device_path_is_the_numpy_graph(clustered_rows):
+    unit = unit_rows(clustered_rows)
+    expected = knn_graph(unit, 7, block_rows=128)
+    with computing_on("cpu"):
+        assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
+        assert same_neighbours(knn_graph(unit, 7, block_rows=600), expected)
+
+
+def test_nearest_keys_on_the_device_path_are_the_numpy_ones(clustered_rows):
+    unit = unit_rows(clustered_rows)
+    queries, exclude = unit[:40], excluding_own(np.arange(40))
+    expected = nearest_keys(queries, unit, 5, block_rows=100, exclude=exclude)
+    with computing_on("cpu"):
+        assert same_neighbours(nearest_keys(queries, unit, 5, block_rows=100, exclude=exclude), expected)
+
+
+def test_bounded_screen_on_the_device_path_is_the_numpy_answer(clustered_rows):
+    unit = unit_rows(clustered_rows)
+
+    def search():
+        top = TopK(unit[:50], 6, excluding_own(np.arange(50)), screen="bfloat16", keep=12)
+        for start in range(0, len(clustered_rows), 128):
+            top.add(start, clustered_rows[start : start + 128])
+        return top, top.finish()
+
+    top_cpu, expected = search()
+    with computing_on("cpu"):
+        top_device, found = search()
+    assert top_device.screen.rounded_on_device is not None and top_cpu.screen.rounded_on_device is None
+    assert top_device.bound_held and same_neighbours(found, expected)
+    assert np.array_equal(top_device.candidate_ids, top_cpu.candidate_ids)
+
+
+def test_pca_on_the_device_path_publishes_the_numpy_coordinates():
+    # The covariance's float32 block products differ in their last bits between the two paths,
+    # as between BLAS kernels; the refined axes and the published grid absorb that.
+    rng = np.random.default_rng(5)
+    scales = 1.5 ** -np.arange(48)
+    matrix = (rng.standard_normal((6000, 48)) * scales + rng.standard_normal(48)).astype(np.float32)  # [6000, 48]
+    expected = fit_pca(matrix, n_components=10, block_rows=1000)
+    with computing_on("cpu"):
+        found = fit_pca(matrix, n_components=10, block_rows=1000)
+    assert found.transform(matrix).tobytes() == expected.transform(matrix).tobytes()
+    assert np.allclose(found.explained_variance, expected.explained_variance, rtol=1e-6, atol=0)
+    assert np.array_equal(np.round(found.explained_variance_ratio, 4), np.round(expected.explained_variance_ratio, 4))
