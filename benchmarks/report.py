@@ -50,16 +50,21 @@ def machine(args=None) -> list[str]:
             versions.append(f"{package} {version(package)}")
         except Exception:  # noqa: BLE001
             pass
+    from benchmarks.runner import BLAS_PINS
+
+    best_blas = getattr(args, "best_blas", False)
+    # Asked in an environment like the measured processes', so the kernel named is theirs.
+    probe_env = {key: value for key, value in os.environ.items() if not (best_blas and key in BLAS_PINS)}
     blas = subprocess.run(
         [sys.executable, "-c", "import numpy, scipy.linalg, threadpoolctl, json; print(json.dumps([(i['internal_api'], i.get('architecture'), i['num_threads']) for i in threadpoolctl.threadpool_info()]))"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=probe_env,
     ).stdout.strip()
     return [
         f"- machine: {cpu}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, Linux {platform.release()}",
         f"- Python {platform.python_version()}; {', '.join(versions)}",
         f"- BLAS kernel this run used (numpy's and scipy's, as threadpoolctl reports them: library, kernel, threads): {blas}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} in the environment"
-        + (" (unset for the measured processes by --best-blas)" if getattr(args, "best_blas", False) else ", as the benchmark found it (it forces no kernel)"),
+        + (" (unset for the measured processes by --best-blas, so OpenBLAS picks the kernel for this CPU)" if best_blas else ", as the benchmark found it (it forces no kernel)"),
     ]
 
 

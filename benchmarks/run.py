@@ -25,10 +25,7 @@ if str(REPO) not in sys.path:  # run as a script (benchmarks/run.py), not only w
     sys.path.insert(0, str(REPO))
 
 from benchmarks.inputs import DEFAULT_CACHE, Inputs, build_inputs
-from benchmarks.runner import log, python_env, run_case
-
-# Variables numpy's OpenBLAS reads to pick its kernel; --best-blas unsets them.
-BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+from benchmarks.runner import BLAS_PINS, log, python_env, run_case
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.05
+# Variables numpy's OpenBLAS reads to pick its kernel; run.py's --best-blas unsets them.
+BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def log(message: str) -> None:
