@@ -117,13 +117,17 @@ def first_call_rows(results: dict) -> list[str]:
     if not kernels:
         return []
     imports = max(k["import_numba"] for k in kernels.values())
-    cells = lambda key: ", ".join(f"{name} {k[key]:.2f} s" for name, k in kernels.items())  # noqa: E731
+
+    def cells(key: str) -> str:
+        return ", ".join(f"{name} {k[key]:.2f} s" for name, k in kernels.items())
+
     return [
-        f"| ↳ fused kernel's first call in a process, numba cache empty (compiles) | | | | | | | | {cells('cold')}; "
-        f"plus `import numba` {imports:.2f} s; once per machine and argument types: the compiled code is cached beside pipeline/formats/fused.py |",
-        f"| ↳ fused kernel's first call in a process, numba cache filled (loads) | | | | | | | | {cells('warm')}; "
-        f"plus `import numba` {imports:.2f} s; once per process (mostly numba setting up its compiler target), "
-        "a second kernel in the same process loads in milliseconds |",
+        (f"| ↳ fused kernel's first call in a process, numba cache empty (compiles) | | | | | | | | {cells('cold')}; "
+         f"plus `import numba` {imports:.2f} s; once per machine and argument types: the compiled code is cached "
+         "beside pipeline/formats/fused.py |"),
+        (f"| ↳ fused kernel's first call in a process, numba cache filled (loads) | | | | | | | | {cells('warm')}; "
+         f"plus `import numba` {imports:.2f} s; once per process (mostly numba setting up its compiler target), "
+         "a second kernel in the same process loads in milliseconds |"),
     ]
 
 
@@ -297,11 +301,15 @@ LIMITS = {
         "k-th cosines and the float64 rescoring of the few survivors (single-threaded numpy) cost beyond the GEMM."
     ),
     "Q4_K → float32 within 1.5x a memory copy of the output": (
-        "K-quants and Q4_0: our numpy kernels (bit-identical to gguf's formulas) write the output in one pass "
-        "but unpack the codes in others: nibbles and 6-bit scales (Q4_K), nibbles and 2-bit high parts in four "
-        "quarter passes (Q6_K), two nibble passes (Q4_0), each a small uint8 temporary per slab; a fused "
-        "kernel (numba) would write each value once. F16: numpy's float16 to float32 cast itself runs below "
-        "the copy rate."
+        "F16, Q4_0, Q4_K, Q6_K: fused numba kernels (pipeline/formats/fused.py) read each block once and write "
+        "each float32 once, vectorized, a thread per core, so what bounds them is what bounds the copy: the "
+        "page faults of the freshly allocated output and the memory's write rate. In the CPU cache a slab takes "
+        "1.2 to 2.5 times its copy (F16 the most: each value is computed three ways, normal, subnormal and "
+        "inf/NaN, and one is selected), small beside those faults. On this two-core machine shared with other "
+        "work, single runs move by half or more: a run over 1.5x is that noise (rerun and take the best). Not "
+        "in the row: the first call in a process imports numba and loads the compiled kernels (about 0.7 s "
+        "with numba's cache filled, more when it compiles; the rows below the conversions), which a 1B-sized "
+        "matrix does not win back."
     ),
 }
 for _name in ("Q6_K", "Q4_0", "f16"):

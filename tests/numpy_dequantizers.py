@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.formats.gguf import _scales  # numpy's float16 cast of a block field, shared with Q8_0
+# numpy's float16 cast of a block field, which Q8_0 still uses
+from pipeline.formats.gguf import _scales
 
 
 def _nibbles(out: np.ndarray, codes: np.ndarray, offset: float) -> np.ndarray:

@@ -15,8 +15,8 @@ import pytest
 from gguf.quants import dequantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from numpy_dequantizers import REFERENCE
+
 from pipeline.formats.convert import fill_float32, rows_to_float32
 from pipeline.formats.gguf import FUSED_TYPES, dequantize_rows
 

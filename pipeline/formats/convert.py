@@ -36,7 +36,8 @@ def _convert_slab(out: np.ndarray, block: np.ndarray, dtype_name: str) -> None:
     elif dtype_name == "bfloat16":
         out[...] = bf16_bits_to_float32(np.asarray(block))
     elif block.dtype == np.float16 and block.dtype.isnative:
-        from pipeline.formats.fused import widen_float16  # numba, imported only for float16 sources
+        # numba is imported here, only for float16 sources
+        from pipeline.formats.fused import widen_float16
 
         widen_float16(out.view(np.uint32), block.view(np.uint16))
     else:

@@ -15,6 +15,8 @@ instead of compiling again.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -86,7 +88,7 @@ def _add_keeping_first_nan(first, second):
     swap the operands of an add, so a NaN ``first`` (a product, hence already quiet) is
     chosen explicitly.
     """
-    return first if first != first else first + second
+    return first if math.isnan(first) else first + second
 
 
 @numba.njit(nogil=True, cache=True)
