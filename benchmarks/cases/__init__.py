@@ -22,7 +22,7 @@ def plan(quick: bool) -> list[str]:
     after ours (knn, PCA). ``quick`` leaves out the 405B shape and sklearn's PCA on all rows."""
     cases = [
         "limit_copy", "convert_bf16_ours", "convert_f16_ours",
-        *(f"dequantize_{name.lower()}_ours" for name in limits.GGML_BLOCKS),
+        *(f"dequantize_{name.lower()}_ours" for name in limits.GGML_BLOCKS), "fused_kernels_first_call",
         "limit_read_meta", "extract_meta_ours", "extract_meta_tutorial", "extract_meta_ours_cold_io",
         "limit_read_st", "extract_st_ours", "extract_st_transformers",
         "extract_gguf_smollm2_ours", "extract_gguf_smollm2_gguf", "extract_gguf_1b_ours", "extract_gguf_1b_gguf",

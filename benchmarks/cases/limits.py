@@ -9,7 +9,9 @@ conversions held against it.
 * the fp32 GEMM rate is ``knn_all_matmul_limit`` (:mod:`benchmarks.cases.analysis`);
 * ``convert_*`` and ``dequantize_*``: our bf16/f16 widening and GGML dequantizers on a
   1B-shaped source made in memory before the timer starts (random codes, sane scales),
-  writing the same float32 output.
+  writing the same float32 output. The conversion runs once on a few rows before the timer:
+  a numba kernel's compilation (or its load from numba's cache) and numba's import are paid
+  once per process, not per matrix, and are measured apart, by ``fused_kernels_first_call``.
 """
 
 from __future__ import annotations
@@ -96,11 +98,15 @@ def float_source(dtype_name: str):
     return values.astype(np.float16)
 
 
-def convert(dtype_name: str) -> dict:
-    source = float_source(dtype_name)
-    with Timer() as t:
-        from pipeline.formats.convert import rows_to_float32
+WARM_UP_ROWS = 8  # rows converted before the timer, so that the timed call finds its kernel loaded
 
+
+def convert(dtype_name: str) -> dict:
+    from pipeline.formats.convert import rows_to_float32
+
+    source = float_source(dtype_name)
+    rows_to_float32(source[:WARM_UP_ROWS], dtype_name, "warm up")
+    with Timer() as t:
         out = rows_to_float32(source, dtype_name, "convert")
     return {**t.result, "bytes": out.nbytes}
 
@@ -129,12 +135,64 @@ def ggml_source(name: str):
 def dequantize(name: str) -> dict:
     import gguf
 
-    blocks = ggml_source(name)
-    with Timer() as t:
-        from pipeline.formats.gguf import dequantize_rows
+    from pipeline.formats.gguf import dequantize_rows
 
-        out = dequantize_rows(blocks, int(gguf.GGMLQuantizationType[name]), (VOCAB, DIM), "token_embd.weight")
+    blocks = ggml_source(name)
+    type_id = int(gguf.GGMLQuantizationType[name])
+    dequantize_rows(blocks[:WARM_UP_ROWS], type_id, (WARM_UP_ROWS, DIM), "warm up")
+    with Timer() as t:
+        out = dequantize_rows(blocks, type_id, (VOCAB, DIM), "token_embd.weight")
     return {**t.result, "bytes": out.nbytes}
+
+
+# The fused kernels' first call in a fresh process, on a read-only source as the readers pass it:
+# kernel -> code run after `import numba` (names: np, rows_to_float32, dequantize_rows, gguf).
+FIRST_CALLS = {
+    "F16": "rows_to_float32(np.zeros((8, 64), np.float16), 'float16', 'first call')",
+    **{
+        name: f"dequantize_rows(np.frombuffer(bytes(8 * {block_bytes}), np.uint8).reshape(8, {block_bytes}), "
+        f"int(gguf.GGMLQuantizationType.{name}), (8, {per_block}), 'first call')"
+        for name, (per_block, block_bytes) in {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q6_K": (256, 210)}.items()
+    },
+}
+FIRST_CALL_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import numba
+imported = time.perf_counter()
+import gguf, numpy as np
+from pipeline.formats.convert import rows_to_float32
+from pipeline.formats.gguf import dequantize_rows
+ready = time.perf_counter()
+exec(sys.argv[1])
+print(json.dumps({"import_numba": imported - start, "first_call": time.perf_counter() - ready}))
+"""
+
+
+def first_call(code: str, cache_dir) -> dict:
+    """``code`` in a fresh interpreter whose numba cache is ``cache_dir``: seconds of numba's import and of the call."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    done = subprocess.run([sys.executable, "-c", FIRST_CALL_SCRIPT, code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+@case("fused_kernels_first_call")
+def fused_kernels_first_call(inputs: Inputs) -> dict:
+    """Each fused kernel's first call in a new process: with an empty numba cache (compiled) and
+    again with the cache it left (loaded), numba's import timed apart."""
+    import tempfile
+
+    kernels = {}
+    with Timer() as t:  # the whole measurement, interpreters' starts included; the figures are in "kernels"
+        for name, code in FIRST_CALLS.items():
+            with tempfile.TemporaryDirectory() as cache_dir:
+                cold, warm = first_call(code, cache_dir), first_call(code, cache_dir)
+            kernels[name] = {"cold": cold["first_call"], "warm": warm["first_call"], "import_numba": warm["import_numba"]}
+    return {**t.result, "kernels": kernels}
 
 
 def register() -> None:

@@ -7,7 +7,9 @@ so memory stays near one float32 copy of the matrix.
 The common types (F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are dequantized here, bit-identical to the
 ``gguf`` package's formulas but without its temporaries: each slab of rows is written
 straight into the output, over a thread per core, and the converted source pages are
-dropped from memory as the work moves on. Every other type goes through the package.
+dropped from memory as the work moves on. BF16 and Q8_0 (one pass each) are converted by
+numpy; the others by the fused kernels of :mod:`pipeline.formats.fused` (numba), which
+write each value once. Every other type goes through the package.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def dequantize_rows(blocks: np.ndarray, type_id: int, shape: tuple[int, int], ke
     qtype = gguf.GGMLQuantizationType(type_id)
     if qtype == gguf.GGMLQuantizationType.F32:
         return blocks.view(np.float32).reshape(shape)  # the memory map already is the matrix
-    kernel = _KERNELS.get(qtype.name)
+    kernel = _kernel(qtype.name)
     out = empty_float32(shape)  # [vocab, dim]
     row_bytes = blocks.shape[1]
     with progress_bar(total=shape[0], desc=f"dequantize {key} ({qtype.name})", unit="rows") as bar:
@@ -103,82 +105,32 @@ def _scales(blocks: np.ndarray, at: int) -> np.ndarray:
 
 
 def _q8_0(out: np.ndarray, raw: np.ndarray) -> None:
+    """Q8_0 rows: one multiply pass, already near the copy rate with numpy, so not worth importing numba for."""
     blocks = raw.reshape(-1, 34)  # [n, 2 + 32]: fp16 d, int8 codes
     np.multiply(blocks[:, 2:].view(np.int8), _scales(blocks, 0), out=out.reshape(-1, 32), dtype=np.float32)
 
 
-def _nibbles(out: np.ndarray, codes: np.ndarray, offset: float) -> np.ndarray:
-    """[n, 32] float32 in ``out``: low nibbles of ``codes`` [n, 16] first, then the high ones, minus ``offset``."""
-    blocks = out.reshape(-1, 32)
-    np.subtract(codes & np.uint8(15), np.float32(offset), out=blocks[:, :16], dtype=np.float32)
-    np.subtract(codes >> np.uint8(4), np.float32(offset), out=blocks[:, 16:], dtype=np.float32)
-    return blocks
-
-
-def _q4_0(out: np.ndarray, raw: np.ndarray) -> None:
-    blocks = raw.reshape(-1, 18)  # fp16 d, 16 bytes of nibbles
-    values = _nibbles(out, blocks[:, 2:], 8.0)
-    np.multiply(values, _scales(blocks, 0), out=values)
-
-
-def _q4_1(out: np.ndarray, raw: np.ndarray) -> None:
-    blocks = raw.reshape(-1, 20)  # fp16 d, fp16 m, 16 bytes of nibbles
-    values = _nibbles(out, blocks[:, 4:], 0.0)
-    np.multiply(values, _scales(blocks, 0), out=values)
-    np.add(values, _scales(blocks, 2), out=values)
-
-
-def _f16(out: np.ndarray, raw: np.ndarray) -> None:
-    np.copyto(out, raw.view(np.float16).reshape(out.shape), casting="unsafe")
-
-
 def _bf16(out: np.ndarray, raw: np.ndarray) -> None:
+    """bfloat16 rows widened in place: numpy copies the 16 bits up at the copy rate, so no compiled kernel is needed."""
     wide = out.view(np.uint32)
     np.copyto(wide, raw.view(np.uint16).reshape(out.shape), casting="unsafe")
     np.left_shift(wide, np.uint32(16), out=wide)
 
 
-def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([n, 8] scales, [n, 8] mins), uint8, of Q4_K's 12 bytes [n, 12] of packed 6-bit fields."""
-    low, high, mixed = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate([low & np.uint8(0x3F), (mixed & np.uint8(0x0F)) | ((low >> np.uint8(2)) & np.uint8(0x30))], axis=1)
-    mins = np.concatenate([high & np.uint8(0x3F), (mixed >> np.uint8(4)) | ((high >> np.uint8(2)) & np.uint8(0x30))], axis=1)
-    return scales, mins
+_NUMPY_KERNELS = {"Q8_0": _q8_0, "BF16": _bf16}
+FUSED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "F16")  # compiled in pipeline.formats.fused
 
 
-def _q4_k(out: np.ndarray, raw: np.ndarray) -> None:
-    """256 values a block: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
-    value = (d * scale) * q - dmin * min for each 32-value sub-block, as gguf computes it."""
-    blocks = raw.reshape(-1, 144)
-    n = len(blocks)
-    scales, mins = _k_scales(blocks[:, 4:16])
-    step = (_scales(blocks, 0) * scales.astype(np.float32)).reshape(n, 4, 2, 1)  # [n, 4, 2, 1]
-    low = (_scales(blocks, 2) * mins.astype(np.float32)).reshape(n, 4, 2, 1)
-    values = out.reshape(n, 4, 2, 32)  # sub-block 2i: low nibbles of bytes 32i.., 2i + 1: high ones
-    codes = blocks[:, 16:].reshape(n, 4, 32)
-    np.multiply(codes & np.uint8(15), step[:, :, 0], out=values[:, :, 0], dtype=np.float32)
-    np.multiply(codes >> np.uint8(4), step[:, :, 1], out=values[:, :, 1], dtype=np.float32)
-    np.subtract(values, low, out=values)
+def _kernel(name: str):
+    """``kernel(out [rows, dim] float32, raw [rows, bytes per row])`` for GGML type ``name``, or None
+    where the gguf package dequantizes it; numba is imported only for a type it compiles."""
+    if name in _NUMPY_KERNELS:
+        return _NUMPY_KERNELS[name]
+    if name in FUSED_TYPES:
+        from pipeline.formats.fused import GGML_KERNELS
 
-
-def _q6_k(out: np.ndarray, raw: np.ndarray) -> None:
-    """256 values a block: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d;
-    value = (d * scale) * (q - 32) for each 16-value sub-block, as gguf computes it."""
-    blocks = raw.reshape(-1, 210)
-    n = len(blocks)
-    low = blocks[:, :128].reshape(n, 2, 2, 32)  # [n, half, 64-byte part, byte]
-    high = blocks[:, 128:192].reshape(n, 2, 32)  # [n, half, byte]
-    step = (_scales(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)).reshape(n, 2, 4, 2, 1)
-    values = out.reshape(n, 2, 4, 2, 16)  # [n, half, quarter, sub-block in it, value]
-    for quarter in range(4):
-        codes = ((low[:, :, quarter % 2] >> np.uint8(4 * (quarter // 2))) & np.uint8(15)) | (
-            ((high >> np.uint8(2 * quarter)) & np.uint8(3)) << np.uint8(4)
-        )  # [n, 2, 32], 0..63
-        q = np.subtract(codes.view(np.int8), np.int8(32)).reshape(n, 2, 2, 16)
-        np.multiply(q, step[:, :, quarter], out=values[:, :, quarter], dtype=np.float32)
-
-
-_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k, "F16": _f16, "BF16": _bf16}
+        return GGML_KERNELS[name]
+    return None
 
 
 def _dequantize(gguf, chunk: np.ndarray, qtype, key: str) -> np.ndarray:
