@@ -275,8 +275,8 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
 LIMITS = {
     "quantize stage (1B, 8 schemes, Parquet and recall): <= 20 s, >= 100 M values/s per scheme pass": (
         "quantize stage: both cores are busy for the whole stage, and most of it is work whose bytes are "
-        "fixed (the quant files and quant.json are DVC outputs). Measured for q4_0 on the 1B (CPU-s, one "
-        "thread each, on this shared machine): the exact neighbour search about 5.4 (its bfloat16 matmul "
+        "fixed (the quant files and quant.json are DVC outputs). Profiled once for q4_0 on the 1B, not by this "
+        "run (CPU-s, one thread each; AMD EPYC, 2 cores, OpenBLAS Haswell kernel, a shared machine): the exact neighbour search about 5.4 (its bfloat16 matmul "
         "about half; scaling each dequantized row to unit length, rounding it to bfloat16 and measuring that "
         "rounding for the error bound about a third; the candidates' float64 rescoring the rest), decode 2.4, "
         "encode 1.3, pyarrow's Parquet writer 1.2 (one writer thread per file), the float64 error sums 0.6: "
@@ -288,8 +288,8 @@ LIMITS = {
     ),
     "whole 1B pipeline <= 45 s": "whole 1B pipeline: quantize is about half of it (see its line).",
     "405B-shaped PCA <= 120 s": (
-        "405B-shaped PCA: the covariance's syrk alone takes the GEMM-rate time on its line (over 120 s at this "
-        "machine's Haswell-kernel rate); beyond it LAPACK's ssyevr reduces the 16384 x 16384 covariance to "
+        "405B-shaped PCA: the covariance's syrk alone takes the GEMM-rate time on its line (3.4e13 FLOP "
+        "on 2 cores, most of the 120 s whatever the kernel); beyond it LAPACK's ssyevr reduces the 16384 x 16384 covariance to "
         "tridiagonal form (from float32 since this width solves in float32, about half the float64 time), "
         "4/3 d^3 = 5.9 TFLOP of memory-bound matrix-vector steps on one thread, and two to five float64 "
         "refinement passes read the 8.4 GB matrix. A GEMM-bound block Krylov solve for the 51 leading "
