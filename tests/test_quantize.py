@@ -252,11 +252,12 @@ def test_layout_and_provenance(tiny):
     model_dir, matrix, metrics = tiny
     assert sorted(metrics) == sorted(ALL_SCHEMES)
     assert json.loads((model_dir / "quant.json").read_text()) == json.loads(json.dumps(metrics))
+    # dim 128: q4_0 packs 128 codes into 64 bytes with 4 block scales, int8_row has 128 bytes and one scale.
     q4 = pq.read_table(model_dir / "quant" / "q4_0.parquet")
-    assert q4.schema.field("codes").type == pa.list_(pa.field("element", pa.uint8(), nullable=False), 64)
+    assert q4.schema.field("codes").type == pa.binary(64)
     assert q4.schema.field("scales").type.list_size == 4
     int8 = pq.read_schema(model_dir / "quant" / "int8_row.parquet")
-    assert int8.field("codes").type.value_type == pa.int8() and int8.field("scales").type.list_size == 1
+    assert int8.field("codes").type == pa.binary(128) and int8.field("scales").type.list_size == 1
     assert pq.read_schema(model_dir / "quant" / "int8_tensor.parquet").names == ["token_id", "codes"]
     record = read_provenance(model_dir / "quant" / "nf4.parquet")
     assert record["stage"] == "quantize" and record["scheme"] == "nf4" and record["shape"] == [300, 128]
@@ -286,44 +287,70 @@ def test_metrics_on_the_synthetic_matrix(tiny):
     assert metrics["q4_0"]["rmse"] == pytest.approx(float(np.sqrt(np.mean((restored.astype(np.float64) - matrix) ** 2))))
 
 
-def test_codes_are_dictionary_encoded_and_only_other_columns_carry_statistics(tiny):
-    for name, encoding in (("int8_row", "RLE_DICTIONARY"), ("q4_0", "RLE_DICTIONARY"), ("fp16", "RLE_DICTIONARY"),
-                           ("bf16", "BYTE_STREAM_SPLIT")):
+def test_codes_are_plain_bytes_under_zstd_and_only_other_columns_carry_statistics(tiny):
+    for name in ("int8_row", "q4_0", "fp16", "bf16"):
         group = pq.ParquetFile(tiny[0] / "quant" / f"{name}.parquet").metadata.row_group(0)
         columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
-        codes = columns["codes.list.element"]
-        assert encoding in codes.encodings and codes.compression == "ZSTD", name
+        codes = columns["codes"]
+        assert codes.physical_type == "FIXED_LEN_BYTE_ARRAY" and codes.compression == "ZSTD", name
+        assert "PLAIN" in codes.encodings and "RLE_DICTIONARY" not in codes.encodings, name
         assert codes.statistics is None and columns["token_id"].statistics.has_min_max, name
         assert columns["scales.list.element"].statistics.has_min_max if "scales.list.element" in columns else True
+
+
+def test_codes_are_the_encoded_codes_in_their_dtype(tiny):
+    model_dir, matrix, _ = tiny
+    for name in ("int8_tensor", "int8_row", "q8_0", "q4_0", "nf4"):
+        path = model_dir / "quant" / f"{name}.parquet"
+        recipe = read_provenance(path)["dequantize"]
+        codes = layout.code_rows(pq.read_table(path), recipe["codes_dtype"])
+        scheme = SCHEMES[name]().fit(matrix)
+        expected = scheme.encode(matrix).codes
+        assert codes.dtype == expected.dtype and np.array_equal(codes, expected), name
 
 
 def test_duckdb_and_polars_read_the_codes(tiny):
     duckdb = pytest.importorskip("duckdb")
     polars = pytest.importorskip("polars")
-    path = str(tiny[0] / "quant" / "q8_0.parquet")
-    assert duckdb.sql(f"SELECT count(*), max(len(codes)), max(len(scales)) FROM '{path}'").fetchall() == [(300, 128, 4)]
-    assert polars.read_parquet(path).shape == (300, 3)
+    model_dir, matrix, _ = tiny
+    path = model_dir / "quant" / "q8_0.parquet"
+    assert duckdb.sql(f"SELECT count(*), max(octet_length(codes)), max(len(scales)) FROM '{path}'").fetchall() == [(300, 128, 4)]
+    # Polars turns the bytes back into int8 codes, as the module docstring shows.
+    frame = polars.read_parquet(path).select(
+        polars.col("codes").bin.reinterpret(dtype=polars.Array(polars.Int8, 128), endianness="little"))
+    assert np.array_equal(frame["codes"].to_numpy(), SCHEMES["q8_0"]().encode(matrix).codes)
 
 
 def test_fp16_and_bf16_files_hold_16_bit_codes(tiny):
-    # A file holds the 16 bits per weight quant.json reports: fp16 as Parquet float16, bf16
-    # as its bit pattern (the high half of the float32), both exact.
+    # A file holds the 16 bits per weight quant.json reports: fp16 as IEEE float16, bf16 as
+    # its bit pattern (the high half of the float32), both exact.
     model_dir, matrix, metrics = tiny
-    duckdb = pytest.importorskip("duckdb")
-    for name, stored in (("fp16", pa.float16()), ("bf16", pa.uint16())):
+    for name, stored in (("fp16", np.dtype("<f2")), ("bf16", np.dtype("<u2"))):
         path = model_dir / "quant" / f"{name}.parquet"
-        assert pq.read_schema(path).field("codes").type.value_type == stored, name
-        assert read_provenance(path)["dequantize"]["float_format"] == {"fp16": "float16", "bf16": "bfloat16"}[name]
+        recipe = read_provenance(path)["dequantize"]
+        assert pq.read_schema(path).field("codes").type == pa.binary(2 * matrix.shape[1]), name
+        assert recipe["float_format"] == {"fp16": "float16", "bf16": "bfloat16"}[name] and np.dtype(recipe["codes_dtype"]) == stored
         assert metrics[name]["bits_per_weight"] == 16
-        codes = pq.read_table(path).column("codes").combine_chunks().flatten().to_numpy().reshape(matrix.shape)
-        assert codes.dtype == stored.to_pandas_dtype(), name
-        assert np.array_equal(layout.dequantize_file(path, read_provenance(path)["dequantize"]), SCHEMES[name]().encode(matrix).codes)
-    bits = pq.read_table(model_dir / "quant" / "bf16.parquet").column("codes")[0].as_py()[0]
+        codes = layout.code_rows(pq.read_table(path), recipe["codes_dtype"])
+        assert codes.shape == matrix.shape and codes.dtype == stored, name
+        assert np.array_equal(layout.dequantize_file(path, recipe), SCHEMES[name]().encode(matrix).codes)
+    bf16_bytes = pq.read_table(model_dir / "quant" / "bf16.parquet").column("codes")[0].as_py()
+    bits = int.from_bytes(bf16_bytes[:2], "little")
     assert bits == int(round_to_bf16(matrix[0, :1]).view(np.uint32)[0]) >> 16
-    fp16 = str(model_dir / "quant" / "fp16.parquet")
-    assert duckdb.sql(f"SELECT codes[1]::DOUBLE FROM '{fp16}' LIMIT 1").fetchall()[0][0] == float(np.float16(matrix[0, 0]))
-    bf16 = str(model_dir / "quant" / "bf16.parquet")
-    assert duckdb.sql(f"SELECT codes[1] FROM '{bf16}' LIMIT 1").fetchall()[0][0] == bits
+    fp16_bytes = pq.read_table(model_dir / "quant" / "fp16.parquet").column("codes")[0].as_py()
+    assert fp16_bytes[:2] == np.float16(matrix[0, 0]).tobytes()
+
+
+def test_a_file_in_the_older_list_layout_is_refused_with_the_fix(tiny, tmp_path):
+    model_dir, _, _ = tiny
+    path = model_dir / "quant" / "int8_row.parquet"
+    recipe = read_provenance(path)["dequantize"]
+    old = tmp_path / "int8_row.parquet"
+    table = pq.read_table(path)
+    codes = pa.FixedSizeListArray.from_arrays(pa.array(layout.code_rows(table, "int8").reshape(-1)), 128)
+    pq.write_table(table.set_column(1, "codes", codes), old)
+    with pytest.raises(DissectError, match="older layout; rebuild it with the quantize stage"):
+        layout.dequantize_file(old, recipe)
 
 
 def test_mistakes_are_one_line_errors_and_write_nothing(tmp_path):
@@ -383,7 +410,7 @@ def test_smollm2_q8_0_requantization_is_lossless(smollm2_quant):
 def test_smollm2_q8_0_file_holds_the_gguf_tensor_bytes(smollm2_quant, smollm2_artifacts, smollm2_gguf):
     table = pq.read_table(smollm2_artifacts / "quant" / "q8_0.parquet")
     n = table.num_rows
-    codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    codes = layout.code_rows(table, "int8")
     scales = table.column("scales").combine_chunks().flatten().to_numpy().reshape(n, -1)
     blocks = ggml_blocks(Encoded(codes=codes, scales=scales, clipped=0), SCHEMES["q8_0"]())
     reader = gguf.GGUFReader(smollm2_gguf)

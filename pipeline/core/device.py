@@ -113,7 +113,6 @@ def use_compute_settings(params: Mapping[str, Any]) -> None:
     use_device(resolve_device(choice))
 
 
-
 @contextmanager
 def computing_on(name: str | None) -> Iterator[None]:
     """Products inside the block run on torch device ``name`` (None: numpy), as before after it."""

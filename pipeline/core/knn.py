@@ -428,8 +428,8 @@ class TopK:
             self.screen.keep_best(screen, start, slack)
         query, column, approx = self.screen.candidates(screen, slack, self.best_scores)
         unique, where = np.unique(column, return_inverse=True)
-        keys = rows[unique] if unit else unit_rows(rows[unique], block_rows=1024)  # [u, dim]
-        exact = _cosines(self.queries, self.screen.screened[query], keys, where)  # [m] float64
+        keys = rows[unique] if unit else _unit_rows_on_cores(rows[unique])  # [u, dim]
+        exact = _cosines_on_cores(self.queries, self.screen.screened[query], keys, where)  # [m] float64
         self.screen.check(approx, exact, slack[query])
         from pipeline.core.determinism import top_k_pairs
 
@@ -472,6 +472,24 @@ def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.n
     from pipeline.core.determinism import row_dots_at
 
     return np.clip(row_dots_at(queries, query, keys, key), -1.0, 1.0)
+
+
+# The rescoring of a chunk's candidates is numpy that runs on one core at a time; each row
+# and each pair is computed alone, so sharing them among the cores changes no value.
+
+
+def _unit_rows_on_cores(rows: np.ndarray) -> np.ndarray:
+    from pipeline.core.parallel import span_map
+
+    parts = span_map(lambda span: unit_rows(rows[span[0] : span[1]], block_rows=1024), len(rows))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _cosines_on_cores(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray) -> np.ndarray:
+    from pipeline.core.parallel import span_map
+
+    parts = span_map(lambda span: _cosines(queries, query[span[0] : span[1]], keys, key[span[0] : span[1]]), len(query))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _published(ids: np.ndarray, cosines: np.ndarray) -> Neighbors:

@@ -149,13 +149,12 @@ def _writer_options(
     compression_level: int,
     dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
-    split_columns: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "compression": "zstd",
         "compression_level": compression_level,
         "use_dictionary": dictionary_columns or False,
-        "use_byte_stream_split": _float_column_paths(schema) + list(split_columns or []),
+        "use_byte_stream_split": _float_column_paths(schema),
         "write_statistics": True if statistics_columns is None else statistics_columns,
     }
 
@@ -175,16 +174,14 @@ def write_batches(
     *,
     dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
-    split_columns: list[str] | None = None,
 ) -> None:
     """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance.
 
     ``dictionary_columns`` (Parquet column paths, see :func:`leaf_column_paths`) are
     dictionary encoded, the rest are not; ``statistics_columns``, when given, are the only
-    columns with min/max statistics (None: every column has them); ``split_columns`` are
-    integer columns BYTE_STREAM_SPLIT like the float ones.
+    columns with min/max statistics (None: every column has them).
     """
-    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns, split_columns)
+    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns)
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, **options) as writer:
             for batch in batches:
@@ -267,9 +264,8 @@ class _Abandoned(Exception):
 def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], **options: Any) -> None:
     """:func:`write_batches` (with ``options``) in a second thread while this one computes the next batches.
 
-    Encoding ``fixed_size_list`` columns into Parquet runs at 120-230 M values/s a core (see
-    :func:`pipeline.quant.layout.quant_write_options`), about as long as the work that produces them; pyarrow
-    releases the GIL while it writes, so the two overlap.
+    Encoding and compressing a row group takes a good share of the time the work that produces
+    it does; pyarrow releases the GIL while it writes, so the two overlap.
     If producing fails, the writer abandons its temporary file and the error is raised here.
     """
     handoff: queue.Queue[Any] = queue.Queue(maxsize=1)  # bounded: one chunk waits while one is written

@@ -27,12 +27,18 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def widen_bfloat16(out: np.ndarray, bits: np.ndarray) -> None:
+    """``out`` [rows, cols] C-contiguous float32 from bfloat16 bit patterns ``bits`` (uint16, same
+    shape), in place: numpy copies the 16 bits up at the copy rate, with no temporary."""
+    wide = out.view(np.uint32)
+    np.copyto(wide, bits, casting="unsafe")  # uint16 -> uint32
+    np.left_shift(wide, np.uint32(16), out=wide)
+
+
 def _convert_slab(out: np.ndarray, block: np.ndarray, dtype_name: str) -> None:
     """``out`` [rows, cols] float32 (any row stride, contiguous rows) from ``block`` of the source."""
     if dtype_name == "bfloat16" and out.flags.c_contiguous:
-        wide = out.view(np.uint32)
-        np.copyto(wide, block, casting="unsafe")  # uint16 -> uint32, no temporary
-        np.left_shift(wide, np.uint32(16), out=wide)
+        widen_bfloat16(out, block)
     elif dtype_name == "bfloat16":
         out[...] = bf16_bits_to_float32(np.asarray(block))
     elif block.dtype == np.float16 and block.dtype.isnative:

@@ -22,7 +22,7 @@ from pipeline.core.errors import DissectError
 from pipeline.formats.base import KNOWN_EMBEDDING_KEYS, Embedding, SourceRecord, choose_tensor_key, require_2d
 from pipeline.formats.checks import file_inside, is_whole
 from pipeline.core.memory import empty_float32, reuse_freed_memory
-from pipeline.formats.convert import MappedFile, parallel_rows
+from pipeline.formats.convert import MappedFile, parallel_rows, widen_bfloat16
 from pipeline.formats.gguf_file import read_gguf
 from pipeline.core.progress import progress_bar
 
@@ -111,10 +111,8 @@ def _q8_0(out: np.ndarray, raw: np.ndarray) -> None:
 
 
 def _bf16(out: np.ndarray, raw: np.ndarray) -> None:
-    """bfloat16 rows widened in place: numpy copies the 16 bits up at the copy rate, so no compiled kernel is needed."""
-    wide = out.view(np.uint32)
-    np.copyto(wide, raw.view(np.uint16).reshape(out.shape), casting="unsafe")
-    np.left_shift(wide, np.uint32(16), out=wide)
+    """bfloat16 rows: numpy widens them at the copy rate, so no compiled kernel is needed."""
+    widen_bfloat16(out, raw.view(np.uint16).reshape(out.shape))
 
 
 _NUMPY_KERNELS = {"Q8_0": _q8_0, "BF16": _bf16}

@@ -82,25 +82,25 @@ class Scheme(ABC):
 
     @property
     def codes_dtype(self) -> np.dtype:
-        """dtype of the ``codes`` column: what :meth:`encode` returns, except for the 16-bit
-        float schemes, whose float32 values the quant layout stores in their 16 bits."""
+        """dtype of the bytes in the ``codes`` column: what :meth:`encode` returns, except for
+        the 16-bit float schemes, whose float32 values the quant layout stores in their 16 bits."""
         if self.code_bits == 16:
             return np.dtype(np.float16 if self.float_format == "float16" else np.uint16)
         return np.dtype({4: np.uint8, 8: np.int8}[self.code_bits])
 
     @property
     def codes_column(self) -> str:
-        """What the ``codes`` column holds, for a reader of the file's metadata."""
+        """What the bytes of the ``codes`` column hold, for a reader of the file's metadata."""
         if self.code_bits == 4:
             return "uint8, two 4-bit codes a byte"
         if self.float_format == "float16":
-            return "float16, the values rounded to IEEE half precision"
+            return "float16 little-endian, the values rounded to IEEE half precision"
         if self.float_format == "bfloat16":
-            return "uint16, the bfloat16 bit pattern (the high 16 bits of the float32 value)"
+            return "uint16 little-endian, the bfloat16 bit pattern (the high 16 bits of the float32 value)"
         return "int8"
 
     def code_width(self, dim: int) -> int:
-        """Entries of the codes column per row."""
+        """Codes per row, as the codes column stores them (a byte holds two 4-bit codes)."""
         return dim * self.code_bits // 8 if self.code_bits == 4 else dim
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
@@ -118,6 +118,7 @@ class Scheme(ABC):
             "dim": dim,
             "code_bits": self.code_bits,
             "codes_column": self.codes_column,
+            "codes_dtype": self.codes_dtype.str,
             "float_format": self.float_format,
             "low_nibble_first": self.low_nibble_first if self.code_bits == 4 else None,
             "nibble_span": self.nibble_span if self.code_bits == 4 else None,

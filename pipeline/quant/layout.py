@@ -3,10 +3,13 @@
 A quant file has one row per matrix row:
 
 * ``token_id int32``;
-* ``codes``: ``fixed_size_list`` of the scheme's codes per row: int8, 4-bit codes packed two
-  a byte as uint8, or for the fp16/bf16 references the rounded values in their 16 bits
-  (fp16 as Parquet float16; bf16, which Parquet has no type for, as its uint16 bit pattern,
-  the high half of the float32 value), so a file holds the bits per weight it is reported at;
+* ``codes``: ``fixed_size_binary``, the row's codes as raw little-endian bytes of the dtype
+  the recipe's ``codes_dtype`` names: int8 codes, 4-bit codes packed two a byte as uint8,
+  or for the fp16/bf16 references the rounded values in their 16 bits (fp16 as IEEE
+  float16; bf16 as its uint16 bit pattern, the high half of the float32 value), so a file
+  holds the bits per weight it is reported at. Parquet has no 8- or 16-bit integer column:
+  as a list of integers each code would be stored as a 4-byte INT32, which pyarrow writes
+  ten times slower than these bytes, into a file no smaller under zstd;
 * ``scales`` (per-row and per-block schemes only): ``fixed_size_list<float32>`` of the
   row's block scales (fp16 scales are stored exactly as float32).
 
@@ -19,16 +22,19 @@ pyarrow and numpy alone::
       recipe = json.loads(pq.read_schema(path).metadata[b"embedding_dissect"])["dequantize"]
       table = pq.read_table(path)
       n = table.num_rows
-      rows = lambda name: table.column(name).combine_chunks().flatten().to_numpy().reshape(n, -1)
-      codes = rows("codes")
+      column = lambda name: table.column(name).combine_chunks()
+      codes = np.frombuffer(column("codes").buffers()[1], recipe["codes_dtype"]).reshape(n, -1)  # the bytes as codes
       if recipe["code_bits"] == 4:  # two codes a byte: a run of `nibble_span` codes per nibble
           nibbles = (codes & 15, codes >> 4)[:: 1 if recipe["low_nibble_first"] else -1]
           codes = np.stack([half.reshape(n, -1, recipe["nibble_span"]) for half in nibbles], axis=2)
       if recipe.get("float_format") == "bfloat16":  # uint16 bit patterns: the high half of a float32
           codes = (codes.astype(np.uint32) << 16).view(np.float32)
       values = np.asarray(recipe["lookup"], np.float32)[codes] if recipe["lookup"] else codes.astype(np.float32) - recipe["offset"]
-      scales = rows("scales") if recipe["scale"] is None else np.full((n, 1), recipe["scale"], np.float32)
+      scales = column("scales").flatten().to_numpy().reshape(n, -1) if recipe["scale"] is None else np.full((n, 1), recipe["scale"], np.float32)
       matrix = (values.reshape(n, scales.shape[1], -1) * scales[:, :, None]).reshape(n, -1)  # [vocab, dim] float32
+
+Polars reads the codes as an array column with
+``pl.col("codes").bin.reinterpret(dtype=pl.Array(pl.Int8, width), endianness="little")``.
 
 :func:`dequantize_file` is the same rebuild by the scheme's own decoder, used by the
 drift stage.
@@ -51,10 +57,9 @@ ROWS_PER_CHUNK = 4096  # rows encoded, measured and written at a time: one row g
 
 
 def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
-    codes_type = pa.from_numpy_dtype(scheme.codes_dtype)
     fields = [
         pa.field("token_id", pa.int32(), nullable=False),
-        pa.field("codes", pa.list_(pa.field("element", codes_type, nullable=False), scheme.code_width(dim)), nullable=False),
+        pa.field("codes", pa.binary(scheme.code_width(dim) * scheme.codes_dtype.itemsize), nullable=False),
     ]
     block = scheme.block_for(dim)
     if scheme.tensor_scale is None and block:
@@ -62,50 +67,35 @@ def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema) -> pa.RecordBatch:
-    stored = schema.field("codes").type.value_type
-    columns = [pa.array(token_ids, type=pa.int32()), _list_array(narrowed(encoded.codes, stored))]
+def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema, codes_dtype: np.dtype) -> pa.RecordBatch:
+    """One row group's columns; ``codes_dtype`` is the scheme's :attr:`Scheme.codes_dtype`."""
+    columns = [pa.array(token_ids, type=pa.int32()), _binary_rows(narrowed(encoded.codes, codes_dtype))]
     if "scales" in schema.names:
         columns.append(_list_array(encoded.scales))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-# zstd level 1 writes the codes 1.1-1.5x faster than level 3 and, with the encodings below,
-# to files as small or smaller (measured on the Llama 3.2 1B matrix).
+# zstd level 1: the codes are near random bytes, which level 3 compresses no further.
 QUANT_COMPRESSION_LEVEL = 1
 
 
 def quant_write_options(schema: pa.Schema) -> dict[str, Any]:
-    """How the quant files are encoded (:func:`pipeline.core.parquet.write_batches` options).
-
-    Integer codes are dictionary encoded: Parquet stores int8 and uint8 as 4-byte INT32, and
-    their at most 256 distinct values become 8-bit indices, which writes twice as fast and
-    a quarter smaller than plain INT32 under zstd. fp16's float16 codes are too (DuckDB
-    reads float16 only without BYTE_STREAM_SPLIT). bf16's uint16 bit patterns are
-    BYTE_STREAM_SPLIT instead: Parquet stores them as INT32, whose two zero high bytes
-    then compress to nothing (MiniLM's bf16 file: 16.1 MB, against 17.2 dictionary encoded
-    and 16.2 as float32 values). Min/max statistics of the codes tell a reader nothing, so
-    only the other columns carry them.
-    """
+    """How the quant files are encoded (:func:`pipeline.core.parquet.write_batches` options):
+    the codes' bytes plain under zstd, and min/max statistics only on the other columns,
+    since those of the codes tell a reader nothing."""
     paths = dict(zip(schema.names, leaf_column_paths(schema)))
-    codes = schema.field("codes") if "codes" in paths else None
-    code_type = codes.type.value_type if codes is not None else None
-    split = code_type == pa.uint16()
-    dictionary = code_type is not None and not split and (pa.types.is_integer(code_type) or pa.types.is_float16(code_type))
     return {
         "compression_level": QUANT_COMPRESSION_LEVEL,
-        "dictionary_columns": [paths["codes"]] if dictionary else [],
-        "split_columns": [paths["codes"]] if split else [],
         "statistics_columns": [path for name, path in paths.items() if name != "codes"],
     }
 
 
-def narrowed(codes: np.ndarray, stored: pa.DataType) -> np.ndarray:
+def narrowed(codes: np.ndarray, stored: np.dtype) -> np.ndarray:
     """``codes`` as the ``codes`` column stores them: the fp16/bf16 schemes' float32 values
     (already rounded, so nothing is lost) in their 16 bits; other codes unchanged."""
-    if pa.types.is_float16(stored):
+    if stored == np.float16:
         return codes.astype(np.float16)
-    if stored == pa.uint16():
+    if stored == np.uint16:
         return (np.ascontiguousarray(codes, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
     return codes
 
@@ -125,6 +115,13 @@ def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
+def _binary_rows(values: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Each row of ``values`` [n, width] as one value of its bytes (little-endian), without a copy."""
+    values = np.ascontiguousarray(values)
+    width = values.shape[1] * values.itemsize
+    return pa.Array.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values.view(np.uint8))])
+
+
 def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
     """The float32 matrix [vocab, dim] a quant/<scheme>.parquet stands for, row group by row group.
 
@@ -139,12 +136,14 @@ def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
         raise DissectError(f"{path} was written by an unknown quantization scheme {name!r}; rebuild it with the quantize stage")
     scheme = SCHEMES[name]()
     file = pq.ParquetFile(path)
+    if not pa.types.is_fixed_size_binary(file.schema_arrow.field("codes").type) or "codes_dtype" not in recipe:
+        raise DissectError(f"{path} holds its codes in an older layout; rebuild it with the quantize stage")
     out = np.empty((file.metadata.num_rows, recipe["dim"]), np.float32)  # [vocab, dim]
     start = 0
     for group in range(file.num_row_groups):
         table = file.read_row_group(group)
         n = table.num_rows
-        codes = widened(_list_rows(table, "codes", n))
+        codes = widened(code_rows(table, recipe["codes_dtype"]))
         if recipe.get("scale") is None:
             scales = _list_rows(table, "scales", n) if "scales" in table.column_names else None
             rows = scheme.decode(Encoded(codes=codes, scales=scales, clipped=0))
@@ -153,6 +152,13 @@ def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
         out[start : start + n] = rows
         start += n
     return out
+
+
+def code_rows(table: pa.Table, codes_dtype: str) -> np.ndarray:
+    """The ``codes`` column as an array [rows, code_width] of ``codes_dtype``, without a copy
+    when the column is one chunk."""
+    column = table.column("codes").combine_chunks()
+    return np.frombuffer(column.buffers()[1], codes_dtype, offset=column.offset * column.type.byte_width).reshape(len(column), -1)
 
 
 def _list_rows(table: pa.Table, column: str, n: int) -> np.ndarray:

@@ -17,9 +17,9 @@ whose words it measures) and writes:
   ``words_similarity_max_change`` (largest change in the words' cosine table).
 
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
-near one float32 copy of the matrix. The codes are written by a second thread (integer codes
-dictionary encoded, see :func:`pipeline.quant.layout.quant_write_options`), a chunk is measured while the next is
-encoded, and the neighbours are searched by the engine's bfloat16 screen
+near one float32 copy of the matrix. The codes are written by a second thread (as raw bytes,
+see :mod:`pipeline.quant.layout`), a chunk is measured while the next is encoded, and the
+neighbours are searched by the engine's bfloat16 screen
 (:class:`pipeline.core.knn.TopK`), whose result is exact.
 """
 
@@ -203,7 +203,7 @@ class SchemeRun:
                 # folded in one at a time and in order, so every sum is as in one thread.
                 measured()
                 measured = in_order(self._measure, start, rows, restored, encoded.clipped, sums)
-                yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
+                yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema, self.scheme.codes_dtype)
                 bar.update(stop - start)
                 if index % TRIM_EVERY == TRIM_EVERY - 1:
                     return_freed_memory()
