@@ -321,6 +321,15 @@ def test_duckdb_and_polars_read_the_codes(tiny):
     assert np.array_equal(frame["codes"].to_numpy(), SCHEMES["q8_0"]().encode(matrix).codes)
 
 
+def test_code_rows_of_a_slice_are_its_own_rows():
+    codes = np.arange(24, dtype=np.int8).reshape(6, 4)  # [6 rows, 4 codes]
+    column = pa.Array.from_buffers(pa.binary(4), 6, [None, pa.py_buffer(codes)])
+    table = pa.table({"codes": column}).slice(2, 3)
+    assert np.array_equal(layout.code_rows(table, "int8"), codes[2:5])
+    halves = pa.table({"codes": pa.Array.from_buffers(pa.binary(8), 3, [None, pa.py_buffer(codes)])}).slice(1, 2)
+    assert np.array_equal(layout.code_rows(halves, "<u2"), codes.reshape(3, 8)[1:].view("<u2"))
+
+
 def test_fp16_and_bf16_files_hold_16_bit_codes(tiny):
     # A file holds the 16 bits per weight quant.json reports: fp16 as IEEE float16, bf16 as
     # its bit pattern (the high half of the float32), both exact.

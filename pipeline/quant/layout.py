@@ -158,7 +158,10 @@ def code_rows(table: pa.Table, codes_dtype: str) -> np.ndarray:
     """The ``codes`` column as an array [rows, code_width] of ``codes_dtype``, without a copy
     when the column is one chunk."""
     column = table.column("codes").combine_chunks()
-    return np.frombuffer(column.buffers()[1], codes_dtype, offset=column.offset * column.type.byte_width).reshape(len(column), -1)
+    width = column.type.byte_width
+    # A slice shares its parent's buffer: read only its own rows' bytes.
+    count = len(column) * width // np.dtype(codes_dtype).itemsize
+    return np.frombuffer(column.buffers()[1], codes_dtype, count=count, offset=column.offset * width).reshape(len(column), -1)
 
 
 def _list_rows(table: pa.Table, column: str, n: int) -> np.ndarray:
