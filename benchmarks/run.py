@@ -41,6 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+SHORT_CASE_SECONDS = 3.0
+SHORT_CASE_RUNS = 3
+
+
 def child(name: str, inputs: Inputs) -> None:
     """Measure case ``name`` in this process; the record goes to the scratch folder."""
     from benchmarks.cases import CASES
@@ -61,9 +65,23 @@ def measure(cases: list[str], inputs: Inputs, best_blas: bool, keep_previous: bo
     results_file = inputs.cache / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() and keep_previous else {}
     for name in cases:
-        results[name] = run_case(name, inputs, env, TIME_LIMITS.get(name))
+        results[name] = fastest_run(name, inputs, env, TIME_LIMITS.get(name))
         results_file.write_text(json.dumps(results, indent=1))
     return results
+
+
+def fastest_run(name: str, inputs: Inputs, env: dict, timeout: float | None) -> dict:
+    """The case's record; a case that took under SHORT_CASE_SECONDS is run SHORT_CASE_RUNS times
+    and its fastest run kept (with every run's time), so a moment of a shared machine's noise
+    does not decide a row of a second or two, nor the limit it is divided by."""
+    first = run_case(name, inputs, env, timeout)
+    if first.get("exit") or first.get("timeout") or first.get("seconds", SHORT_CASE_SECONDS) >= SHORT_CASE_SECONDS:
+        return first
+    runs = [first] + [run_case(name, inputs, env, timeout) for _ in range(SHORT_CASE_RUNS - 1)]
+    if any(run.get("exit") for run in runs):
+        return next(run for run in runs if run.get("exit"))
+    best = min(runs, key=lambda run: run["seconds"])
+    return {**best, "runs_seconds": [run["seconds"] for run in runs]}
 
 
 def main(argv: list[str]) -> None:
