@@ -479,9 +479,9 @@ def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.n
 
 
 def _unit_rows_on_cores(rows: np.ndarray) -> np.ndarray:
-    from pipeline.core.parallel import span_map
+    from pipeline.core.parallel import split_map
 
-    parts = span_map(lambda span: unit_rows(rows[span[0] : span[1]], block_rows=1024), len(rows))
+    parts = split_map(lambda part: unit_rows(part, block_rows=1024), rows)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

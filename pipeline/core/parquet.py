@@ -147,13 +147,12 @@ def _float_column_paths(schema: pa.Schema) -> list[str]:
 def _writer_options(
     schema: pa.Schema,
     compression_level: int,
-    dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "compression": "zstd",
         "compression_level": compression_level,
-        "use_dictionary": dictionary_columns or False,
+        "use_dictionary": False,
         "use_byte_stream_split": _float_column_paths(schema),
         "write_statistics": True if statistics_columns is None else statistics_columns,
     }
@@ -172,16 +171,15 @@ def write_batches(
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     compression_level: int = 3,
     *,
-    dictionary_columns: list[str] | None = None,
     statistics_columns: list[str] | None = None,
 ) -> None:
     """Stream ``batches`` into ``path`` atomically; ``schema`` carries the provenance.
 
-    ``dictionary_columns`` (Parquet column paths, see :func:`leaf_column_paths`) are
-    dictionary encoded, the rest are not; ``statistics_columns``, when given, are the only
-    columns with min/max statistics (None: every column has them).
+    No column is dictionary encoded; ``statistics_columns`` (Parquet column paths, see
+    :func:`leaf_column_paths`), when given, are the only columns with min/max statistics
+    (None: every column has them).
     """
-    options = _writer_options(schema, compression_level, dictionary_columns, statistics_columns)
+    options = _writer_options(schema, compression_level, statistics_columns)
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, **options) as writer:
             for batch in batches:
