@@ -82,7 +82,7 @@ def write_quantized(path: Path, embeddings: Path, matrix: np.ndarray, scheme_nam
     provenance = {"stage": "quantize", "input": {"path": str(embeddings), "matrix_sha256": matrix_sha256(matrix)},
                   "dequantize": scheme.recipe(matrix.shape[1])}
     schema = with_provenance(quant_schema(scheme, matrix.shape[1]), provenance)
-    batch = record_batch(np.arange(len(matrix), dtype=np.int32), encoded, schema, scheme.codes_dtype)
+    batch = record_batch(np.arange(len(matrix), dtype=np.int32), encoded, schema)
     write_batches(path, schema, [batch], **quant_write_options(schema))
     return scheme.decode(encoded)
 

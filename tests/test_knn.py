@@ -182,3 +182,38 @@ def test_streaming_topk_is_nearest_keys_to_the_byte(chunk):
     found, expected = top.finish(), nearest_keys(queries, keys, 6, 4096, exclude)
     assert found.ids.tobytes() == expected.ids.tobytes()
     assert found.cosines.tobytes() == expected.cosines.tobytes()
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_seeded_bounded_search_is_the_unseeded_one_to_the_byte(chunk):
+    # Seeds: some of the true neighbours, rows far from the query, a query's own row (which
+    # it may not return) and a row with a NaN (left to its chunk, never returned).
+    rng = np.random.default_rng(11)
+    matrix = rng.standard_normal((300, 16)).astype(np.float32)
+    matrix[17, 3] = np.nan
+    query_rows = np.array([4, 120, 250])
+    units = unit_rows(np.concatenate([matrix[query_rows], rng.standard_normal((2, 16)).astype(np.float32)]))
+    exclude = excluding_own(np.r_[query_rows, -1, -1])
+
+    def search(seed: bool):
+        top = TopK(units, 5, exclude, screen="bfloat16")
+        if seed:
+            plain = nearest_keys(units, unit_rows(np.nan_to_num(matrix)), 5, exclude=exclude)
+            query = np.r_[np.repeat(np.arange(5), 3), 0, 1, 2, 3]
+            row = np.r_[plain.ids[:, [0, 2, 4]].ravel(), 4, 17, 299, 17]  # 4 is query 0's own row
+            top.seed(query, row, lambda ids: matrix[ids])
+        for start in range(0, 300, chunk):
+            top.add(start, matrix[start : start + chunk])
+        return top.finish(), top
+
+    (seeded, top), (unseeded, _) = search(True), search(False)
+    assert seeded.ids.tobytes() == unseeded.ids.tobytes() and seeded.cosines.tobytes() == unseeded.cosines.tobytes()
+    assert 4 not in seeded.ids[0] and 17 not in seeded.ids
+    with pytest.raises(ValueError, match="before the first add"):
+        top.seed(np.array([0]), np.array([1]), lambda ids: matrix[ids])
+
+
+def test_seed_needs_the_bounded_screen():
+    units = unit_rows(np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="bounded screen"):
+        TopK(units, 1).seed(np.array([0]), np.array([1]), lambda ids: units[ids])

@@ -13,6 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
@@ -32,7 +35,7 @@ from pipeline.quant import SCHEMES, Encoded
 from pipeline.quant.ggml import ggml_blocks
 from pipeline.core.knn import Neighbors, TopK, excluding_own, unit_rows
 from pipeline.core.screen import ScreenPrecision
-from pipeline.quant.measure import ErrorStats, recall
+from pipeline.quant.measure import ErrorStats, recall, row_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = list(SCHEMES)
@@ -342,7 +345,7 @@ def test_fp16_and_bf16_files_hold_16_bit_codes(tiny):
         assert metrics[name]["bits_per_weight"] == 16
         codes = layout.code_rows(pq.read_table(path), recipe["codes_dtype"])
         assert codes.shape == matrix.shape and codes.dtype == stored, name
-        assert np.array_equal(layout.dequantize_file(path, recipe), SCHEMES[name]().encode(matrix).codes)
+        assert np.array_equal(layout.dequantize_file(path, recipe), SCHEMES[name]().round(matrix))
     bf16_bytes = pq.read_table(model_dir / "quant" / "bf16.parquet").column("codes")[0].as_py()
     bits = int.from_bytes(bf16_bytes[:2], "little")
     assert bits == int(round_to_bf16(matrix[0, :1]).view(np.uint32)[0]) >> 16
@@ -496,3 +499,47 @@ def test_words_come_from_words_parquet(tmp_path):
     (model_dir / "words.parquet").unlink()
     with pytest.raises(DissectError, match="dvc repro words@tiny"):
         quantize.word_queries(ModelPaths.for_artifacts(model_dir), 40)
+
+
+def _sequential_lane_sums(original: np.ndarray, restored: np.ndarray) -> tuple[list, list, list, list]:
+    """The kernel's sums written out in Python: element j of a row into lane j % 4, in order."""
+    from pipeline.quant.kernels import LANES
+
+    dots, squares, errors, largest = [], [], [], []
+    for o_row, r_row in zip(original, restored):
+        lanes = np.zeros((3, LANES))
+        for j, (o, r) in enumerate(zip(o_row, r_row)):
+            x = np.float32(r - o)
+            lanes[:, j % LANES] += [float(o) * float(r), float(r) * float(r), float(x) * float(x)]
+        dot, square, error = (((lane[0] + lane[1]) + lane[2]) + lane[3] for lane in lanes)
+        dots.append(dot), squares.append(square), errors.append(error)
+        largest.append(np.float32(np.abs(r_row - o_row).max()))
+    return dots, squares, errors, largest
+
+
+def test_row_errors_by_hand():
+    # Row (3, 4) against (3, 3): dot 21, |restored| sqrt(18), squared error 1, largest 1.
+    errors = row_errors(np.array([[3.0, 4.0]], np.float32), np.array([[3.0, 3.0]], np.float32))
+    assert errors.dots.tolist() == [21.0] and errors.norms.tolist() == [math.sqrt(18)]
+    assert errors.squared_error.tolist() == [1.0] and errors.largest_error.tolist() == [1.0] and errors.values == 2
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 11), st.integers(0, 2**32 - 1))
+def test_row_errors_sum_in_the_documented_order(rows, dim, seed):
+    # dims that are and are not multiples of the lanes; magnitudes far apart, so another
+    # order of the float64 additions would show in the last bits.
+    rng = np.random.default_rng(seed)
+    original = (rng.standard_normal((rows, dim)) * 10.0 ** rng.integers(-8, 8, (rows, dim))).astype(np.float32)
+    restored = (original + rng.standard_normal((rows, dim)).astype(np.float32)).astype(np.float32)
+    errors = row_errors(original, restored)
+    dots, squares, squared_errors, largest = _sequential_lane_sums(original, restored)
+    assert errors.dots.tolist() == dots and errors.squared_error.tolist() == squared_errors
+    assert errors.norms.tolist() == np.sqrt(squares).tolist() and errors.largest_error.tolist() == largest
+
+
+def test_row_errors_keep_a_nan_as_largest():
+    original = np.zeros((1, 9), np.float32)
+    restored = np.ones((1, 9), np.float32)
+    restored[0, 2] = np.nan
+    assert np.isnan(row_errors(original, restored).largest_error[0])

@@ -400,6 +400,37 @@ class TopK:
         order = np.argsort(rows[owner >= 0], kind="stable")
         self.excluded_rows, self.excluded_queries = rows[owner >= 0][order], owner[owner >= 0][order]
 
+    def seed(self, query: np.ndarray, row: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Score the (query, row) pairs given ([m] each, a pair once) before any chunk is added.
+
+        Their k-th best exact cosine is a lower bound on each query's final k-th from the
+        first chunk on, so a chunk's screen passes only the rows that may still beat it,
+        not the many a search that starts empty scores before its top k settles (for a
+        query whose neighbours are all but known, as a dequantized matrix's are from the
+        original's). The answer is the same: each seeded pair is masked from the screens
+        of the chunks to come, so every row still counts once. ``rows_of(ids) -> rows``
+        gives the (raw) rows; one with NaN or Inf is left to its chunk. Bounded screen
+        without ``keep`` only, before the first :meth:`add`.
+        """
+        from pipeline.core.determinism import top_k_pairs
+
+        if self.screen is None or self.screen.keep or self.rows_seen:
+            raise ValueError("seed() needs a bounded screen without keep, before the first add()")
+        position = np.full(len(self.queries), -1, np.int64)
+        position[self.screen.screened] = np.arange(len(self.screen.screened))
+        query, row = position[query], np.asarray(row, np.int64)
+        # A pair the query may not return is no neighbour of it, seeded or not.
+        excluded = np.isin(query * EXCLUDE_SPAN + row, self.excluded_queries * EXCLUDE_SPAN + self.excluded_rows)
+        usable = (query >= 0) & ~excluded
+        query, row = query[usable], row[usable]
+        query, row, exact = scored_pairs(self.queries, self.screen.screened[query], row, rows_of)
+        query = position[query]
+        self.best_ids, self.best_scores = top_k_pairs(query, row, exact, len(self.best_ids), self.k)
+        rows = np.concatenate([self.excluded_rows, row])
+        owners = np.concatenate([self.excluded_queries, query])
+        order = np.argsort(rows, kind="stable")
+        self.excluded_rows, self.excluded_queries = rows[order], owners[order]
+
     def _add_bounded(self, start: int, rows: np.ndarray, unit: bool, norms: np.ndarray | None) -> None:
         import torch
 
@@ -501,24 +532,38 @@ def best_of_pairs(
     queries: np.ndarray, query: np.ndarray, row: np.ndarray, k: int, rows_of: Callable[[np.ndarray], np.ndarray]
 ) -> Neighbors:
     """Each query's k best of the (query, row) pairs given ([m] each, a pair once), by the
-    engine's cosine, then row id (:func:`pipeline.core.determinism.top_k_pairs`).
-
-    ``queries`` [q, dim] are unit rows; ``rows_of(ids) -> rows`` gives the (raw) rows, a
-    block of them at a time, so a few thousand rows are in memory at once.
-    """
+    engine's cosine, then row id (:func:`pipeline.core.determinism.top_k_pairs`); ``queries``
+    and ``rows_of`` as :func:`scored_pairs`."""
     from pipeline.core.determinism import top_k_pairs
 
-    cosine = np.empty(len(query))  # [m]
+    query, row, cosine = scored_pairs(queries, query, row, rows_of)
+    ids, scores = top_k_pairs(query, row, cosine, len(queries), k)
+    return _published(ids, scores)
+
+
+def scored_pairs(
+    queries: np.ndarray, query: np.ndarray, row: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, row, float64 cosine) of the (query, row) pairs given ([m] each), by the engine's
+    cosine; pairs whose row has NaN or Inf (no direction, never a neighbour) are left out.
+
+    ``queries`` [q, dim] are unit rows; ``rows_of(ids) -> rows`` gives the (raw) rows,
+    RESCORE_ROWS of them at a time, so a few thousand rows are in memory at once.
+    """
+    cosine = np.full(len(query), np.nan)  # [m]; NaN: the row has no direction
     unique, where = np.unique(row, return_inverse=True)
     order = np.argsort(where, kind="stable")
     bounds = np.searchsorted(where[order], np.arange(0, len(unique) + RESCORE_ROWS, RESCORE_ROWS))
     for block, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         first = block * RESCORE_ROWS
-        keys = unit_rows(rows_of(unique[first : first + RESCORE_ROWS]))  # [b, dim]
+        raw = rows_of(unique[first : first + RESCORE_ROWS])  # [b, dim]
+        finite = np.isfinite(raw).all(axis=1)  # [b]
+        keys = _unit_rows_on_cores(np.where(finite[:, None], raw, 0))  # [b, dim]
         pairs = order[lo:hi]
-        cosine[pairs] = _cosines(queries, query[pairs], keys, where[pairs] - first)
-    ids, scores = top_k_pairs(query, row, cosine, len(queries), k)
-    return _published(ids, scores)
+        scored = pairs[finite[where[pairs] - first]]
+        cosine[scored] = _cosines(queries, query[scored], keys, where[scored] - first)
+    kept = ~np.isnan(cosine)
+    return query[kept], row[kept], cosine[kept]
 
 
 EXCLUDE_SPAN = 1 << 32  # (query, row) pairs are keyed query * EXCLUDE_SPAN + row

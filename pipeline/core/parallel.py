@@ -40,8 +40,8 @@ def _pool(workers: int) -> Any:
     if not _POOL:
         from concurrent.futures import ThreadPoolExecutor
 
-        # One more thread than cores: a chunk's error runs beside its neighbour search
-        # while the next chunk is encoded on the cores.
+        # One more thread than cores: the measuring thread spreads a chunk's error over
+        # the cores while the next chunk is encoded on them.
         _POOL.append(ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="quantize"))
         _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure"))
     return _POOL[0]
@@ -54,14 +54,6 @@ def in_order(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     right away when there is one core.
     """
     return _submit(1, function, *args)
-
-
-def beside(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """Start ``function(*args)`` on another core; the returned call waits for its result.
-
-    Runs it right away when there is one core.
-    """
-    return _submit(0, function, *args)
 
 
 def _submit(pool_index: int, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:

@@ -30,7 +30,7 @@ from pipeline.core.errors import DissectError
 class Encoded:
     """Codes and scales of a run of rows."""
 
-    codes: np.ndarray  # [rows, code_width]: int8, uint8 (two 4-bit codes a byte) or float32 (16-bit float values, widened)
+    codes: np.ndarray  # [rows, code_width] of the scheme's codes_dtype: int8, uint8 (two 4-bit codes a byte), float16 or bfloat16 bits (uint16)
     scales: np.ndarray | None  # [rows, dim // block] float32; None when one scale covers the tensor
     clipped: int  # values beyond the range the codes can represent
 
@@ -82,8 +82,7 @@ class Scheme(ABC):
 
     @property
     def codes_dtype(self) -> np.dtype:
-        """dtype of the bytes in the ``codes`` column: what :meth:`encode` returns, except for
-        the 16-bit float schemes, whose float32 values the quant layout stores in their 16 bits."""
+        """dtype of the codes :meth:`encode` returns, as the ``codes`` column stores their bytes."""
         if self.code_bits == 16:
             return np.dtype(np.float16 if self.float_format == "float16" else np.uint16)
         return np.dtype({4: np.uint8, 8: np.int8}[self.code_bits])

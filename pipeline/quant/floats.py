@@ -1,8 +1,8 @@
 """fp16 and bf16 casts, the references the integer schemes are measured against.
 
-Their "codes" are the rounded values themselves (float32 in memory, with scale 1); the
-quant file stores them in 16 bits (:mod:`pipeline.quant.layout`): fp16 as Parquet float16,
-bf16 as its uint16 bit pattern (Parquet has no bfloat16).
+Their codes are the rounded values in 16 bits, as the quant file stores them
+(:mod:`pipeline.quant.layout`): fp16 as IEEE float16, bf16 as its uint16 bit pattern (the high
+half of the float32 value; numpy has no bfloat16). Decoding widens them back, exactly.
 """
 
 from __future__ import annotations
@@ -26,16 +26,25 @@ class FloatCast(Scheme):
         return 1.0
 
     def encode(self, rows: np.ndarray) -> Encoded:
-        return Encoded(codes=self.round(rows), scales=None, clipped=self.beyond_range(rows))
+        return Encoded(codes=self.narrow(rows), scales=None, clipped=self.beyond_range(rows))
 
     def beyond_range(self, rows: np.ndarray) -> int:
         """How many of ``rows`` lie beyond the largest finite value of the format."""
         return count_outside(rows, -self.max_finite, self.max_finite)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
-        return encoded.codes  # the rounded values themselves: nothing to write
+        return self.widen(encoded.codes, out)
 
     def round(self, rows: np.ndarray) -> np.ndarray:
+        """float32 ``rows`` rounded to the format, as float32."""
+        return self.widen(self.narrow(rows))
+
+    def narrow(self, rows: np.ndarray) -> np.ndarray:
+        """The 16-bit codes of float32 ``rows``, rounded to nearest even."""
+        raise NotImplementedError
+
+    def widen(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 values of 16-bit ``codes`` (exact), into ``out`` when given."""
         raise NotImplementedError
 
 
@@ -45,9 +54,23 @@ class FP16(FloatCast):
     max_finite = FP16_MAX
     float_format = "float16"
 
-    def round(self, rows: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):  # beyond 65504 becomes inf, counted as clipped
-            return rows.astype(np.float16).astype(np.float32)
+    def narrow(self, rows: np.ndarray) -> np.ndarray:
+        # torch's cast is numpy's (IEEE round to nearest even, subnormals kept, beyond 65504
+        # inf, counted as clipped) on the CPU's conversion instructions, where numpy's
+        # converts one value at a time.
+        import torch
+
+        source = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        return source.to(torch.float16).numpy()
+
+    def widen(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        import torch
+
+        halves = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float16))
+        if out is None:
+            return halves.float().numpy()
+        torch.from_numpy(out).copy_(halves)
+        return out
 
 
 class BF16(FloatCast):
@@ -56,18 +79,33 @@ class BF16(FloatCast):
     max_finite = BF16_MAX
     float_format = "bfloat16"
 
-    def round(self, rows: np.ndarray) -> np.ndarray:
-        return round_to_bf16(rows)
+    def narrow(self, rows: np.ndarray) -> np.ndarray:
+        return bf16_bits(rows)
+
+    def widen(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return widen_bf16_bits(codes, out)
 
 
-def round_to_bf16(values: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as float32.
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """uint16: the bit patterns of float32 ``values`` rounded to the nearest bfloat16 (ties to even).
 
-    Like torch's float -> bfloat16: add 0x7FFF plus the lowest kept bit, drop the low 16
+    Like torch's float -> bfloat16: add 0x7FFF plus the lowest kept bit, keep the high 16
     bits; NaN becomes the quiet NaN 0x7FC0.
     """
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    rounded &= np.uint32(0xFFFF0000)
-    rounded[np.isnan(values)] = BF16_QUIET_NAN
-    return rounded.view(np.float32)
+    high = (rounded >> np.uint32(16)).astype(np.uint16)
+    high[np.isnan(values)] = BF16_QUIET_NAN >> np.uint32(16)
+    return high
+
+
+def widen_bf16_bits(codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns ``codes`` (uint16), exactly; into ``out`` when given."""
+    wide = np.empty(codes.shape, np.float32) if out is None else out
+    np.left_shift(codes, np.uint32(16), out=wide.view(np.uint32), dtype=np.uint32)
+    return wide
+
+
+def round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32 (see :func:`bf16_bits`)."""
+    return widen_bf16_bits(bf16_bits(values))

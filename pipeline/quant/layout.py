@@ -67,9 +67,9 @@ def quant_schema(scheme: Scheme, dim: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema, codes_dtype: np.dtype) -> pa.RecordBatch:
-    """One row group's columns; ``codes_dtype`` is the scheme's :attr:`Scheme.codes_dtype`."""
-    columns = [pa.array(token_ids, type=pa.int32()), _binary_rows(narrowed(encoded.codes, codes_dtype))]
+def record_batch(token_ids: np.ndarray, encoded: Encoded, schema: pa.Schema) -> pa.RecordBatch:
+    """One row group's columns, the codes' bytes as they are (:attr:`Scheme.codes_dtype`)."""
+    columns = [pa.array(token_ids, type=pa.int32()), _binary_rows(encoded.codes)]
     if "scales" in schema.names:
         columns.append(_list_array(encoded.scales))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
@@ -88,26 +88,6 @@ def quant_write_options(schema: pa.Schema) -> dict[str, Any]:
         "compression_level": QUANT_COMPRESSION_LEVEL,
         "statistics_columns": [path for name, path in paths.items() if name != "codes"],
     }
-
-
-def narrowed(codes: np.ndarray, stored: np.dtype) -> np.ndarray:
-    """``codes`` as the ``codes`` column stores them: the fp16/bf16 schemes' float32 values
-    (already rounded, so nothing is lost) in their 16 bits; other codes unchanged."""
-    if stored == np.float16:
-        return codes.astype(np.float16)
-    if stored == np.uint16:
-        return (np.ascontiguousarray(codes, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
-    return codes
-
-
-def widened(codes: np.ndarray) -> np.ndarray:
-    """The float32 values of 16-bit float codes (float16, or bfloat16 bit patterns in uint16),
-    exactly; other codes unchanged. The inverse of :func:`narrowed`."""
-    if codes.dtype == np.float16:
-        return codes.astype(np.float32)
-    if codes.dtype == np.uint16:
-        return (codes.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return codes
 
 
 def _list_array(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -143,8 +123,8 @@ def dequantize_file(path: Path, recipe: dict[str, Any]) -> np.ndarray:
     for group in range(file.num_row_groups):
         table = file.read_row_group(group)
         n = table.num_rows
-        codes = widened(code_rows(table, recipe["codes_dtype"]))
-        if recipe.get("scale") is None:
+        codes = code_rows(table, recipe["codes_dtype"])
+        if recipe.get("scale") is None or scheme.code_bits == 16:  # per row or block, or a float cast
             scales = _list_rows(table, "scales", n) if "scales" in table.column_names else None
             rows = scheme.decode(Encoded(codes=codes, scales=scales, clipped=0))
         else:

@@ -6,7 +6,7 @@ Everything accumulates chunk by chunk, so the full dequantized matrix never exis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,23 +25,45 @@ def original_sums(original: np.ndarray) -> OriginalSums:
     return OriginalSums(sum_sq=float(np.einsum("ij,ij->", original, original, dtype=np.float64)), norms=row_norms(original))
 
 
-CAST_ROWS = 256  # rows widened to float64 at a time: 4 MB at dim 2048
+@dataclass(frozen=True)
+class RowErrors:
+    """What a chunk of dequantized rows [n, dim] loses against its original rows, row by row."""
+
+    dots: np.ndarray  # [n] float64 original . restored
+    squares: np.ndarray  # [n] float64 |restored| ** 2
+    squared_error: np.ndarray  # [n] float64 sum of (restored - original) ** 2, differences in float32
+    largest_error: np.ndarray  # [n] float32 max |restored - original|
+    values: int  # n * dim
+
+    @staticmethod
+    def empty(n: int, dim: int) -> RowErrors:
+        return RowErrors(np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.float32), n * dim)
+
+    @property
+    def norms(self) -> np.ndarray:
+        """[n] float64 |restored|."""
+        return np.sqrt(self.squares)
+
+    def fill(self, original: np.ndarray, restored: np.ndarray, span: tuple[int, int]) -> None:
+        """Measure rows ``span`` of [n, dim] float32 ``original`` and ``restored``, each value read
+        once; the sums are float64 in a fixed order (:mod:`pipeline.quant.kernels`), so a row's
+        values do not depend on the CPU, the thread count or how the rows are split."""
+        from pipeline.quant.kernels import row_error_sums
+
+        rows = slice(*span)
+        row_error_sums(
+            np.ascontiguousarray(original[rows], dtype=np.float32), np.ascontiguousarray(restored[rows], dtype=np.float32),
+            self.dots[rows], self.squares[rows], self.squared_error[rows], self.largest_error[rows],
+        )
 
 
-def row_dots_and_norms(original: np.ndarray, restored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 ([n] original . restored, [n] |restored|) of the rows of two [n, dim] float32 arrays.
+def row_errors(original: np.ndarray, restored: np.ndarray) -> RowErrors:
+    """:class:`RowErrors` of two [n, dim] float32 arrays, the row spans on every core."""
+    from pipeline.core.parallel import span_map
 
-    Each block of rows is widened to float64 once and shared by both sums, where
-    ``np.einsum(..., dtype=np.float64)`` would widen restored three times; a row's sum does
-    not depend on the blocks, so the values are those of that call to the bit.
-    """
-    dots, squares = np.empty(len(original)), np.empty(len(original))  # [n], [n]
-    for start in range(0, len(original), CAST_ROWS):
-        block = slice(start, start + CAST_ROWS)
-        wide = restored[block].astype(np.float64)  # [b, dim]
-        dots[block] = np.einsum("ij,ij->i", original[block].astype(np.float64), wide)
-        squares[block] = np.einsum("ij,ij->i", wide, wide)
-    return dots, np.sqrt(squares)
+    errors = RowErrors.empty(*original.shape)
+    span_map(lambda span: errors.fill(original, restored, span), len(original))
+    return errors
 
 
 @dataclass
@@ -56,38 +78,26 @@ class ErrorStats:
     cosine_sum: float = 0.0
     cosine_min: float = 1.0
     rows: int = 0
-    # One error buffer for every chunk: a fresh one per chunk would leave a freed copy in
-    # each thread's malloc arena that measures.
-    _scratch: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def add(self, original: np.ndarray, restored: np.ndarray, clipped: int) -> np.ndarray:
         """Fold in a chunk: ``original`` and ``restored`` [n, dim] float32; returns the row cosines [n]."""
-        return self.add_chunk(original, restored, clipped, original_sums(original), *row_dots_and_norms(original, restored))
+        return self.add_chunk(row_errors(original, restored), clipped, original_sums(original))
 
-    def add_chunk(
-        self, original: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums, dots: np.ndarray, norms: np.ndarray
-    ) -> np.ndarray:
-        """:meth:`add` with the original's ``sums`` and :func:`row_dots_and_norms` already known."""
-        error = np.subtract(restored, original, out=self._error_buffer(original.shape))  # [n, dim]
-        self.elements += original.size
+    def add_chunk(self, errors: RowErrors, clipped: int, sums: OriginalSums) -> np.ndarray:
+        """:meth:`add` with the chunk's :func:`row_errors` and the original's ``sums`` already known."""
+        n = len(errors.dots)
+        self.elements += errors.values
         self.clipped += clipped
-        self.sum_sq_error += float(np.einsum("ij,ij->", error, error, dtype=np.float64))
+        self.sum_sq_error += float(errors.squared_error.sum())
         self.sum_sq_signal += sums.sum_sq
-        if error.size:
-            self.max_abs_error = max(self.max_abs_error, float(np.abs(error, out=error).max()))
-        cosines = cosines_of(dots, sums.norms, norms)
-        self.rows += len(cosines)
+        if n:
+            self.max_abs_error = max(self.max_abs_error, float(errors.largest_error.max()))
+        cosines = cosines_of(errors.dots, sums.norms, errors.norms)
+        self.rows += n
         self.cosine_sum += float(cosines.sum(dtype=np.float64))
-        if len(cosines):
+        if n:
             self.cosine_min = min(self.cosine_min, float(cosines.min()))
         return cosines
-
-    def _error_buffer(self, shape: tuple[int, int]) -> np.ndarray:
-        """float32 ``shape`` [n, dim], reusing the buffer of earlier (as large) chunks."""
-        size = shape[0] * shape[1]
-        if self._scratch is None or self._scratch.size < size:
-            self._scratch = np.empty(size, dtype=np.float32)
-        return self._scratch[:size].reshape(shape)
 
     def summary(self) -> dict[str, float | int | None]:
         n = max(self.elements, 1)

@@ -51,7 +51,7 @@ from pipeline.core.parquet import (
 )
 from pipeline.core.progress import progress_bar
 from pipeline.quant import SCHEMES, Encoded, Scheme, schemes_for
-from pipeline.core.parallel import beside, chunk_map, in_order, row_chunks, span_map, split_map
+from pipeline.core.parallel import chunk_map, in_order, row_chunks, span_map
 from pipeline.quant.layout import ROWS_PER_CHUNK, quant_schema, quant_write_options, record_batch
 from pipeline.quant.recall import SCORE_SLACK, Queries, Reference, WordQuery, reference, sample_token_rows
 from pipeline.quant.measure import (
@@ -60,7 +60,7 @@ from pipeline.quant.measure import (
     inverse_of_norms,
     original_sums,
     recall,
-    row_dots_and_norms,
+    RowErrors,
     similarity_table,
 )
 
@@ -100,34 +100,46 @@ def word_queries(paths: ModelPaths, vocab: int) -> tuple[list[WordQuery], str]:
     return queries, poolings.pop()
 
 
-def _joined(parts: list[Encoded]) -> Encoded:
-    if len(parts) == 1:
-        return parts[0]
-    scales = None if parts[0].scales is None else np.concatenate([p.scales for p in parts])
-    return Encoded(codes=np.concatenate([p.codes for p in parts]), scales=scales, clipped=sum(p.clipped for p in parts))
-
-
 def encode_rows(scheme: Scheme, rows: np.ndarray) -> Encoded:
     """``scheme.encode(rows)``, spread over the cores."""
-    return _joined(split_map(scheme.encode, rows))
+    return _encode_spans(scheme, rows, decode_into=None)
 
 
 def encode_decode(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray]:
-    """(``scheme.encode(rows)``, its decoded float32 rows), spread over the cores.
-
-    Each core decodes its rows straight into the one output array, so the decoded chunk is
-    never copied; a scheme whose codes are the decoded rows (fp16, bf16) has them returned.
-    """
+    """(``scheme.encode(rows)``, its decoded float32 rows [n, dim]), spread over the cores."""
     restored = np.empty(rows.shape, dtype=np.float32)  # [n, dim]
+    return _encode_spans(scheme, rows, decode_into=restored), restored
 
-    def both(span: tuple[int, int]) -> tuple[Encoded, bool]:
-        encoded = scheme.encode(rows[span[0] : span[1]])
-        decoded = scheme.decode(encoded, out=restored[span[0] : span[1]])
-        return encoded, decoded is encoded.codes
 
-    parts = span_map(both, len(rows))
-    encoded = _joined([part for part, _ in parts])
-    return encoded, encoded.codes if all(same for _, same in parts) else restored
+def encode_decode_measure(scheme: Scheme, rows: np.ndarray) -> tuple[Encoded, np.ndarray, RowErrors]:
+    """:func:`encode_decode` and the :class:`RowErrors` of the decoded rows, each span measured
+    by its core right after decoding it, while its rows are still in cache."""
+    restored = np.empty(rows.shape, dtype=np.float32)  # [n, dim]
+    errors = RowErrors.empty(*rows.shape)
+    return _encode_spans(scheme, rows, decode_into=restored, errors=errors), restored, errors
+
+
+def _encode_spans(scheme: Scheme, rows: np.ndarray, decode_into: np.ndarray | None, errors: RowErrors | None = None) -> Encoded:
+    """Each core encodes its span of ``rows`` [n, dim] into the one codes (and scales) array and,
+    given ``decode_into``, decodes it there (and measures it into ``errors``), so no part is
+    copied again on this thread."""
+    n, dim = rows.shape
+    codes = np.empty((n, scheme.code_width(dim)), dtype=scheme.codes_dtype)  # [n, code_width]
+    block = scheme.block_for(dim) if scheme.tensor_scale is None else None
+    scales = np.empty((n, dim // block), dtype=np.float32) if block else None  # [n, blocks]
+
+    def encode(span: tuple[int, int]) -> int:
+        part = scheme.encode(rows[span[0] : span[1]])
+        codes[span[0] : span[1]] = part.codes
+        if scales is not None:
+            scales[span[0] : span[1]] = part.scales
+        if decode_into is not None:
+            scheme.decode(part, out=decode_into[span[0] : span[1]])
+            if errors is not None:
+                errors.fill(rows, decode_into, span)
+        return part.clipped
+
+    return Encoded(codes=codes, scales=scales, clipped=sum(span_map(encode, n)))
 
 
 @dataclass
@@ -177,7 +189,16 @@ class SchemeRun:
         """The dequantized rows at indices ``rows``."""
         if not len(rows):
             return np.empty((0, self.matrix.shape[1]), dtype=np.float32)
-        return self.scheme.decode(self.scheme.encode(self.matrix[rows]))
+        return encode_decode(self.scheme, self.matrix[rows])[1]
+
+    def _seed_full_search(self) -> None:
+        """Start the full search from the original's neighbours, scored on the dequantized
+        matrix: most of them stay among the k best, so from the first chunk on the screen
+        passes only the rows that may still beat them (the answer is the same)."""
+        if self.ref is None:
+            return
+        query, slot = np.nonzero(self.ref.neighbours >= 0)
+        self.top.seed(query, self.ref.neighbours[query, slot], self.restore)
 
     def _windows(self, max_row_shift: float) -> np.ndarray:
         return 2 * (self.query_shift + max_row_shift) + SCORE_SLACK  # [q]
@@ -193,17 +214,18 @@ class SchemeRun:
 
     def batches(self, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         vocab = self.matrix.shape[0]
-        measured: Callable[[], Any] = lambda: None
+        # The full search's seed is scored on the measuring thread while the first chunk is encoded.
+        measured: Callable[[], Any] = in_order(self._seed_full_search) if not self.pruned else (lambda: None)
         with progress_bar(total=vocab, desc=f"quantize {self.scheme.name}", unit="rows") as bar:
             for index, (start, stop) in enumerate(row_chunks(vocab, ROWS_PER_CHUNK)):
                 rows = self.matrix[start:stop]  # [n, dim]
-                encoded, restored = encode_decode(self.scheme, rows)
+                encoded, restored, errors = encode_decode_measure(self.scheme, rows)
                 sums = self.sums[index] if self.sums is not None else original_sums(rows)
                 # The previous chunk is measured while this one was encoded; chunks are
                 # folded in one at a time and in order, so every sum is as in one thread.
                 measured()
-                measured = in_order(self._measure, start, rows, restored, encoded.clipped, sums)
-                yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema, self.scheme.codes_dtype)
+                measured = in_order(self._measure, start, restored, errors, encoded.clipped, sums)
+                yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
                 bar.update(stop - start)
                 if index % TRIM_EVERY == TRIM_EVERY - 1:
                     return_freed_memory()
@@ -214,11 +236,10 @@ class SchemeRun:
             self._screen_rows_before()
             self._finish_screen()
 
-    def _measure(self, start: int, rows: np.ndarray, restored: np.ndarray, clipped: int, sums: OriginalSums) -> None:
-        """Fold a chunk (original and dequantized rows [n, dim]) into the error and the neighbours."""
-        dots, norms = row_dots_and_norms(rows, restored)  # [n], [n] float64, for both
+    def _measure(self, start: int, restored: np.ndarray, errors: RowErrors, clipped: int, sums: OriginalSums) -> None:
+        """Fold a chunk (its dequantized rows [n, dim] and their errors) into the error and the neighbours."""
+        cosines = self.errors.add_chunk(errors, clipped, sums)
         if self.pruned:
-            cosines = self.errors.add_chunk(rows, restored, clipped, sums, dots, norms)
             # |u - v| of unit vectors is sqrt(2 - 2 cos); a zero row against a non-zero
             # one has cosine 0 here, giving sqrt(2) >= the true distance 1.
             shift = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cosines.min())))) if len(cosines) else 0.0
@@ -228,13 +249,8 @@ class SchemeRun:
             # The error is larger than the sampled rows showed: the full search from this
             # chunk on, and for the rows before it once the pass is done.
             self.pruned, self.screen_before = False, start
-            self.top.add(start, restored, norms=norms)
-            return
-        # The error's passes are single-threaded numpy; they run beside the screen, whose
-        # own single-threaded steps leave a core free between its matrix products.
-        errors_done = beside(self.errors.add_chunk, rows, restored, clipped, sums, dots, norms)
-        self.top.add(start, restored, norms=norms)
-        errors_done()
+            self._seed_full_search()
+        self.top.add(start, restored, norms=errors.norms)
 
     def _screen_rows_before(self) -> None:
         """The full search over the rows measured before the pruned pass gave way (none if it never ran)."""
