@@ -130,16 +130,6 @@ class Scheme(ABC):
         }
 
 
-def round_half_away(values: np.ndarray) -> np.ndarray:
-    """Round float32 ``values`` to integers, ties away from zero (C's roundf), in place.
-
-    Adding 0.5 - 2**-25 (the float just below one half) then truncating is exact for every
-    float32 of magnitude below 2**22: adding exactly 0.5 would carry 0.49999997 up to 1.
-    """
-    np.add(values, np.copysign(np.float32(0.5 - 2**-25), values), out=values)
-    return np.trunc(values, out=values)
-
-
 def pack_nibbles(codes: np.ndarray, span: int, low_first: bool) -> np.ndarray:
     """uint8 [n, dim // 2] from 4-bit ``codes`` [n, dim]: runs of ``span`` codes share a nibble."""
     n = codes.shape[0]
@@ -171,22 +161,6 @@ def count_outside(values: np.ndarray, low: float, high: float) -> int:
     if values.size and float(values.max()) <= high and float(values.min()) >= low:
         return 0  # the usual case, told by two passes without a temporary array (NaN falls through)
     return int(np.count_nonzero(values > high)) + int(np.count_nonzero(values < low))
-
-
-def block_absmax(blocks: np.ndarray) -> np.ndarray:
-    """``np.abs(blocks).max(axis=1, keepdims=True)`` for ``blocks`` [n, block] (block a power of two).
-
-    Halving the block with elementwise maxima is exact like the reduction, and 1.5-2x
-    faster than numpy's reduction over rows this short.
-    """
-    values = np.abs(blocks)  # [n, block]
-    width = values.shape[1]
-    if width & (width - 1):
-        return values.max(axis=1, keepdims=True)
-    while width > 1:
-        width //= 2
-        values = np.maximum(values[:, :width], values[:, width : 2 * width])
-    return values  # [n, 1]
 
 
 def scale_blocks(values: np.ndarray, scales: np.ndarray) -> np.ndarray:

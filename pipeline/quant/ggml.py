@@ -9,8 +9,10 @@ Both cut each row into blocks of 32 values with one fp16 scale ``d`` per block:
   so values beyond ``7 |d|`` on that side clip.
 
 Codes are computed with the float32 ``d`` and then ``d`` is rounded to fp16, as GGML does;
-dequantization is ``fp16(d) * code``. :func:`ggml_blocks` lays codes and scales out as the
-bytes GGUF stores.
+dequantization is ``fp16(d) * code``. The encoders run as compiled kernels
+(:mod:`pipeline.quant.kernels`) that compute those float32 expressions exactly, rounding
+half away from zero as C's ``roundf`` (GGML's rounding).
+:func:`ggml_blocks` lays codes and scales out as the bytes GGUF stores.
 """
 
 from __future__ import annotations
@@ -21,15 +23,11 @@ from pipeline.quant.base import (
     Encoded,
     Scheme,
     as_float32,
-    block_absmax,
-    pack_nibbles,
-    round_half_away,
     scale_blocks,
     unpack_nibbles,
 )
 
 GGML_BLOCK = 32
-Q4_0_STEPS_UP = 7  # largest positive step a Q4_0 code reaches (code 15 - 8)
 
 
 class Q8_0(Scheme):
@@ -41,12 +39,14 @@ class Q8_0(Scheme):
     scale_format = "float16"
 
     def encode(self, rows: np.ndarray) -> Encoded:
+        from pipeline.quant.kernels import q8_0_blocks
+
         n, dim = rows.shape
-        blocks = rows.reshape(-1, GGML_BLOCK)  # [n * dim / 32, 32]
-        d = block_absmax(blocks) / np.float32(127)  # [blocks, 1] float32
-        scaled = blocks * _inverse(d)
-        codes = round_half_away(scaled).astype(np.int8).reshape(n, dim)
-        return Encoded(codes=codes, scales=_fp16_exact(d).reshape(n, -1), clipped=0)
+        blocks = _blocks(rows)  # [n * dim / 32, 32]
+        codes = np.empty(blocks.shape, dtype=np.int8)  # [blocks, 32]
+        d = np.empty(len(blocks), dtype=np.float32)  # [blocks]
+        q8_0_blocks(blocks, codes, d)
+        return Encoded(codes=codes.reshape(n, dim), scales=_fp16_exact(d).reshape(n, -1), clipped=0)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         return scale_blocks(as_float32(encoded.codes, out), encoded.scales)
@@ -64,16 +64,14 @@ class Q4_0(Scheme):
     nibble_span = GGML_BLOCK // 2
 
     def encode(self, rows: np.ndarray) -> Encoded:
+        from pipeline.quant.kernels import q4_0_blocks
+
         n, dim = rows.shape
-        blocks = rows.reshape(-1, GGML_BLOCK)  # [n * dim / 32, 32]
-        peak_at = np.abs(blocks).argmax(axis=1)[:, None]  # first index of the largest |x|
-        d = np.take_along_axis(blocks, peak_at, axis=1) / np.float32(-8)  # [blocks, 1] float32, signed
-        scaled = blocks * _inverse(d)
-        clipped = int(np.count_nonzero(scaled > Q4_0_STEPS_UP))
-        scaled += np.float32(8.5)
-        codes = np.minimum(np.trunc(scaled, out=scaled).astype(np.uint8), np.uint8(15)).reshape(n, dim)
-        packed = pack_nibbles(codes, self.nibble_span, self.low_nibble_first)  # [n, dim / 2] uint8
-        return Encoded(codes=packed, scales=_fp16_exact(d).reshape(n, -1), clipped=clipped)
+        blocks = _blocks(rows)  # [n * dim / 32, 32]
+        packed = np.empty((len(blocks), GGML_BLOCK // 2), dtype=np.uint8)  # [blocks, 16]
+        d = np.empty(len(blocks), dtype=np.float32)  # [blocks], signed
+        clipped = q4_0_blocks(blocks, packed, d)
+        return Encoded(codes=packed.reshape(n, -1), scales=_fp16_exact(d).reshape(n, -1), clipped=int(clipped))
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         codes = unpack_nibbles(encoded.codes, self.nibble_span, self.low_nibble_first)
@@ -90,9 +88,9 @@ def ggml_blocks(encoded: Encoded, scheme: Scheme) -> np.ndarray:
     return np.concatenate([scales, codes], axis=2).reshape(n, -1)
 
 
-def _inverse(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+def _blocks(rows: np.ndarray) -> np.ndarray:
+    """float32 [n * dim / 32, 32]: the GGML blocks of ``rows`` [n, dim]."""
+    return np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, GGML_BLOCK)
 
 
 def _fp16_exact(d: np.ndarray) -> np.ndarray:

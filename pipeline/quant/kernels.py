@@ -83,3 +83,89 @@ def row_error_sums(original, restored, dots, squares, errors, largest):  # pragm
         squares[i] = ((s0 + s1) + s2) + s3
         errors[i] = ((e0 + e1) + e2) + e3
         largest[i] = _larger(_larger(_larger(m0, m1), m2), m3)
+
+
+# Block encoders. Each computes exactly the float32 expressions of the scheme's numpy
+# formulas (pipeline/quant/ggml.py, nf4.py), operation by operation, without fastmath, so
+# the codes and scales are bit-identical to them; a block's values are read once.
+
+
+@numba.njit(nogil=True, cache=True)
+def q8_0_blocks(blocks, codes, scales):  # pragma: no cover - compiled
+    """GGML Q8_0 of ``blocks`` [b, 32] float32: ``codes`` [b, 32] int8 and the float32
+    ``scales`` [b] (d = max|x| / 127, before its fp16 rounding)."""
+    # Round half away from zero (C's roundf): adding the float just below one half, then
+    # truncating, is exact for every float32 below 2**22 in magnitude (adding 0.5 itself
+    # would carry 0.49999997 up to 1).
+    half = np.float32(0.5 - 2.0**-25)
+    for i in range(blocks.shape[0]):
+        peak = np.float32(0.0)
+        for j in range(blocks.shape[1]):
+            peak = _larger(peak, abs(blocks[i, j]))
+        d = peak / np.float32(127.0)
+        inverse = np.float32(0.0) if d == 0 else np.float32(1.0) / d
+        scales[i] = d
+        for j in range(blocks.shape[1]):
+            scaled = blocks[i, j] * inverse
+            scaled = scaled + half if scaled >= 0 else scaled - half
+            codes[i, j] = np.int8(int(scaled))  # int() truncates toward zero, as np.trunc
+
+
+@numba.njit(nogil=True, cache=True)
+def q4_0_blocks(blocks, packed, scales):  # pragma: no cover - compiled
+    """GGML Q4_0 of ``blocks`` [b, 32] float32: ``packed`` [b, 16] uint8 (byte j holds code j
+    in its low nibble and code j + 16 in its high one), the float32 ``scales`` [b]
+    (d = x_peak / -8, before its fp16 rounding); returns how many values clipped."""
+    clipped = 0
+    span = blocks.shape[1] // 2
+    for i in range(blocks.shape[0]):
+        at, best = 0, np.float32(-1.0)
+        for j in range(blocks.shape[1]):  # the first value of largest magnitude, as argmax
+            a = abs(blocks[i, j])
+            if a > best or (a != a and best == best):
+                at, best = j, a
+        d = blocks[i, at] / np.float32(-8.0)
+        inverse = np.float32(0.0) if d == 0 else np.float32(1.0) / d
+        scales[i] = d
+        for j in range(span):
+            low = _q4_0_code(blocks[i, j] * inverse)
+            high = _q4_0_code(blocks[i, j + span] * inverse)
+            # Beyond +7 steps (code 15 - 8), the most the side opposite the peak reaches.
+            clipped += (blocks[i, j] * inverse > np.float32(7.0)) + (blocks[i, j + span] * inverse > np.float32(7.0))
+            packed[i, j] = low | (high << np.uint8(4))
+    return clipped
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _q4_0_code(scaled):  # pragma: no cover - compiled
+    """min(trunc(scaled + 8.5), 15) as uint8, in float32."""
+    return np.uint8(min(int(scaled + np.float32(8.5)), 15))
+
+
+@numba.njit(nogil=True, cache=True)
+def nf4_blocks(blocks, thresholds, packed, scales):  # pragma: no cover - compiled
+    """NF4 of ``blocks`` [b, 64] float32: ``packed`` [b, 32] uint8 (the first code of each pair
+    in the high nibble) and the absmax ``scales`` [b]; ``thresholds`` [16] are the 15 decision
+    thresholds (pipeline.quant.nf4.NF4_THRESHOLDS) and +inf, so a code is how many of them a
+    scaled value exceeds (NaN exceeds none), found in four branchless steps."""
+    for i in range(blocks.shape[0]):
+        peak = np.float32(0.0)
+        for j in range(blocks.shape[1]):
+            peak = _larger(peak, abs(blocks[i, j]))
+        inverse = np.float32(1.0) / peak if peak > 0 else np.float32(0.0)
+        scales[i] = peak
+        for j in range(0, blocks.shape[1], 2):
+            first = _nf4_code(blocks[i, j] * inverse, thresholds)
+            second = _nf4_code(blocks[i, j + 1] * inverse, thresholds)
+            packed[i, j // 2] = (first << np.uint8(4)) | second
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _nf4_code(scaled, thresholds):  # pragma: no cover - compiled
+    # The clip to [-1, 1] bitsandbytes applies first changes no code: every threshold is inside.
+    code = 0
+    code += 8 * (scaled > thresholds[7])
+    code += 4 * (scaled > thresholds[code + 3])
+    code += 2 * (scaled > thresholds[code + 1])
+    code += 1 * (scaled > thresholds[code])
+    return np.uint8(code)

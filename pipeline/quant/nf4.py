@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, block_absmax, pack_nibbles, scale_blocks, unpack_nibbles
+from pipeline.quant.base import Encoded, Scheme, scale_blocks, unpack_nibbles
 
 NF4_BLOCK = 64
 # bitsandbytes' NF4 table (bitsandbytes/backends/utils.py, _NF4_QUANT_TABLE), float32.
@@ -61,6 +61,7 @@ def _decision_thresholds() -> np.ndarray:
 
 
 NF4_THRESHOLDS = _decision_thresholds()
+SEARCH_THRESHOLDS = np.append(NF4_THRESHOLDS, np.float32(np.inf))  # [16]: what the encoder's search steps through
 
 
 class NF4(Scheme):
@@ -74,18 +75,16 @@ class NF4(Scheme):
     nibble_span = 1
 
     def encode(self, rows: np.ndarray) -> Encoded:
+        from pipeline.quant.kernels import nf4_blocks
+
         n, dim = rows.shape
-        blocks = rows.reshape(-1, NF4_BLOCK)  # [n * dim / 64, 64]
-        absmax = block_absmax(blocks)  # [blocks, 1] float32
-        with np.errstate(divide="ignore"):
-            inverse = np.where(absmax > 0, np.float32(1) / absmax, np.float32(0))
-        scaled = blocks * inverse  # as bitsandbytes: x * (1 / absmax), not x / absmax
-        np.clip(scaled, -1, 1, out=scaled)
-        codes = np.zeros(scaled.shape, dtype=np.uint8)  # [blocks, 64]
-        for threshold in NF4_THRESHOLDS:
-            codes += scaled > threshold
-        packed = pack_nibbles(codes.reshape(n, dim), self.nibble_span, self.low_nibble_first)  # [n, dim / 2]
-        return Encoded(codes=packed, scales=absmax.reshape(n, -1), clipped=0)
+        blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, NF4_BLOCK)  # [n * dim / 64, 64]
+        packed = np.empty((len(blocks), NF4_BLOCK // 2), dtype=np.uint8)  # [blocks, 32]
+        absmax = np.empty(len(blocks), dtype=np.float32)  # [blocks]
+        # As bitsandbytes: x * (1 / absmax), not x / absmax, then the nearest code (the
+        # thresholds decide it exactly as the argmin over the 16 values would).
+        nf4_blocks(blocks, SEARCH_THRESHOLDS, packed, absmax)
+        return Encoded(codes=packed.reshape(n, -1), scales=absmax.reshape(n, -1), clipped=0)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
         codes = unpack_nibbles(encoded.codes, self.nibble_span, self.low_nibble_first)
