@@ -13,7 +13,6 @@ from pipeline.quant.base import Encoded, Scheme, count_outside
 
 FP16_MAX = np.float32(np.finfo(np.float16).max)  # 65504
 BF16_MAX = np.array([0x7F7F0000], dtype=np.uint32).view(np.float32)[0]  # 3.3895e38
-BF16_QUIET_NAN = np.uint32(0x7FC00000)
 
 
 class FloatCast(Scheme):
@@ -90,12 +89,13 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
     """uint16: the bit patterns of float32 ``values`` rounded to the nearest bfloat16 (ties to even).
 
     Like torch's float -> bfloat16: add 0x7FFF plus the lowest kept bit, keep the high 16
-    bits; NaN becomes the quiet NaN 0x7FC0.
+    bits; NaN becomes the quiet NaN 0x7FC0 (:func:`pipeline.quant.kernels.bf16_bits`, one pass).
     """
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    high = (rounded >> np.uint32(16)).astype(np.uint16)
-    high[np.isnan(values)] = BF16_QUIET_NAN >> np.uint32(16)
+    from pipeline.quant import kernels
+
+    source = np.ascontiguousarray(values, dtype=np.float32)
+    high = np.empty(source.shape, dtype=np.uint16)
+    kernels.bf16_bits(source, high)
     return high
 
 

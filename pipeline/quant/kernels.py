@@ -145,27 +145,47 @@ def _q4_0_code(scaled):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True)
 def nf4_blocks(blocks, thresholds, packed, scales):  # pragma: no cover - compiled
     """NF4 of ``blocks`` [b, 64] float32: ``packed`` [b, 32] uint8 (the first code of each pair
-    in the high nibble) and the absmax ``scales`` [b]; ``thresholds`` [16] are the 15 decision
-    thresholds (pipeline.quant.nf4.NF4_THRESHOLDS) and +inf, so a code is how many of them a
-    scaled value exceeds (NaN exceeds none), found in four branchless steps."""
+    in the high nibble) and the absmax ``scales`` [b]; ``thresholds`` [15] are the decision
+    thresholds (pipeline.quant.nf4.NF4_THRESHOLDS): a code is how many of them the scaled
+    value exceeds (NaN exceeds none). The clip to [-1, 1] bitsandbytes applies first changes
+    no code, every threshold being inside."""
+    width = blocks.shape[1]
+    codes = np.empty(width, dtype=np.uint8)  # one block's codes, before packing
     for i in range(blocks.shape[0]):
         peak = np.float32(0.0)
-        for j in range(blocks.shape[1]):
+        for j in range(width):
             peak = _larger(peak, abs(blocks[i, j]))
         inverse = np.float32(1.0) / peak if peak > 0 else np.float32(0.0)
         scales[i] = peak
-        for j in range(0, blocks.shape[1], 2):
-            first = _nf4_code(blocks[i, j] * inverse, thresholds)
-            second = _nf4_code(blocks[i, j + 1] * inverse, thresholds)
-            packed[i, j // 2] = (first << np.uint8(4)) | second
+        for j in range(width):
+            scaled = blocks[i, j] * inverse
+            code = 0
+            for t in range(15):
+                code += scaled > thresholds[t]
+            codes[j] = code
+        for j in range(width // 2):
+            packed[i, j] = (codes[2 * j] << np.uint8(4)) | codes[2 * j + 1]
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _nf4_code(scaled, thresholds):  # pragma: no cover - compiled
-    # The clip to [-1, 1] bitsandbytes applies first changes no code: every threshold is inside.
-    code = 0
-    code += 8 * (scaled > thresholds[7])
-    code += 4 * (scaled > thresholds[code + 3])
-    code += 2 * (scaled > thresholds[code + 1])
-    code += 1 * (scaled > thresholds[code])
-    return np.uint8(code)
+@numba.njit(nogil=True, cache=True)
+def nf4_decode_blocks(packed, scales, table, out):  # pragma: no cover - compiled
+    """The float32 values [b, 64] of NF4 ``packed`` [b, 32] codes with absmax ``scales`` [b]:
+    ``table[code] * scale``, as the numpy lookup and product compute them."""
+    for i in range(packed.shape[0]):
+        scale = scales[i]
+        for j in range(packed.shape[1]):
+            byte = packed[i, j]
+            out[i, 2 * j] = table[byte >> 4] * scale
+            out[i, 2 * j + 1] = table[byte & 15] * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def bf16_bits(values, out):  # pragma: no cover - compiled
+    """``out`` (uint16, the shape of float32 ``values``): each value rounded to the nearest
+    bfloat16, ties to even, as its bit pattern; NaN becomes the quiet NaN 0x7FC0."""
+    flat, bits = values.reshape(-1), out.reshape(-1)
+    words = flat.view(np.uint32)
+    for j in range(flat.size):
+        word = words[j]
+        rounded = word + np.uint32(0x7FFF) + ((word >> np.uint32(16)) & np.uint32(1))
+        bits[j] = np.uint16(0x7FC0) if flat[j] != flat[j] else np.uint16(rounded >> np.uint32(16))

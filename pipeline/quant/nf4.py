@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.quant.base import Encoded, Scheme, scale_blocks, unpack_nibbles
+from pipeline.quant.base import Encoded, Scheme
 
 NF4_BLOCK = 64
 # bitsandbytes' NF4 table (bitsandbytes/backends/utils.py, _NF4_QUANT_TABLE), float32.
@@ -61,7 +61,6 @@ def _decision_thresholds() -> np.ndarray:
 
 
 NF4_THRESHOLDS = _decision_thresholds()
-SEARCH_THRESHOLDS = np.append(NF4_THRESHOLDS, np.float32(np.inf))  # [16]: what the encoder's search steps through
 
 
 class NF4(Scheme):
@@ -83,10 +82,15 @@ class NF4(Scheme):
         absmax = np.empty(len(blocks), dtype=np.float32)  # [blocks]
         # As bitsandbytes: x * (1 / absmax), not x / absmax, then the nearest code (the
         # thresholds decide it exactly as the argmin over the 16 values would).
-        nf4_blocks(blocks, SEARCH_THRESHOLDS, packed, absmax)
+        nf4_blocks(blocks, NF4_THRESHOLDS, packed, absmax)
         return Encoded(codes=packed.reshape(n, -1), scales=absmax.reshape(n, -1), clipped=0)
 
     def decode(self, encoded: Encoded, out: np.ndarray | None = None) -> np.ndarray:
-        codes = unpack_nibbles(encoded.codes, self.nibble_span, self.low_nibble_first)
-        # mode="clip" changes nothing (codes are 0..15) and spares numpy a buffered copy of out.
-        return scale_blocks(np.take(NF4_TABLE, codes, out=out, mode="clip"), encoded.scales)
+        from pipeline.quant.kernels import nf4_decode_blocks
+
+        packed = np.ascontiguousarray(encoded.codes)  # [n, dim / 2]
+        n, dim = packed.shape[0], packed.shape[1] * 2
+        values = np.empty((n, dim), dtype=np.float32) if out is None else out  # [n, dim]
+        scales = np.ascontiguousarray(encoded.scales, dtype=np.float32).reshape(-1)  # [blocks]
+        nf4_decode_blocks(packed.reshape(len(scales), -1), scales, NF4_TABLE, values.reshape(len(scales), -1))
+        return values
