@@ -17,10 +17,11 @@ whose words it measures) and writes:
   ``words_similarity_max_change`` (largest change in the words' cosine table).
 
 Each scheme streams the matrix in row chunks: encode, write, decode, measure, so memory stays
-near one float32 copy of the matrix. The codes are written by a second thread (as raw bytes,
-see :mod:`pipeline.quant.layout`), a chunk is measured while the next is encoded, and the
-neighbours are searched by the engine's bfloat16 screen
-(:class:`pipeline.core.knn.TopK`), whose result is exact.
+near one float32 copy of the matrix. Each core encodes, decodes and measures the error of its
+span of a chunk (the scheme kernels and the error pass of :mod:`pipeline.quant.kernels`); the
+codes are written by a second thread (as raw bytes, see :mod:`pipeline.quant.layout`), and a
+chunk's neighbours are searched while the next is encoded, by the engine's bfloat16 screen
+(:class:`pipeline.core.knn.TopK`, started from the original's neighbours), whose result is exact.
 """
 
 from __future__ import annotations
