@@ -543,3 +543,26 @@ def test_row_errors_keep_a_nan_as_largest():
     restored = np.ones((1, 9), np.float32)
     restored[0, 2] = np.nan
     assert np.isnan(row_errors(original, restored).largest_error[0])
+
+
+def test_compiled_bfloat16_directions_round_as_torch_and_measure_the_residual():
+    from pipeline.core.bfloat16 import bfloat16_directions
+
+    rng = np.random.default_rng(12)
+    rows = (rng.standard_normal((6, 40)) * 10.0 ** rng.integers(-3, 3, (6, 1))).astype(np.float32)
+    rows[2] = 0.0
+    rows[4, 7] = np.inf  # a broken row: its inverse is 0 and inf * 0 is NaN
+    norms = np.sqrt((rows.astype(np.float64) ** 2).sum(axis=1))
+    with np.errstate(divide="ignore"):
+        inverse = np.where(np.isfinite(norms) & (norms > 0), 1 / norms, 0).astype(np.float32)
+    bits = np.empty(rows.shape, np.uint16)
+    largest = bfloat16_directions(rows, inverse, bits)
+    with np.errstate(invalid="ignore"):
+        scaled = rows * inverse[:, None]  # [6, 40] float32, as the kernel computes it
+    expected = torch.from_numpy(scaled).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    rounded = (bits.astype(np.uint32) << 16).view(np.float32)
+    nan = np.isnan(scaled)  # x86 makes inf * 0 the negative NaN, which torch keeps; 0x7FC0 here
+    assert np.array_equal(bits[~nan], expected[~nan]) and np.isnan(rounded[nan]).all() and nan[4, 7]
+    residuals = np.sqrt(((rounded.astype(np.float64) - scaled) ** 2).sum(axis=1))
+    true_largest = np.nanmax(residuals)
+    assert true_largest <= largest <= true_largest * (1 + 1e-6) and largest > 0

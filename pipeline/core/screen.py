@@ -127,6 +127,8 @@ def rounded_directions(
     import torch
 
     n = len(rows)
+    if precision.dtype == torch.bfloat16 and not exact and target.device.type == "cpu":
+        return _bfloat16_directions(rows, inverse, target)
     source, scale = torch.from_numpy(rows), torch.from_numpy(inverse)
     largest = 0.0
     for start in range(0, n, DIRECTION_ROWS):
@@ -142,6 +144,18 @@ def rounded_directions(
             part -= target[start:stop].float()
             largest = max(largest, float(torch.linalg.vector_norm(part, dim=1).max()) * (1 + 1e-3))
     return largest
+
+
+def _bfloat16_directions(rows: np.ndarray, inverse: np.ndarray, target: Any) -> float:
+    """:func:`rounded_directions` into a bfloat16 ``target`` by the compiled pass
+    (:mod:`pipeline.core.bfloat16`). It runs on the calling thread: a few milliseconds a
+    chunk, which queued behind other work on the cores would wait longer than it takes."""
+    import torch
+
+    from pipeline.core.bfloat16 import bfloat16_directions
+
+    bits = target.view(torch.int16).numpy().view(np.uint16)  # [n, dim], the target's memory
+    return bfloat16_directions(np.ascontiguousarray(rows, dtype=np.float32), inverse, bits)
 
 
 class BoundedScreen:
@@ -207,17 +221,37 @@ class BoundedScreen:
         return screen, self.slack(residual, rows.shape[1])
 
     def keep_best(self, screen: Any, start: int, slack: np.ndarray) -> None:
-        """Merge this chunk's screen scores into each query's ``keep`` best.
+        """Merge this chunk's screen scores (torch [s, n]) into each query's ``keep`` best.
 
-        One partition over the kept scores and the chunk's together (numpy's is four times
-        cheaper here than torch.topk).
+        Only a score above a query's lowest kept one can enter, and once the lists are full
+        few do (about keep / chunks seen, per query), so those are gathered first and one
+        partition runs over the kept scores and them (numpy's partition is four times
+        cheaper here than torch.topk). A score equal to the lowest kept one may stay out:
+        every row left out still has a score of at most the lowest kept.
         """
-        scores = np.concatenate([self.kept_scores, screen.float().numpy()], axis=1)  # [s, keep + n]
-        best = np.argpartition(-scores, self.keep - 1, axis=1)[:, : self.keep]  # [s, keep]
-        was_kept = best < self.keep
-        ids = np.where(was_kept, np.take_along_axis(self.kept_ids, np.minimum(best, self.keep - 1), axis=1), best - self.keep + start)
-        self.kept_scores = np.take_along_axis(scores, best, axis=1)
-        self.kept_ids = np.where(self.kept_scores > -np.inf, ids, -1)
+        import torch
+
+        lowest = self.kept_scores.min(axis=1)  # [s]; -inf while a list has room
+        if np.isneginf(lowest).any():  # the first chunks: all of them
+            new_scores = screen.float().numpy()  # [s, n]
+            new_ids = np.broadcast_to(np.arange(start, start + screen.shape[1]), new_scores.shape)
+        else:
+            # Kept scores are screen values, so the comparison is exact in the screen's type.
+            entering = torch.nonzero(screen > torch.from_numpy(lowest).to(screen.dtype)[:, None])  # [m, 2], by query
+            if not len(entering):
+                np.maximum(self.kept_slack, slack, out=self.kept_slack)
+                return
+            query, column = entering[:, 0].numpy(), entering[:, 1].numpy()
+            rank = np.arange(len(query)) - np.searchsorted(query, query)  # place among its query's entries
+            new_scores = np.full((len(lowest), int(rank.max()) + 1), -np.inf, dtype=np.float32)  # [s, width]
+            new_ids = np.full(new_scores.shape, -1, dtype=np.int64)
+            new_scores[query, rank] = screen[entering[:, 0], entering[:, 1]].float().numpy()
+            new_ids[query, rank] = column + start
+        pool_scores = np.concatenate([self.kept_scores, new_scores], axis=1)  # [s, keep + width]
+        best = np.argpartition(-pool_scores, self.keep - 1, axis=1)[:, : self.keep]  # [s, keep]
+        ids = np.concatenate([self.kept_ids, new_ids], axis=1)
+        self.kept_scores = np.take_along_axis(pool_scores, best, axis=1)
+        self.kept_ids = np.where(self.kept_scores > -np.inf, np.take_along_axis(ids, best, axis=1), -1)
         np.maximum(self.kept_slack, slack, out=self.kept_slack)
 
     def candidates(self, screen: Any, slack: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -89,13 +89,13 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
     """uint16: the bit patterns of float32 ``values`` rounded to the nearest bfloat16 (ties to even).
 
     Like torch's float -> bfloat16: add 0x7FFF plus the lowest kept bit, keep the high 16
-    bits; NaN becomes the quiet NaN 0x7FC0 (:func:`pipeline.quant.kernels.bf16_bits`, one pass).
+    bits; NaN becomes the quiet NaN 0x7FC0 (:mod:`pipeline.core.bfloat16`, one pass).
     """
-    from pipeline.quant import kernels
+    from pipeline.core.bfloat16 import bfloat16_bits_of
 
     source = np.ascontiguousarray(values, dtype=np.float32)
     high = np.empty(source.shape, dtype=np.uint16)
-    kernels.bf16_bits(source, high)
+    bfloat16_bits_of(source, high)
     return high
 
 

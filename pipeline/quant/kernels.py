@@ -177,15 +177,3 @@ def nf4_decode_blocks(packed, scales, table, out):  # pragma: no cover - compile
             byte = packed[i, j]
             out[i, 2 * j] = table[byte >> 4] * scale
             out[i, 2 * j + 1] = table[byte & 15] * scale
-
-
-@numba.njit(nogil=True, cache=True)
-def bf16_bits(values, out):  # pragma: no cover - compiled
-    """``out`` (uint16, the shape of float32 ``values``): each value rounded to the nearest
-    bfloat16, ties to even, as its bit pattern; NaN becomes the quiet NaN 0x7FC0."""
-    flat, bits = values.reshape(-1), out.reshape(-1)
-    words = flat.view(np.uint32)
-    for j in range(flat.size):
-        word = words[j]
-        rounded = word + np.uint32(0x7FFF) + ((word >> np.uint32(16)) & np.uint32(1))
-        bits[j] = np.uint16(0x7FC0) if flat[j] != flat[j] else np.uint16(rounded >> np.uint32(16))

@@ -26,6 +26,7 @@ chunk's neighbours are searched while the next is encoded, by the engine's bfloa
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,12 +65,6 @@ from pipeline.quant.measure import (
     RowErrors,
     similarity_table,
 )
-
-# Chunks between two returns of freed memory: the chunk buffers of several threads leave
-# freed pages behind that would otherwise pile up (~0.2 GB over a 1B scheme); refaulting
-# them costs ~2 ms per 32 MB.
-TRIM_EVERY = 8
-
 
 @dataclass(frozen=True)
 class QuantizeSettings:
@@ -228,8 +223,6 @@ class SchemeRun:
                 measured = in_order(self._measure, start, restored, errors, encoded.clipped, sums)
                 yield record_batch(np.arange(start, stop, dtype=np.int32), encoded, schema)
                 bar.update(stop - start)
-                if index % TRIM_EVERY == TRIM_EVERY - 1:
-                    return_freed_memory()
             measured()
         if self.pruned:
             self._finish_neighbours()
@@ -339,12 +332,18 @@ def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), settings.sample_tokens, settings.seed)
     queries = Queries(sample, words, pooling=pooling)
     ref = reference(matrix, queries, settings.recall_k, read_provenance(paths.embeddings).get("source_dtype"), sums)
+    # What exists by now (torch's modules, the reference) lives to the end: the collector's
+    # passes over the chunks' short-lived objects need not walk it again each time.
+    gc.freeze()
     # The words' own params (as the words stage recorded them) say which words were measured.
     words_params = read_provenance(paths.words).get("params", {}).get("words")
     provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
     with output_set():
         metrics = {}
         for scheme in schemes:
+            # Between schemes, not between chunks: the chunks of a scheme reuse the buffers the
+            # threads freed (a page handed back and faulted in again costs more than the
+            # ~0.2 GB they hold over a 1B scheme), and the next scheme starts from none.
             return_freed_memory()
             fitted = scheme.fit(matrix)
             metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
