@@ -428,3 +428,14 @@ def test_block_formats_need_whole_blocks():
     with pytest.raises(DissectError, match=r"nf4 quantizes blocks of 64.*dim is 96"):
         schemes_for(["nf4"], 96)
     assert [s.name for s in schemes_for(["int8_row", "int8_tensor", "fp16"], 7)] == ["int8_row", "int8_tensor", "fp16"]
+
+
+def test_float_casts_take_read_only_arrays_without_a_warning(recwarn):
+    x = np.linspace(-3, 3, 64, dtype=F32).reshape(2, 32)
+    x.flags.writeable = False
+    for name in ("fp16", "bf16"):
+        scheme = SCHEMES[name]()
+        codes = scheme.encode(x).codes
+        codes.flags.writeable = False
+        assert np.array_equal(scheme.decode(Encoded(codes, None, 0)), scheme.round(x.copy()))
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

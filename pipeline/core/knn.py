@@ -290,7 +290,7 @@ def _merge_excluding(
 
 
 SCREENS = ("float32", "bfloat16")
-RESCORE_ROWS = 2048  # rows restored and normalised at a time by :func:`best_of_pairs`
+RESCORE_ROWS = 2048  # rows restored and normalised at a time by :func:`scored_pairs`
 
 
 class TopK:
@@ -317,6 +317,9 @@ class TopK:
       the lowest kept score plus ``candidate_slack + precision.out * |score|``). A kernel
       that broke the bound leaves ``bound_held`` False: then the answer is not to be trusted
       and the caller searches again with ``"float32"``.
+
+    A bounded search whose answer is all but known (a dequantized matrix's, from the
+    original's) can be started from those pairs (:meth:`seed`), so its screens pass few rows.
 
     After :meth:`finish`, ``scores`` [q, k] holds the float64 cosines of the answer.
     """

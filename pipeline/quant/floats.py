@@ -59,17 +59,23 @@ class FP16(FloatCast):
         # converts one value at a time.
         import torch
 
-        source = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        source = torch.from_numpy(_writable(np.ascontiguousarray(rows, dtype=np.float32)))
         return source.to(torch.float16).numpy()
 
     def widen(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         import torch
 
-        halves = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float16))
+        halves = torch.from_numpy(_writable(np.ascontiguousarray(codes, dtype=np.float16)))
         if out is None:
             return halves.float().numpy()
         torch.from_numpy(out).copy_(halves)
         return out
+
+
+def _writable(values: np.ndarray) -> np.ndarray:
+    """``values``, copied if read-only (a memory-mapped matrix, codes read from a file):
+    torch warns on a read-only array even where it only reads it."""
+    return values if values.flags.writeable else values.copy()
 
 
 class BF16(FloatCast):
