@@ -26,7 +26,6 @@ chunk's neighbours are searched while the next is encoded, by the engine's bfloa
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -332,9 +331,6 @@ def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     sample = sample_token_rows(inverse_of_norms(np.concatenate([s.norms for s in sums])), settings.sample_tokens, settings.seed)
     queries = Queries(sample, words, pooling=pooling)
     ref = reference(matrix, queries, settings.recall_k, read_provenance(paths.embeddings).get("source_dtype"), sums)
-    # What exists by now (torch's modules, the reference) lives to the end: the collector's
-    # passes over the chunks' short-lived objects need not walk it again each time.
-    gc.freeze()
     # The words' own params (as the words stage recorded them) say which words were measured.
     words_params = read_provenance(paths.words).get("params", {}).get("words")
     provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
