@@ -276,18 +276,19 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
 LIMITS = {
     "quantize stage (1B, 8 schemes, Parquet and recall): <= 20 s, >= 100 M values/s per scheme pass": (
         "quantize stage: most of it is work whose bytes are fixed (the quant files and quant.json are DVC "
-        "outputs). Profiled on the 1B, not by this run (AMD EPYC, 2 cores, OpenBLAS SkylakeX kernel, "
-        "py-spy thread samples): about 8 CPU-s per coarse scheme, of which the exact neighbour search is "
-        "half (its bfloat16 matmul about 1 s a scheme, 17 GFLOP a chunk of 4096 rows at about 650 GFLOP/s; scaling each "
-        "dequantized row to unit length and rounding it to bfloat16, and the candidates' float64 rescoring, "
-        "the rest), then encode and decode, the float64 error sums (0.7 s a scheme) and the Parquet writer "
-        "(0.3-0.5 s a scheme since the codes are written as raw bytes; it was 2-7 s a scheme with the codes "
-        "as Parquet INT32). On this synthetic matrix (random directions) only fp16 and bf16 take the pruned "
-        "recall: an int8 row moves by up to 0.006-0.013 in unit-vector distance, which opens a window wider "
-        "than the reference's candidate lists, so every other scheme runs the full search (1010 queries "
-        "against 128256 rows). The reference itself is searched once for all schemes. Next: one fused pass "
-        "for the rows' bfloat16 directions and their rounding (numba), and decoding straight into the "
-        "screen's input."
+        "outputs). Profiled on the 1B, not by this run (AMD EPYC, 2 cores, OpenBLAS SkylakeX kernel): before "
+        "the first scheme come reading the matrix (1.6 s), torch's import (1 s) and the reference search "
+        "(about 3 s, once for all schemes). A coarse scheme then takes about 2.2-2.7 s, bound by its measuring "
+        "thread: the exact neighbour search, whose bfloat16 product is about 1 s of it (17 GFLOP a chunk of "
+        "4096 rows at about 550-650 GFLOP/s, 32 chunks), plus the rows' bfloat16 directions (10 ms a chunk, "
+        "one compiled pass) and the candidates' float64 rescoring, while the cores encode, decode and measure "
+        "the next chunk (compiled kernels, 15-50 ms a chunk). On this synthetic matrix (random directions) "
+        "only fp16 and bf16 take the pruned recall: an int8 row moves by up to 0.006-0.013 in unit-vector "
+        "distance, which opens a window wider than the reference's candidate lists, so the six others run the "
+        "full search (1014 queries against 128256 rows), started from the original's neighbours. fp16 and "
+        "bf16 (about 1.6 s each) wait on the Parquet writer: zstd takes about 20 ms a chunk of their 16-bit "
+        "codes and saves 22% of the file. Next: starting a scheme while the previous one's writer and last "
+        "chunk finish."
     ),
     "whole 1B pipeline <= 45 s": "whole 1B pipeline: quantize is about half of it (see its line).",
     "405B-shaped PCA <= 120 s": (
