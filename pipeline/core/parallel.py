@@ -40,8 +40,8 @@ def _pool(workers: int) -> Any:
     if not _POOL:
         from concurrent.futures import ThreadPoolExecutor
 
-        # One more thread than cores: the measuring thread spreads a chunk's error over
-        # the cores while the next chunk is encoded on them.
+        # One more thread than cores: the measuring thread's own spans (rescoring a
+        # chunk's candidates, restoring seed rows) start while the next chunk is encoded.
         _POOL.append(ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="quantize"))
         _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="measure"))
     return _POOL[0]
