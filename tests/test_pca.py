@@ -115,11 +115,32 @@ def test_wide_matrices_solve_in_float32_and_publish_the_same(monkeypatch):
     matrix = separated_matrix(11, 600, 24)
     narrow = fit_pca(matrix, n_components=6)
     monkeypatch.setattr(pca_module, "FLOAT32_EIGH_DIM", 16)  # this width now takes the float32 solve
+    # 24 columns: Lanczos's first block of 24 would pass half the width, so the dense solve runs
     wide = fit_pca(matrix, n_components=6)
     # The refined axes, and so every published coordinate, are the float64 ones.
     assert np.allclose(wide.components[:2], narrow.components[:2], atol=1e-12)
     assert np.array_equal(wide.transform(matrix), narrow.transform(matrix))
     # The other variances within float32's reach of the largest: far inside a ratio's 4 decimals.
+    assert np.allclose(wide.explained_variance, narrow.explained_variance, rtol=0, atol=1e-6 * narrow.explained_variance[0])
+    assert np.array_equal(np.round(wide.explained_variance_ratio, 4), np.round(narrow.explained_variance_ratio, 4))
+
+
+def test_wide_matrices_solved_by_lanczos_publish_the_same(monkeypatch):
+    import pipeline.core.lanczos as lanczos
+    import pipeline.core.pca as pca_module
+
+    matrix = separated_matrix(13, 3000, 64)
+    narrow = fit_pca(matrix, n_components=6)
+    monkeypatch.setattr(pca_module, "FLOAT32_EIGH_DIM", 16)
+    monkeypatch.setattr(lanczos, "BLOCK", 4)  # so the basis stays below half the width
+
+    def no_dense_solve(*args, **kwargs):
+        raise AssertionError("the dense solve ran: Lanczos did not converge")
+
+    monkeypatch.setattr(pca_module, "_top_eigh", no_dense_solve)
+    wide = fit_pca(matrix, n_components=6)
+    assert np.allclose(wide.components[:2], narrow.components[:2], atol=1e-12)
+    assert np.array_equal(wide.transform(matrix), narrow.transform(matrix))
     assert np.allclose(wide.explained_variance, narrow.explained_variance, rtol=0, atol=1e-6 * narrow.explained_variance[0])
     assert np.array_equal(np.round(wide.explained_variance_ratio, 4), np.round(narrow.explained_variance_ratio, 4))
 

@@ -3,9 +3,11 @@
 The rows are centred on their mean and the dim x dim covariance is accumulated block by
 block (X^T X of the centred rows as a symmetric rank-k update, multiplied in float32 and
 summed in float64, never more than one block in memory); LAPACK's MRRR eigensolver then
-computes only the leading eigenvectors. That costs one pass over the matrix plus a
+computes only the leading eigenvectors (from width FLOAT32_EIGH_DIM on, block Lanczos
+does, :mod:`pipeline.core.lanczos`). That costs one pass over the matrix plus a
 tridiagonal reduction of size dim, far less than an SVD of the whole [vocab, dim] matrix.
-Nothing is random, so the fit needs no seed. Fits on fewer rows than dimensions (the word
+The two axes every token is projected on are then refined in float64 so that they do not
+depend on the BLAS kernel; no seed is needed. Fits on fewer rows than dimensions (the word
 vectors) use an SVD of the centred rows instead, which is exact and cheaper there.
 
 An axis's sign is arbitrary in any PCA; here each component is flipped so that its
@@ -92,16 +94,16 @@ def fit_pca(
     screen = _upper_float32(scatter)  # [dim, dim]: the covariance as the refinement below solves with it
     # One more axis than refined, so the refinement knows the gap below the last refined one.
     solved = min(dim, max(keep, REFINED_AXES + 1))
-    # One opaque LAPACK call: seconds at dim 2048, minutes at 16384; the bar shows it runs.
-    with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
-        if dim >= FLOAT32_EIGH_DIM:
-            del scatter  # the float32 copy is all the solve and the refinement need
-            eigenvalues, eigenvectors = _top_eigh(screen.copy(order="F"), solved)
-        else:
-            eigenvalues, eigenvectors = _top_eigh(scatter, solved)  # [solved] descending, [dim, solved]
-            del scatter
-        bar.update(1)
     refined = min(REFINED_AXES, keep)
+    if dim >= FLOAT32_EIGH_DIM:
+        del scatter  # the float32 copy is all the solve and the refinement need
+        eigenvalues, eigenvectors = _top_eigh_wide(screen, solved, refined, show_progress)
+    else:
+        # One LAPACK call, half a second at dim 2048; the bar shows it runs.
+        with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
+            eigenvalues, eigenvectors = _top_eigh(scatter, solved)  # [solved] descending, [dim, solved]
+            bar.update(1)
+        del scatter
     eigenvalues[:refined], eigenvectors[:, :refined] = refine_axes(
         matrix, mean, screen, eigenvalues, eigenvectors[:, :refined]
     )
@@ -110,13 +112,19 @@ def fit_pca(
     return _pca(mean, fix_signs(axes.T), variance, total)
 
 
-# From this width on, the eigenvectors are solved from the float32 covariance (ssyevr): the
-# tridiagonal reduction is memory-bound, one thread, d^3 work, and half the bytes take half
-# the time (dim 6144 here: 13 s against 25 s). What that costs stays below what the pipeline
-# publishes: the eigenvalues move by ~1e-7 of the largest (the float32 block products of the
-# covariance already leave that much), and the refined axes are made exact in float64 below.
-# Narrower matrices (every packaged model, the 1B) keep the float64 solve.
+# From this width on, the eigenvectors are solved from the float32 covariance, by block
+# Lanczos (:mod:`pipeline.core.lanczos`: products with 64 vectors at a time at the GEMM
+# rate; the 51 leading pairs of the 405B-shaped [128256, 16384] covariance in 1408 basis
+# vectors) where a dense solve's tridiagonal reduction would take minutes on one thread.
+# Half the bytes also halve what the memory-bound dense fallback reads (dim 6144: 13 s
+# against 25 s in float64). What float32 costs stays below what the pipeline publishes: the
+# eigenvalues move by ~1e-7 of the largest (the float32 block products of the covariance
+# already leave that much), and the refined axes are made exact in float64 below.
+# Narrower matrices (every packaged model, the 1B) keep the dense float64 solve.
 FLOAT32_EIGH_DIM = 4096
+# Lanczos gives up, for the dense solve, past this share of the width: near the whole space
+# a dense solve is cheaper than the basis (and on a spectrum with no gaps it never converges).
+LANCZOS_MAX_SHARE = 0.5
 
 # The axes that every token is projected on (pca.parquet, atlas.parquet, undertrained) are
 # refined to float64 precision; the others only give explained variances.
@@ -200,13 +208,23 @@ def _refined(
 
 
 def _covariance_times(matrix: np.ndarray, mean: np.ndarray, axes: np.ndarray, block_rows: int) -> np.ndarray:
-    """[dim, r] covariance times ``axes`` [dim, r], from the rows centred in float64: X_c^T (X_c V) / (n - 1)."""
-    out = np.zeros(axes.shape)
-    for _, block in iter_blocks(matrix, block_rows):
-        centred = block.astype(np.float64)
-        centred -= mean
-        out += centred.T @ (centred @ axes)
-    return out / max(matrix.shape[0] - 1, 1)
+    """[dim, r] covariance times ``axes`` [dim, r], from the rows centred in float64: X_c^T (X_c V) / (n - 1).
+
+    Each core sums its own span of rows; how the rows are split moves the float64 sum by
+    rounding only (~1e-16), which the refinement's convergence leaves far below what it publishes.
+    """
+    from pipeline.core.parallel import span_map
+
+    def span_product(span: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(axes.shape)  # [dim, r]
+        for _, block in iter_blocks(matrix[span[0] : span[1]], block_rows):
+            centred = block.astype(np.float64)
+            centred -= mean
+            out += centred.T @ (centred @ axes)
+        return out
+
+    parts = span_map(span_product, matrix.shape[0])
+    return sum(parts[1:], parts[0]) / max(matrix.shape[0] - 1, 1)
 
 
 def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -282,8 +300,10 @@ def _summed_block_products(
     syrk = blas.dsyrk if shift.dtype == np.float64 else blas.ssyrk
     scatter = np.zeros((dim, dim), order="F")  # [dim, dim] float64
     product = np.zeros((dim, dim), dtype=shift.dtype, order="F")  # [dim, dim], reused by every block
+    # One buffer for every block's centred rows: a fresh 64 MiB array each block costs its page faults again.
+    centring = np.empty((min(block_rows, matrix.shape[0]), dim), dtype=shift.dtype)  # [block, dim]
     for _, block in iter_blocks(matrix, block_rows):
-        centred = np.subtract(block, shift, dtype=shift.dtype)  # [block, dim]
+        centred = np.subtract(block, shift, out=centring[: len(block)], dtype=shift.dtype)  # [block, dim]
         # centred.T is a Fortran-order view, so BLAS takes it without a copy.
         product = syrk(1.0, centred.T, beta=0.0, c=product, overwrite_c=1, lower=0)
         scatter += product
@@ -307,6 +327,30 @@ def _summed_block_products_on(
         scatter += (centred.T @ centred).double()
         progress(len(block))
     return np.asfortranarray(scatter.cpu().numpy())
+
+
+def _top_eigh_wide(screen: np.ndarray, keep: int, leading: int, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top_eigh` for a wide float32 covariance ``screen`` (upper triangle, Fortran
+    order, not overwritten): block Lanczos, or the dense solve where Lanczos does not converge."""
+    from scipy.linalg import blas
+
+    from pipeline.core.lanczos import leading_eigenpairs
+
+    dim = screen.shape[0]
+
+    def product(block: np.ndarray) -> np.ndarray:  # [dim, b] -> [dim, b]
+        return blas.ssymm(1.0, screen, np.asfortranarray(block, dtype=np.float32), side=0, lower=0).astype(np.float64)
+
+    max_columns = int(dim * LANCZOS_MAX_SHARE)
+    desc = f"PCA eigenvectors ({keep} of {dim}, Lanczos basis)"
+    with progress_bar(total=max_columns, desc=desc, unit="vectors", enabled=show_progress) as bar:
+        solved = leading_eigenpairs(product, dim, keep, leading, max_columns, bar.update)
+    if solved is not None:
+        return solved
+    with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim}, dense)", unit="solve", enabled=show_progress) as bar:
+        dense = _top_eigh(screen.copy(order="F"), keep)
+        bar.update(1)
+    return dense
 
 
 def _top_eigh(covariance_upper: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:

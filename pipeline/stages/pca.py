@@ -18,12 +18,12 @@ Reads ``artifacts/<name>/embeddings.parquet`` and ``words.parquet`` and writes b
 The fit is exact and deterministic, so the same matrix gives the same bytes every run:
 the rows are centred on their mean and the dim x dim covariance is accumulated block by
 block (X^T X of the centred rows as a symmetric rank-k update, multiplied in float32 and
-summed in float64, never more than one block in memory); LAPACK's MRRR eigensolver then
-computes only the leading ``pca.n_components`` eigenvectors. That costs one pass over the
-matrix plus a tridiagonal reduction of size dim, far less than an SVD of the whole
-[vocab, dim] matrix. Nothing is random, so the fit needs no seed. Fits on fewer rows than
-dimensions (the word vectors) use an SVD of the centred rows instead, which is exact and
-cheaper there.
+summed in float64, never more than one block in memory); the leading
+``pca.n_components`` eigenpairs come from LAPACK's MRRR eigensolver, or from block
+Lanczos on matrices 4096 or more wide (:mod:`pipeline.core.pca` has the details). That
+costs one pass over the matrix plus a solve of size dim, far less than an SVD of the whole
+[vocab, dim] matrix. The fit needs no seed. Fits on fewer rows than dimensions (the word
+vectors) use an SVD of the centred rows instead, which is exact and cheaper there.
 
 An axis's sign is arbitrary in any PCA; here each component is flipped so that its
 largest-|loading| element is positive (the first such element if several tie).
