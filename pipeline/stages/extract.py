@@ -15,6 +15,7 @@ bytes it hashed (:func:`check_sources`), opens the weights once with the format'
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -228,12 +229,18 @@ def run(paths: ModelPaths, settings: ExtractSettings) -> dict:
 
     manifest = read_manifest(paths)
     stats = check_sources(paths, manifest)
-    tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
-    embedding = read_embedding(manifest["format"], Path(manifest["weights"]), settings.model.tensor)
-    check_unchanged(paths, stats)
-    vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name, manifest["tokenizer"].get("from"))
+    # The weights are read, converted and hashed on a thread of their own (numpy and hashlib
+    # release the GIL) while this one builds the tokenizer and its vocabulary, which is Python.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as weights:
+        reading = weights.submit(read_embedding, manifest["format"], Path(manifest["weights"]), settings.model.tensor)
+        hashing = weights.submit(lambda: matrix_sha256(reading.result().matrix))
+        tokenizer = load_tokenizer(manifest["tokenizer"]["kind"], Path(manifest["tokenizer"]["path"]))
+        embedding = reading.result()
+        check_unchanged(paths, stats)
+        vocab = vocabulary_for(tokenizer, embedding.matrix.shape[0], paths.name, manifest["tokenizer"].get("from"))
+        matrix_hash = hashing.result()
     stage_params = {"model": settings.model.weights_entry, "extract": as_params(settings.options)}
-    record = provenance(paths.name, manifest, embedding, vocab, matrix_sha256(embedding.matrix), stage_params)
+    record = provenance(paths.name, manifest, embedding, vocab, matrix_hash, stage_params)
 
     schema = with_provenance(embeddings_schema(embedding.matrix.shape[1]), record)
     rows_per_group = settings.options.row_group_size
