@@ -621,21 +621,34 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     resident = Resident(unit)  # [n, dim], where the products run
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
-    with progress_bar(total=len(starts) * (len(starts) + 1) // 2, desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
-        for start in starts:
-            rows = np.arange(start, min(start + block_rows, n))
-            tile = _tile(resident, rows, rows)
-            _merge_excluding(state, _candidates_per_row(tile, rows, start, state, 1), not_self)
+    spans = [np.arange(start, min(start + block_rows, n)) for start in starts]
+    # Diagonal tiles first, then the ones above the diagonal, row of tiles by row of tiles.
+    pairs = [(rows, rows) for rows in spans] + [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :]]
+    with progress_bar(total=len(pairs), desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
+        for (rows_a, rows_b), tile in _tiles_ahead(resident, pairs):  # [a rows, b rows], entries not yet clipped
+            if rows_a[0] == rows_b[0]:
+                _merge_excluding(state, _candidates_per_row(_clipped(tile), rows_a, rows_a[0], state, 1), not_self)
+            else:
+                state.merge(*_candidates_per_row(tile, rows_a, int(rows_b[0]), state, 0))
+                state.merge(*_candidates_per_column(tile, int(rows_a[0]), rows_b, state))
             bar.update(1)
-        for a, start_a in enumerate(starts):
-            rows_a = np.arange(start_a, min(start_a + block_rows, n))
-            for start_b in starts[a + 1 :]:
-                rows_b = np.arange(start_b, min(start_b + block_rows, n))
-                tile = _tile(resident, rows_a, rows_b, clip=False)  # [a rows, b rows], entries not yet clipped
-                state.merge(*_candidates_per_row(tile, rows_a, start_b, state, 0))
-                state.merge(*_candidates_per_column(tile, start_a, rows_b, state))
-                bar.update(1)
     return exact_top_k(state, unit, unit)
+
+
+def _tiles_ahead(unit: Resident, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
+    """(pair, tile) for each pair of row spans, in order, the next tile's product running on a
+    thread of its own while the caller screens this one: the screen is numpy on one core,
+    which would otherwise leave the other idle between products. Nothing the caller
+    computes depends on when a product ran, so the order of the results is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiles") as products:
+        ahead = [(pair, products.submit(_tile, unit, *pair, False)) for pair in pairs[:1]]
+        for i, pair in enumerate(pairs):
+            if i + 1 < len(pairs):
+                ahead.append((pairs[i + 1], products.submit(_tile, unit, *pairs[i + 1], False)))
+            done, product = ahead.pop(0)
+            yield done, product.result()
 
 
 def _tile(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
@@ -701,5 +714,5 @@ def exact_top_k(state: RunningTopK, queries: np.ndarray, keys: np.ndarray) -> Ne
     from pipeline.core.determinism import top_k_pairs
 
     query, found = state.candidates()
-    ids, cosines = top_k_pairs(query, found, _cosines(queries, query, keys, found), len(state.ids), state.k)
+    ids, cosines = top_k_pairs(query, found, _cosines_on_cores(queries, query, keys, found), len(state.ids), state.k)
     return _published(ids, cosines)
