@@ -54,8 +54,9 @@ def leading_eigenpairs(
     keep = min(keep, dim)
     block = min(BLOCK, dim)
     columns = min(max_columns, dim)
-    basis = np.empty((dim, columns))  # [dim, columns] orthonormal
-    images = np.empty((dim, columns))  # [dim, columns]: C @ basis
+    # Column-major, so the filled part basis[:, :m] is one contiguous array for BLAS.
+    basis = np.empty((dim, columns), order="F")  # [dim, columns] orthonormal
+    images = np.empty((dim, columns), order="F")  # [dim, columns]: C @ basis
     projected = np.zeros((columns, columns))  # basis^T C basis, upper triangle filled
     start = np.random.default_rng(START_SEED).standard_normal((dim, block))  # [dim, block]
     current, _ = np.linalg.qr(start)

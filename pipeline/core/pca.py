@@ -29,6 +29,9 @@ from pipeline.core.knn import iter_blocks
 from pipeline.core.progress import progress_bar
 
 BLOCK_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB per block; fewer, larger products keep syrk near its peak
+# Rows projected at a time: their float64 copy is 32 MiB, which the allocator reuses block
+# after block (a fresh GiB per block at width 16384 spent most of the projection in page faults).
+TRANSFORM_BLOCK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Pca:
     explained_variance: np.ndarray  # [n_axes] float64, ddof = 1
     explained_variance_ratio: np.ndarray  # [n_axes] float64
 
-    def transform(self, rows: np.ndarray, n: int = 2, block_rows: int = BLOCK_ROWS, published: bool = True) -> np.ndarray:
+    def transform(self, rows: np.ndarray, n: int = 2, block_rows: int | None = None, published: bool = True) -> np.ndarray:
         """Coordinates of ``rows`` [m, dim] on the first ``n`` axes: (rows - mean) @ components[:n].T.
 
         Axes the fit does not have (fewer rows than n + 1) give coordinate 0. ``published``:
@@ -51,10 +54,18 @@ class Pca:
         """
         from pipeline.core.determinism import quantize, scale_quantum
 
+        from pipeline.core.parallel import chunk_map
+
         axes = self.components[:n]  # [<=n, dim]
         out = np.zeros((rows.shape[0], n), dtype=np.float64)  # [m, n]
-        for start, block in iter_blocks(rows, block_rows):
-            out[start : start + len(block), : len(axes)] = (block.astype(np.float64) - self.mean) @ axes.T
+
+        def project(start: int, stop: int) -> None:
+            centred = rows[start:stop].astype(np.float64)  # [block, dim]
+            centred -= self.mean
+            out[start:stop, : len(axes)] = centred @ axes.T
+
+        # Blocks of a fixed size whatever the core count, each projected alone: the same bits on any number of cores.
+        chunk_map(project, rows.shape[0], block_rows or max(1, TRANSFORM_BLOCK_ELEMENTS // max(rows.shape[1], 1)))
         if published:
             out[:, : len(axes)] = quantize(out[:, : len(axes)], scale_quantum(np.sqrt(self.explained_variance[: len(axes)])))
         return out
