@@ -296,10 +296,12 @@ LIMITS = {
         "covariance's syrk alone the GEMM-rate time on its line (3.4e13 FLOP; OpenBLAS's ssyrk ran these "
         "8192-row blocks at 390 GFLOP/s with the SkylakeX kernel, 190 with Haswell), which leaves about 10 s "
         "of the 120 for everything else. The 51 leading eigenpairs come from block Lanczos on the float32 "
-        "covariance (1408 basis vectors, 22 products with 64 vectors at a time, 17-21 s) where ssyevr's "
+        "covariance (1408 basis vectors, 22 products with 64 vectors at a time, 15.6 s) where ssyevr's "
         "tridiagonal reduction took 208 s on one thread; the float64 refinement of the two projected axes "
-        "(three passes over the matrix, now split over the cores, and conjugate-gradient solves on the "
-        "covariance) took 22 s. Profiled on the same machine as this run, phase by phase."
+        "(two passes over the matrix split over the cores, 3.2-3.4 s each, and conjugate-gradient solves on "
+        "the covariance, 3.3 s) 10 s; the column mean 1.2 s. Profiled on the same machine as this run, phase "
+        "by phase; the read's time swings with the virtual machine's memory (populating the 8.4 GB matrix "
+        "took 12.7 s in one process and 3.2 s in the next)."
     ),
     "PCA (1B): >= 80% of the fp32 GEMM rate (the covariance's syrk)": (
         "PCA (1B): the syrk itself runs at about 80% of the GEMM rate on these 8192 x 2048 blocks (315-326 "
@@ -309,8 +311,14 @@ LIMITS = {
         "kernel-independent (0.37 s)."
     ),
     "neighbours, all pairs: >= 80% of the fp32 GEMM rate": (
-        "neighbours, all pairs: after each tile's matmul, a comparison pass over the tile against the running "
-        "k-th cosines and the float64 rescoring of the few survivors (single-threaded numpy) cost beyond the GEMM."
+        "neighbours, all pairs: the tiles' products alone take the limit's time (6.2 s); profiled on this "
+        "machine, the rest was 2.9 s of single-threaded numpy: the diagonal tiles' per-row top-k (np.partition, "
+        "0.95 s), merging candidates into the running top-k (a lexsort, 0.8 s), the comparison passes of the "
+        "other tiles against the running k-th cosines (0.7 s) and the float64 rescoring of the survivors (1.2 s). "
+        "The next tile's product now runs while a tile is screened and the rescoring is shared among the cores; "
+        "the screen and the merges are still one core's numpy, and OpenBLAS splits a product evenly between "
+        "both cores, so a product that shares a core with the screen waits for it. Next: the comparison "
+        "passes and the merge as one compiled pass over each tile."
     ),
     "Q4_K → float32 within 1.5x a memory copy of the output": (
         "F16, Q4_0, Q4_K, Q6_K: fused numba kernels (pipeline/formats/fused.py) read each block once and write "
