@@ -315,10 +315,11 @@ LIMITS = {
         "machine, the rest was 2.9 s of single-threaded numpy: the diagonal tiles' per-row top-k (np.partition, "
         "0.95 s), merging candidates into the running top-k (a lexsort, 0.8 s), the comparison passes of the "
         "other tiles against the running k-th cosines (0.7 s) and the float64 rescoring of the survivors (1.2 s). "
-        "The next tile's product now runs while a tile is screened and the rescoring is shared among the cores; "
-        "the screen and the merges are still one core's numpy, and OpenBLAS splits a product evenly between "
-        "both cores, so a product that shares a core with the screen waits for it. Next: the comparison "
-        "passes and the merge as one compiled pass over each tile."
+        "The rescoring is shared among the cores; the screen and the merges are still one core's numpy. Running "
+        "the next tile's product on a thread of its own while a tile is screened was tried and gained nothing "
+        "(OpenBLAS splits a product evenly between both cores, so a product that shares a core with the screen "
+        "waits for it), so the tiles run one after another. Next: the comparison passes and the merge as one "
+        "compiled pass over each tile."
     ),
     "Q4_K → float32 within 1.5x a memory copy of the output": (
         "F16, Q4_0, Q4_K, Q6_K: fused numba kernels (pipeline/formats/fused.py) read each block once and write "

@@ -145,6 +145,31 @@ def test_wide_matrices_solved_by_lanczos_publish_the_same(monkeypatch):
     assert np.array_equal(np.round(wide.explained_variance_ratio, 4), np.round(narrow.explained_variance_ratio, 4))
 
 
+def test_covariance_has_the_same_bits_on_any_number_of_cores(monkeypatch):
+    import pipeline.core.parallel as parallel
+    import pipeline.core.pca as pca_module
+
+    # 600-row blocks are centred by every core; 300 columns are summed in two tasks of ADD_COLUMNS.
+    matrix = separated_matrix(5, 700, 300)
+    found = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(parallel, "worker_count", lambda workers=workers: workers)
+        mean = pca_module._column_mean(matrix, 600)
+        scatter, spare = pca_module._scatter(matrix, mean, 600, lambda rows: None)
+        found.append((mean, scatter, pca_module._upper_float32(scatter, spare)))
+    for mean, scatter, screen in found[1:]:
+        assert np.array_equal(mean, found[0][0])
+        assert np.array_equal(scatter, found[0][1])
+        assert np.array_equal(screen, found[0][2]) and screen.dtype == np.float32 and screen.flags.f_contiguous
+    wide = matrix.astype(np.float64)
+    centred = wide - wide.mean(axis=0)
+    expected = centred.T @ centred  # [dim, dim], float64 throughout
+    scatter = found[0][1]
+    # float32 products summed in float64: within float32 rounding of the largest entry
+    assert np.allclose(np.triu(scatter), np.triu(expected), rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert not np.tril(scatter, -1).any()  # only the upper triangle is ever written
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 80), dim=st.integers(2, 10))
 def test_invariants(seed, rows, dim):

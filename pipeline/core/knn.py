@@ -625,7 +625,8 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     # Diagonal tiles first, then the ones above the diagonal, row of tiles by row of tiles.
     pairs = [(rows, rows) for rows in spans] + [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :]]
     with progress_bar(total=len(pairs), desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
-        for (rows_a, rows_b), tile in _tiles_ahead(resident, pairs):  # [a rows, b rows], entries not yet clipped
+        for rows_a, rows_b in pairs:
+            tile = _product(resident, rows_a, rows_b)  # [a rows, b rows], entries not yet clipped
             if rows_a[0] == rows_b[0]:
                 _merge_excluding(state, _candidates_per_row(_clipped(tile), rows_a, rows_a[0], state, 1), not_self)
             else:
@@ -635,25 +636,8 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     return exact_top_k(state, unit, unit)
 
 
-def _tiles_ahead(unit: Resident, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]:
-    """(pair, tile) for each pair of row spans, in order, the next tile's product running on a
-    thread of its own while the caller screens this one: the screen is numpy on one core,
-    which would otherwise leave the other idle between products. Nothing the caller
-    computes depends on when a product ran, so the order of the results is unchanged."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiles") as products:
-        ahead = [(pair, products.submit(_tile, unit, *pair, False)) for pair in pairs[:1]]
-        for i, pair in enumerate(pairs):
-            if i + 1 < len(pairs):
-                ahead.append((pairs[i + 1], products.submit(_tile, unit, *pairs[i + 1], False)))
-            done, product = ahead.pop(0)
-            yield done, product.result()
-
-
-def _tile(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, clip: bool = True) -> np.ndarray:
-    tile = unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1))  # [a, b] float32
-    return np.clip(tile, -1.0, 1.0, out=tile) if clip else tile
+def _product(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    return unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1))  # [a, b] float32
 
 
 def _candidates_per_column(

@@ -69,20 +69,31 @@ def leading_eigenpairs(
         filled += width
         projected[:filled, filled - width : filled] = basis[:, :filled].T @ image
         progress(width)
+        more = filled < dim and filled + min(block, dim - filled) <= columns
+        # What the last block's image adds outside the basis: the next block's directions, and
+        # (times a Ritz vector's last coefficients) that vector's residual in exact arithmetic.
+        fresh = _orthogonalised(basis[:, :filled], image) if more else None  # [dim, width]
         if filled >= keep + block:
-            solved = _ritz_pairs(basis[:, :filled], images[:, :filled], projected[:filled, :filled], keep, leading)
+            solved = _ritz_pairs(basis[:, :filled], images[:, :filled], projected[:filled, :filled], keep, leading, fresh)
             if solved is not None:
                 return solved
-        if filled == dim:
+        if not more:
             break
-        current = _next_block(basis[:, :filled], image, min(block, dim - filled))
+        current = _next_block(basis[:, :filled], fresh, image, min(block, dim - filled))
     return None
 
 
 def _ritz_pairs(
-    basis: np.ndarray, images: np.ndarray, projected_upper: np.ndarray, keep: int, leading: int
+    basis: np.ndarray, images: np.ndarray, projected_upper: np.ndarray, keep: int, leading: int,
+    fresh: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The ``keep`` leading Ritz pairs in span(basis) if they are accurate enough, else None."""
+    """The ``keep`` leading Ritz pairs in span(basis) if they are accurate enough, else None.
+
+    ``fresh`` [dim, b]: the last block's image orthogonalised against the basis. In exact
+    arithmetic a Ritz vector's residual is ``fresh`` times its last b coefficients, which
+    costs nothing to form; the true residual (from every image, so it counts the products'
+    rounding too) is only computed once that estimate passes.
+    """
     from scipy.linalg import eigh
 
     m = projected_upper.shape[0]
@@ -90,23 +101,28 @@ def _ritz_pairs(
         projected_upper, lower=False, subset_by_index=[m - keep, m - 1], driver="evr", check_finite=False
     )  # ascending
     values, rotation = values[::-1], rotation[:, ::-1]
+    scale = max(values[0], np.finfo(float).tiny)
+    if fresh is not None and not _accurate(np.linalg.norm(fresh @ rotation[m - fresh.shape[1] :], axis=0) / scale, leading):
+        return None
     vectors = basis @ rotation  # [dim, keep]
     residual = images @ rotation - vectors * values  # [dim, keep]
-    size = np.linalg.norm(residual, axis=0) / max(values[0], np.finfo(float).tiny)  # [keep]
-    if size.max() <= ALL_TOLERANCE and size[:leading].max(initial=0.0) <= LEADING_TOLERANCE:
-        return values, vectors
-    return None
+    return (values, vectors) if _accurate(np.linalg.norm(residual, axis=0) / scale, leading) else None
 
 
-def _next_block(basis: np.ndarray, image: np.ndarray, width: int) -> np.ndarray:
-    """The part of ``image`` orthogonal to ``basis``, orthonormalised: the next basis block.
+def _accurate(size: np.ndarray, leading: int) -> bool:
+    """Every relative residual in ``size`` [keep] within ALL_TOLERANCE, the first ``leading`` within LEADING_TOLERANCE."""
+    return bool(size.max() <= ALL_TOLERANCE and size[:leading].max(initial=0.0) <= LEADING_TOLERANCE)
+
+
+def _next_block(basis: np.ndarray, fresh: np.ndarray, image: np.ndarray, width: int) -> np.ndarray:
+    """``fresh``, the part of the last ``image`` orthogonal to ``basis``, orthonormalised (its
+    first ``width`` columns): the next basis block.
 
     Where the image has no new direction left (C's range is exhausted, or two columns
     coincide) a column is replaced by a fixed pseudo-random one made orthogonal to the
     basis, so the search goes on in the rest of the space.
     """
-    fresh = _orthogonalised(basis, image[:, :width])
-    current, triangle = np.linalg.qr(fresh)  # [dim, width]
+    current, triangle = np.linalg.qr(fresh[:, :width])  # [dim, width]
     scale = np.linalg.norm(image, axis=0).max(initial=0.0)
     lost = np.abs(np.diag(triangle)) <= 1e-10 * max(scale, np.finfo(float).tiny)
     if lost.any():

@@ -26,12 +26,20 @@ import numpy as np
 from pipeline.core.device import compute_device
 from pipeline.core.errors import DissectError
 from pipeline.core.knn import iter_blocks
+from pipeline.core.parallel import chunk_map, span_map
 from pipeline.core.progress import progress_bar
 
 BLOCK_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB per block; fewer, larger products keep syrk near its peak
-# Rows projected at a time: their float64 copy is 32 MiB, which the allocator reuses block
-# after block (a fresh GiB per block at width 16384 spent most of the projection in page faults).
-TRANSFORM_BLOCK_ELEMENTS = 2**22
+# Values converted to float64 at a time where rows are centred for a thin product (the
+# projection, the refinement's passes): 2 MiB, so a block stays in cache between its
+# conversion and its products. 32 MiB blocks took three times as long (0.65 s against 0.2 s
+# to project the 1B, 3.5 s against 1.1 s at width 16384), 8 MiB ones twice.
+CACHE_BLOCK_ELEMENTS = 2**18
+
+
+def cache_block_rows(dim: int) -> int:
+    """Rows of width ``dim`` in one CACHE_BLOCK_ELEMENTS block (at least one)."""
+    return max(1, CACHE_BLOCK_ELEMENTS // max(dim, 1))
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,6 @@ class Pca:
         """
         from pipeline.core.determinism import quantize, scale_quantum
 
-        from pipeline.core.parallel import chunk_map
-
         axes = self.components[:n]  # [<=n, dim]
         out = np.zeros((rows.shape[0], n), dtype=np.float64)  # [m, n]
 
@@ -65,7 +71,7 @@ class Pca:
             out[start:stop, : len(axes)] = centred @ axes.T
 
         # Blocks of a fixed size whatever the core count, each projected alone: the same bits on any number of cores.
-        chunk_map(project, rows.shape[0], block_rows or max(1, TRANSFORM_BLOCK_ELEMENTS // max(rows.shape[1], 1)))
+        chunk_map(project, rows.shape[0], block_rows or cache_block_rows(rows.shape[1]))
         if published:
             out[:, : len(axes)] = quantize(out[:, : len(axes)], scale_quantum(np.sqrt(self.explained_variance[: len(axes)])))
         return out
@@ -99,10 +105,10 @@ def fit_pca(
         return _first_axes(_fit_by_svd(matrix), keep)
     mean = _column_mean(matrix, block_rows)
     with progress_bar(total=n, desc="PCA covariance", unit="rows", enabled=show_progress) as bar:
-        scatter = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
+        scatter, spare = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
-    screen = _upper_float32(scatter)  # [dim, dim]: the covariance as the refinement below solves with it
+    screen = _upper_float32(scatter, spare)  # [dim, dim]: the covariance as the refinement below solves with it
     # One more axis than refined, so the refinement knows the gap below the last refined one.
     solved = min(dim, max(keep, REFINED_AXES + 1))
     refined = min(REFINED_AXES, keep)
@@ -110,10 +116,7 @@ def fit_pca(
         del scatter  # the float32 copy is all the solve and the refinement need
         eigenvalues, eigenvectors = _top_eigh_wide(screen, solved, refined, show_progress)
     else:
-        # One LAPACK call, half a second at dim 2048; the bar shows it runs.
-        with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim})", unit="solve", enabled=show_progress) as bar:
-            eigenvalues, eigenvectors = _top_eigh(scatter, solved)  # [solved] descending, [dim, solved]
-            bar.update(1)
+        eigenvalues, eigenvectors = _top_eigh_shown(scatter, solved, f"PCA eigenvectors ({keep} of {dim})", show_progress)
         del scatter
     eigenvalues[:refined], eigenvectors[:, :refined] = refine_axes(
         matrix, mean, screen, eigenvalues, eigenvectors[:, :refined]
@@ -144,7 +147,6 @@ REFINE_PASSES = 5  # passes over the matrix at most; two at float32 screen error
 CONVERGED = 1e-11  # a residual this small (relative to the top variance) needs one last correction only
 CG_STEPS = 2000
 CG_TOLERANCE = 1e-10
-REFINE_BLOCK_ELEMENTS = 2**18  # rows centred in float64 at a time: 2 MiB, so they stay in cache
 
 
 def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
@@ -159,9 +161,14 @@ def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
     return np.column_stack([first, rest])
 
 
-def _upper_float32(scatter: np.ndarray) -> np.ndarray:
-    """float32 copy, Fortran order, of the upper triangle of ``scatter`` (half the memory of float64)."""
-    return np.asfortranarray(scatter, dtype=np.float32)
+def _upper_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy, Fortran order, of the upper triangle of ``scatter`` (half the memory of float64),
+    written into ``spare`` (float32 [dim, dim], Fortran order) when given: at width 16384 a
+    fresh GiB costs the first touch of every page again."""
+    if spare is None:
+        return np.asfortranarray(scatter, dtype=np.float32)
+    np.copyto(spare, scatter, casting="same_kind")
+    return spare
 
 
 def refine_axes(
@@ -172,7 +179,7 @@ def refine_axes(
     ``vectors`` [dim, r] come from the covariance accumulated in float32 (``screen``, its
     upper triangle), whose last bits, and so the axes' last ~7 digits, depend on the BLAS
     kernel and thread count. Each pass over the matrix computes C V exactly enough in
-    float64 (the centred rows in float64, a few hundred at a time so they stay in cache, two
+    float64 (the centred rows in float64, 2 MiB of them at a time so they stay in cache, two
     thin products per block, on one BLAS thread), a Rayleigh-Ritz step
     in span(V) and the residuals R = C V - V diag(mu); the correction t of each axis solves
     (mu - screen) t = r orthogonally to V (conjugate gradients on the float32 covariance:
@@ -191,7 +198,7 @@ def refine_axes(
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):  # thin products: one thread is faster, and steady
-        return _refined(matrix, mean, screen, values[:r], vectors, max(64, REFINE_BLOCK_ELEMENTS // dim))
+        return _refined(matrix, mean, screen, values[:r], vectors, cache_block_rows(dim))
 
 
 def _refined(
@@ -224,14 +231,17 @@ def _covariance_times(matrix: np.ndarray, mean: np.ndarray, axes: np.ndarray, bl
     Each core sums its own span of rows; how the rows are split moves the float64 sum by
     rounding only (~1e-16), which the refinement's convergence leaves far below what it publishes.
     """
-    from pipeline.core.parallel import span_map
-
     def span_product(span: tuple[int, int]) -> np.ndarray:
         out = np.zeros(axes.shape)  # [dim, r]
+        # Buffers reused by every block: a block's temporaries (2 MiB of rows, a [dim, r] product) allocated
+        # afresh can each come from new pages, and the page faults then took longer than the arithmetic.
+        centring = np.empty((block_rows, matrix.shape[1]))  # [block, dim] float64
+        term = np.empty(axes.shape)  # [dim, r]
         for _, block in iter_blocks(matrix[span[0] : span[1]], block_rows):
-            centred = block.astype(np.float64)
+            centred = centring[: len(block)]  # [block, dim]
+            centred[...] = block  # float32 to float64, exact
             centred -= mean
-            out += centred.T @ (centred @ axes)
+            out += np.matmul(centred.T, centred @ axes, out=term)
         return out
 
     parts = span_map(span_product, matrix.shape[0])
@@ -276,8 +286,11 @@ def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.n
     return project(x)
 
 
-def _scatter(matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object]) -> np.ndarray:
-    """The upper triangle of sum_i (x_i - mean)(x_i - mean)^T, float64 [dim, dim] in Fortran order.
+def _scatter(
+    matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The upper triangle of sum_i (x_i - mean)(x_i - mean)^T, float64 [dim, dim] in Fortran order,
+    and the float32 [dim, dim] buffer the block products used (None on a torch device), free for reuse.
 
     Each block is centred and multiplied (a symmetric rank-k update, syrk) in the matrix's
     own precision, float32 for embeddings, at twice float64's speed, and the block products
@@ -291,20 +304,22 @@ def _scatter(matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Ca
     dtype = np.float64 if matrix.dtype == np.float64 else np.float32
     shift = mean.astype(dtype)  # [dim]: the mean as the blocks can subtract it
     device = compute_device()
+    spare = None
     if device is None:
-        scatter = _summed_block_products(matrix, shift, block_rows, progress)
+        scatter, spare = _summed_block_products(matrix, shift, block_rows, progress)
     else:
         scatter = _summed_block_products_on(device, matrix, shift, block_rows, progress)
     # Centring on the rounded shift rather than the exact mean adds n * d d^T, d = mean - shift.
     offset = mean - shift.astype(np.float64)  # [dim]
-    return blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
+    scatter = blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
+    return scatter, spare if spare is not None and spare.dtype == np.float32 else None
 
 
 def _summed_block_products(
     matrix: np.ndarray, shift: np.ndarray, block_rows: int, progress: Callable[[int], object]
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """float64 [dim, dim], Fortran order, upper triangle: the sum over blocks of C^T C, C a block
-    minus ``shift``, each product a BLAS syrk in ``shift``'s precision."""
+    minus ``shift``, each product a BLAS syrk in ``shift``'s precision; and that product's buffer."""
     from scipy.linalg import blas
 
     dim = matrix.shape[1]
@@ -314,12 +329,30 @@ def _summed_block_products(
     # One buffer for every block's centred rows: a fresh 64 MiB array each block costs its page faults again.
     centring = np.empty((min(block_rows, matrix.shape[0]), dim), dtype=shift.dtype)  # [block, dim]
     for _, block in iter_blocks(matrix, block_rows):
-        centred = np.subtract(block, shift, out=centring[: len(block)], dtype=shift.dtype)  # [block, dim]
+        centred = centring[: len(block)]  # [block, dim]
+
+        def centre(span: tuple[int, int], block: np.ndarray = block, centred: np.ndarray = centred) -> None:
+            np.subtract(block[span[0] : span[1]], shift, out=centred[span[0] : span[1]], dtype=shift.dtype)
+
+        span_map(centre, len(block))  # each value's one subtraction, on every core
         # centred.T is a Fortran-order view, so BLAS takes it without a copy.
         product = syrk(1.0, centred.T, beta=0.0, c=product, overwrite_c=1, lower=0)
-        scatter += product
+        _add_upper(scatter, product)
         progress(len(block))
-    return scatter
+    return scatter, product
+
+
+ADD_COLUMNS = 256  # columns of the upper triangle summed per task
+
+
+def _add_upper(total: np.ndarray, part: np.ndarray) -> None:
+    """``total += part`` on the upper triangles of two [dim, dim] Fortran-order arrays, the
+    columns shared among the cores (each element's one addition is the same on any split;
+    at width 16384 the whole square took 0.2 s on one core, 16 times a pass)."""
+    def add(start: int, stop: int) -> None:
+        total[:stop, start:stop] += part[:stop, start:stop]
+
+    chunk_map(add, total.shape[1], ADD_COLUMNS)
 
 
 def _summed_block_products_on(
@@ -358,10 +391,16 @@ def _top_eigh_wide(screen: np.ndarray, keep: int, leading: int, show_progress: b
         solved = leading_eigenpairs(product, dim, keep, leading, max_columns, bar.update)
     if solved is not None:
         return solved
-    with progress_bar(total=1, desc=f"PCA eigenvectors ({keep} of {dim}, dense)", unit="solve", enabled=show_progress) as bar:
-        dense = _top_eigh(screen.copy(order="F"), keep)
+    return _top_eigh_shown(screen.copy(order="F"), keep, f"PCA eigenvectors ({keep} of {dim}, dense)", show_progress)
+
+
+def _top_eigh_shown(covariance_upper: np.ndarray, keep: int, desc: str, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_top_eigh` under a one-step progress bar: one LAPACK call, half a second at dim
+    2048 and minutes at 16384; the bar shows it runs."""
+    with progress_bar(total=1, desc=desc, unit="solve", enabled=show_progress) as bar:
+        solved = _top_eigh(covariance_upper, keep)  # [keep] descending, [dim, keep]
         bar.update(1)
-    return dense
+    return solved
 
 
 def _top_eigh(covariance_upper: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,11 +448,15 @@ def _pca(mean: np.ndarray, components: np.ndarray, variance: np.ndarray, total: 
 
 
 def _column_mean(matrix: np.ndarray, block_rows: int) -> np.ndarray:
+    """[dim] float64 mean of the rows: the blocks' sums, computed on every core, added in block order
+    (so the bits are those of one thread)."""
+    def block_sum(start: int, stop: int) -> np.ndarray:
+        return matrix[start:stop].sum(axis=0, dtype=np.float64)  # [dim]; NaN and Inf carry through a sum
+
     total = np.zeros(matrix.shape[1], dtype=np.float64)  # [dim]
-    for start, block in iter_blocks(matrix, block_rows):
-        sums = block.sum(axis=0, dtype=np.float64)  # [dim]; NaN and Inf carry through a sum
+    for start, sums in zip(range(0, matrix.shape[0], block_rows), chunk_map(block_sum, matrix.shape[0], block_rows)):
         if not np.isfinite(sums).all():
-            _check_finite(block, start)
+            _check_finite(matrix[start : start + block_rows], start)
             raise DissectError("the matrix's values are too large to sum in float64; PCA needs finite, representable values")
         total += sums
     return total / matrix.shape[0]
