@@ -292,16 +292,19 @@ LIMITS = {
     ),
     "whole 1B pipeline <= 45 s": "whole 1B pipeline: quantize is about half of it (see its line).",
     "405B-shaped PCA <= 120 s": (
-        "405B-shaped PCA: reading the 3 GB file into the 8.4 GB float32 matrix takes about 22 s and the "
+        "405B-shaped PCA: reading the 3 GB file into the 8.4 GB float32 matrix takes 14-23 s (most of it the "
+        "virtual machine populating fresh memory: 8 GiB took 20 s in one process and 1.9 s in the next) and the "
         "covariance's syrk alone the GEMM-rate time on its line (3.4e13 FLOP; OpenBLAS's ssyrk ran these "
-        "8192-row blocks at 390 GFLOP/s with the SkylakeX kernel, 190 with Haswell), which leaves about 10 s "
-        "of the 120 for everything else. The 51 leading eigenpairs come from block Lanczos on the float32 "
-        "covariance (1408 basis vectors, 22 products with 64 vectors at a time, 15.6 s) where ssyevr's "
-        "tridiagonal reduction took 208 s on one thread; the float64 refinement of the two projected axes "
-        "(two passes over the matrix split over the cores, 3.2-3.4 s each, and conjugate-gradient solves on "
-        "the covariance, 3.3 s) 10 s; the column mean 1.2 s. Profiled on the same machine as this run, phase "
-        "by phase; the read's time swings with the virtual machine's memory (populating the 8.4 GB matrix "
-        "took 12.7 s in one process and 3.2 s in the next)."
+        "8192-row blocks at 388 GFLOP/s with the SkylakeX kernel, 89 s, and at 190 with Haswell), so those two "
+        "take 103-112 s before any eigenvector. Profiled phase by phase on the same machine as this run: the "
+        "covariance pass 92-96 s (its centring and the float64 sums of the blocks' upper triangles shared among "
+        "the cores), the 51 leading eigenpairs by block Lanczos on the float32 covariance 12.5 s (22 products "
+        "with 64 vectors at a time 5.6 s, bound by reading the 1 GB matrix; reorthogonalisation 1.1-2 s; "
+        "Rayleigh-Ritz steps 2 s), the float64 refinement of the two projected axes 7.7 s (two passes over the "
+        "matrix in 16-row blocks, 1.75 s each where 64-row blocks took 3.2-3.4 s, and conjugate-gradient solves "
+        "on the covariance, 3.4-4 s: a step's ssymv reads the 0.5 GB triangle at about 31 GB/s on one thread, "
+        "so solving both axes at once on two threads gained nothing), the projection 1.1-1.4 s (3.5 s in 32 MiB "
+        "blocks) and the column mean 0.7 s."
     ),
     "PCA (1B): >= 80% of the fp32 GEMM rate (the covariance's syrk)": (
         "PCA (1B): the syrk itself runs at about 80% of the GEMM rate on these 8192 x 2048 blocks (315-326 "
