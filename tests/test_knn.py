@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
-from pipeline.core.knn import TopK, _nonzero, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
+from pipeline.core import knn_kernels
+from pipeline.core.knn_kernels import tile_hits
+from pipeline.core.knn import RunningTopK, TopK, _nonzero, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)
@@ -154,6 +158,57 @@ def test_fast_nonzero_equals_numpy(mask):
     expected_rows, expected_cols = np.nonzero(mask)
     assert rows.tolist() == expected_rows.tolist()
     assert cols.tolist() == expected_cols.tolist()
+
+
+def test_tile_hits_by_hand():
+    # Row floors 0.5 and -inf, column floors 0.2, 0.9, 0.0: row 0 reaches its floor at
+    # columns 1 and 2 (0.5 counts: >=), row 1 everywhere; the columns are reached at
+    # (0, 1) 0.9 >= 0.9, (0, 2) 0.5 >= 0.0, (1, 0) 0.3 >= 0.2, (1, 2) 0.0 >= 0.0.
+    tile = np.array([[0.1, 0.9, 0.5], [0.3, -0.2, 0.0]], dtype=np.float32)
+    (r, c), (cr, cc) = tile_hits(tile, np.array([0.5, -np.inf], np.float32), np.array([0.2, 0.9, 0.0], np.float32))
+    assert list(zip(r.tolist(), c.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert list(zip(cr.tolist(), cc.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 2)]
+
+
+FLOOR_LEVELS = st.sampled_from([-np.inf, -1.0, -0.25, 0.0, 0.25, 0.5, 1.0, np.inf])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 600), cols=st.integers(1, 300), capacity=st.sampled_from([1, 7, 4096]))
+def test_tile_hits_equal_numpy_nonzero(data, rows, cols, capacity):
+    # Entries on a coarse grid tie with the floors often; 600 rows are split among the cores;
+    # a small first capacity makes the bands scan again with room for every hit.
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    tile = (np.random.default_rng(seed).integers(-4, 5, size=(rows, cols)) / 4).astype(np.float32)
+    row_floor = np.array(data.draw(st.lists(FLOOR_LEVELS, min_size=rows, max_size=rows)), np.float32)
+    column_floor = np.array(data.draw(st.lists(FLOOR_LEVELS, min_size=cols, max_size=cols)), np.float32)
+    with mock.patch.object(knn_kernels, "FIRST_CAPACITY", capacity):
+        (r, c), (cr, cc) = knn_kernels.tile_hits(tile, row_floor, column_floor)
+    expected_r, expected_c = np.nonzero(tile >= row_floor[:, None])
+    expected_cr, expected_cc = np.nonzero(tile >= column_floor[None, :])
+    assert r.tolist() == expected_r.tolist() and c.tolist() == expected_c.tolist()
+    assert cr.tolist() == expected_cr.tolist() and cc.tolist() == expected_cc.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), queries=st.integers(1, 6), k=st.integers(1, 5), batches=st.integers(1, 4))
+def test_compiled_merge_keeps_the_state_the_sorting_merge_keeps(data, queries, k, batches):
+    # Scores on a coarse grid tie often (ties go to the lower id); query 0 has no margin, the
+    # others keep what falls within 0.25 of their k-th aside.
+    margin = np.where(np.arange(queries) == 0, 0.0, 0.25)
+    sorting, compiled = RunningTopK(queries, k, margin), RunningTopK(queries, k, margin, compiled=True)
+    pairs = data.draw(st.permutations([(q, i) for q in range(queries) for i in range(12)]))
+    sizes = data.draw(st.lists(st.integers(0, 12), min_size=batches, max_size=batches))
+    for start, stop in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)):
+        batch = pairs[start:stop]
+        q = np.array([p[0] for p in batch], np.int64)
+        ids = np.array([p[1] for p in batch], np.int64)
+        scores = np.array(data.draw(st.lists(st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0]), min_size=len(batch), max_size=len(batch))), np.float32)
+        for state in (sorting, compiled):
+            state.merge(q, ids, scores)
+    assert np.array_equal(sorting.scores, compiled.scores) and np.array_equal(sorting.ids, compiled.ids)
+    assert np.array_equal(sorting.worst_score, compiled.worst_score) and np.array_equal(sorting.worst_id, compiled.worst_id)
+    assert sorted(zip(*map(np.ndarray.tolist, sorting.candidates()))) == sorted(zip(*map(np.ndarray.tolist, compiled.candidates())))
 
 
 def test_streaming_topk_on_raw_rows_excludes_own_rows_and_rows_without_direction():

@@ -24,7 +24,9 @@ entry can only enter the top-k if it beats that worst entry, so after the first 
 most of a tile is discarded by one comparison pass, and only the few survivors are
 sorted. For the kNN graph of a whole vocabulary the cosine matrix is symmetric, so only
 the tiles on and above the diagonal are multiplied and each serves both its rows and its
-columns, which halves the matmul work.
+columns, which halves the matmul work; there one compiled pass tests each entry against
+its row's and its column's worst, and the survivors are inserted into the sorted lists
+one by one (:mod:`pipeline.core.knn_kernels`), with the same result as the numpy path.
 
 The entry points: :class:`TopK` streams keys chunk by chunk (raw or unit rows) against fixed
 queries, :func:`nearest_keys` is one pass of it over a matrix, and :func:`knn_graph` is the
@@ -103,8 +105,11 @@ class RunningTopK:
     with margin 0 works as without: exact ties go to the lower id.
     """
 
-    def __init__(self, n_queries: int, k: int, margin: np.ndarray | None = None):
+    def __init__(self, n_queries: int, k: int, margin: np.ndarray | None = None, compiled: bool = False):
         self.k = k
+        # Merge by the compiled insertion (:mod:`pipeline.core.knn_kernels`): the same state, for
+        # searches large enough to pay for loading numba.
+        self.compiled = compiled
         self.scores = np.full((n_queries, k), -np.inf, dtype=np.float32)  # [queries, k]
         self.ids = np.full((n_queries, k), EMPTY_ID, dtype=np.int64)  # [queries, k]
         # The worst kept entry: a candidate must beat it to get in.
@@ -116,6 +121,9 @@ class RunningTopK:
     def merge(self, queries: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
         """Add candidate triples (a query may appear many times, a (query, id) pair once)."""
         if queries.size == 0:
+            return
+        if self.compiled:
+            self._insert(queries, ids, scores)
             return
         touched = np.unique(queries)  # [t]
         k = self.k
@@ -133,13 +141,28 @@ class RunningTopK:
         self.ids[touched] = all_i[kept].reshape(-1, k)
         self._set_worst(touched)
         out = order[rank >= k]
-        out = out[self.margin[all_q[out]] > 0]
-        if out.size:
-            q = all_q[out]
-            near = (all_s[out] >= self.scores[q, -1] - self.margin[q]) & (all_i[out] != EMPTY_ID)
+        self._keep_near(all_q[out], all_i[out], all_s[out])
+
+    def _insert(self, queries: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+        """:meth:`merge` by inserting each candidate into its query's sorted list, compiled."""
+        from pipeline.core.knn_kernels import insert_candidates
+
+        left_out = np.empty(queries.size, np.int64), np.empty(queries.size, np.int64), np.empty(queries.size, np.float32)
+        insert_candidates(
+            self.scores, self.ids, np.ascontiguousarray(queries, np.int64), np.ascontiguousarray(ids, np.int64),
+            np.ascontiguousarray(scores, np.float32), *left_out,
+        )
+        self._set_worst(np.unique(queries))
+        self._keep_near(*left_out)
+
+    def _keep_near(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+        """Keep aside the entries a merge left out ([m] each) that are within their query's margin of its k-th."""
+        margin = self.margin[q]
+        near = (margin > 0) & (scores >= self.scores[q, -1] - margin) & (ids != EMPTY_ID)
+        if near.any():
             self.near_q.append(q[near])
-            self.near_i.append(all_i[out][near])
-            self.near_s.append(all_s[out][near])
+            self.near_i.append(ids[near])
+            self.near_s.append(scores[near])
 
     def _set_worst(self, touched: np.ndarray) -> None:
         """What a candidate must reach: the k-th score, less the margin (rounded down to float32)."""
@@ -259,7 +282,7 @@ def _tile_top(
             if not (margin > 0).all():  # rows without a margin (zero queries) keep the m best only
                 keep &= (margin > 0)[:, None]
                 keep |= _best_with_ties(sub, kth, m) & (margin == 0)[:, None]
-        r, c = np.nonzero(keep)
+        r, c = _nonzero(keep)
     return queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c]
 
 
@@ -617,7 +640,7 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     shows a progress bar of that name, in tiles.
     """
     n = unit.shape[0]
-    state = RunningTopK(n, k, screen_margin(unit))
+    state = RunningTopK(n, k, screen_margin(unit), compiled=True)
     resident = Resident(unit)  # [n, dim], where the products run
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
@@ -630,14 +653,29 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
             if rows_a[0] == rows_b[0]:
                 _merge_excluding(state, _candidates_per_row(_clipped(tile), rows_a, rows_a[0], state, 1), not_self)
             else:
-                state.merge(*_candidates_per_row(tile, rows_a, int(rows_b[0]), state, 0))
-                state.merge(*_candidates_per_column(tile, int(rows_a[0]), rows_b, state))
+                _merge_off_diagonal(state, tile, rows_a, rows_b)
             bar.update(1)
     return exact_top_k(state, unit, unit)
 
 
 def _product(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
     return unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1))  # [a, b] float32
+
+
+def _merge_off_diagonal(state: RunningTopK, tile: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+    """Offer a tile above the diagonal (entries not yet clipped) to the queries of its rows, then
+    to those of its columns (the two sets are disjoint, so neither offer moves the other's thresholds)."""
+    worst_a, worst_b = state.worst_score[rows_a], state.worst_score[rows_b]
+    if not ((worst_a > -np.inf).all() and (worst_b > -np.inf).all()):
+        # Only with blocks smaller than k + 1 rows: some top-k is still unfilled.
+        state.merge(*_candidates_per_row(tile, rows_a, int(rows_b[0]), state, 0))
+        state.merge(*_candidates_per_column(tile, int(rows_a[0]), rows_b, state))
+        return
+    from pipeline.core.knn_kernels import tile_hits
+
+    (r, c), (column_r, column_c) = tile_hits(tile, _unclipped_threshold(worst_a), _unclipped_threshold(worst_b))
+    state.merge(*_beating(state, rows_a[r], c + int(rows_b[0]), _clipped(tile[r, c])))
+    state.merge(*_beating(state, rows_b[column_c], column_r + int(rows_a[0]), _clipped(tile[column_r, column_c])))
 
 
 def _candidates_per_column(

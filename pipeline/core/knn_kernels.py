@@ -1,0 +1,108 @@
+"""The all-pairs search's inner loops, compiled with numba: finding a tile's candidates and
+merging them into the running top-k.
+
+:func:`pipeline.core.knn.knn_graph` offers each tile above the diagonal to the queries of its
+rows and to those of its columns. Once every query holds a top-k, few entries reach either
+threshold, so what costs is looking: in numpy that was two comparison passes over the tile,
+each writing a mask and scanning it, on one core. :func:`tile_hits` has each core read its
+band of rows once, test a run of entries against both thresholds in one vectorised sum, and
+look at single entries only in runs that hold a hit. The hits come out in row-major order, as
+``np.nonzero`` of each mask lists them.
+
+A tile's candidates are a few per query, each to be placed among the query's k kept ones:
+sorting all of them with every touched query's k (numpy's lexsort) cost more than the
+screen. :func:`insert_candidates` inserts them one by one into the sorted lists instead. The
+lists end as the sort left them, and what falls out is the same set, so the search's answer
+does not change by a bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from pipeline.core.parallel import span_map
+
+RUN = 64  # entries tested together before any is looked at alone
+FIRST_CAPACITY = 1 << 12  # hits a band's buffers hold before the band is scanned again, larger
+
+
+@numba.njit(nogil=True, cache=True)
+def _band_hits(tile, row_floor, column_floor, first, last, row_r, row_c, column_r, column_c):  # pragma: no cover - compiled
+    """Scan rows ``first`` to ``last`` of ``tile`` [a, b] float32; write (row, column) of the entries
+    >= their row's ``row_floor`` [a] into ``row_r``/``row_c`` and of those >= their column's
+    ``column_floor`` [b] into ``column_r``/``column_c``, as far as the buffers reach; return both
+    counts (a count above a buffer's length means the band must be scanned again)."""
+    capacity = row_r.shape[0]
+    rows_found = 0
+    columns_found = 0
+    width = tile.shape[1]
+    for i in range(first, last):
+        floor = row_floor[i]
+        for start in range(0, width, RUN):
+            stop = min(start + RUN, width)
+            found = 0
+            for j in range(start, stop):
+                value = tile[i, j]
+                found += (value >= floor) | (value >= column_floor[j])
+            if found == 0:
+                continue
+            for j in range(start, stop):
+                value = tile[i, j]
+                if value >= floor:
+                    if rows_found < capacity:
+                        row_r[rows_found] = i
+                        row_c[rows_found] = j
+                    rows_found += 1
+                if value >= column_floor[j]:
+                    if columns_found < capacity:
+                        column_r[columns_found] = i
+                        column_c[columns_found] = j
+                    columns_found += 1
+    return rows_found, columns_found
+
+
+def _band(tile: np.ndarray, row_floor: np.ndarray, column_floor: np.ndarray, span: tuple[int, int]):
+    capacity = FIRST_CAPACITY
+    while True:
+        buffers = [np.empty(capacity, np.int64) for _ in range(4)]  # row_r, row_c, column_r, column_c
+        rows_found, columns_found = _band_hits(tile, row_floor, column_floor, span[0], span[1], *buffers)
+        if max(rows_found, columns_found) <= capacity:
+            row_r, row_c, column_r, column_c = buffers
+            return row_r[:rows_found], row_c[:rows_found], column_r[:columns_found], column_c[:columns_found]
+        capacity = max(rows_found, columns_found)
+
+
+def tile_hits(
+    tile: np.ndarray, row_floor: np.ndarray, column_floor: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((r, c) where ``tile >= row_floor[:, None]``, (r, c) where ``tile >= column_floor[None, :]``),
+    each as ``np.nonzero`` gives it (int64, row-major), for a C-contiguous float32 ``tile`` [a, b]
+    and float32 floors [a] and [b]; the cores share the rows."""
+    tile = np.ascontiguousarray(tile, dtype=np.float32)
+    row_floor = np.ascontiguousarray(row_floor, dtype=np.float32)
+    column_floor = np.ascontiguousarray(column_floor, dtype=np.float32)
+    bands = span_map(lambda span: _band(tile, row_floor, column_floor, span), tile.shape[0])
+    row_r, row_c, column_r, column_c = (np.concatenate(part) for part in zip(*bands))
+    return (row_r, row_c), (column_r, column_c)
+
+
+@numba.njit(nogil=True, cache=True)
+def insert_candidates(scores, ids, queries, candidate_ids, candidate_scores, out_q, out_i, out_s):  # pragma: no cover - compiled
+    """Insert each candidate (``queries``, ``candidate_ids``, ``candidate_scores`` [m]) into its query's
+    row of ``scores`` / ``ids`` [n, k], kept sorted by score down, then id up; write the entry each
+    insertion leaves out (the candidate itself, or the k-th it displaced) at the same place of
+    ``out_q`` / ``out_i`` / ``out_s`` [m]. A (query, id) pair may come once."""
+    last = scores.shape[1] - 1
+    for e in range(queries.shape[0]):
+        q, i, s = queries[e], candidate_ids[e], candidate_scores[e]
+        out_q[e] = q
+        if not (s > scores[q, last] or (s == scores[q, last] and i < ids[q, last])):
+            out_i[e], out_s[e] = i, s
+            continue
+        out_i[e], out_s[e] = ids[q, last], scores[q, last]
+        place = last
+        while place > 0 and (s > scores[q, place - 1] or (s == scores[q, place - 1] and i < ids[q, place - 1])):
+            scores[q, place], ids[q, place] = scores[q, place - 1], ids[q, place - 1]
+            place -= 1
+        scores[q, place], ids[q, place] = s, i
