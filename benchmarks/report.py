@@ -41,8 +41,28 @@ def _ratio(a, b) -> str:
     return "—" if a is None or b is None or a == 0 else f"{b / a:.1f}x"
 
 
+# The instruction sets that decide which kernels run: OpenBLAS's (Haswell: AVX2, SkylakeX: AVX-512) and
+# whether the quantize stage's neighbour screen multiplies in bfloat16 (AVX512-BF16, AMX) or float32.
+CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
+
+
+def cpu_description() -> str:
+    """The CPU's name, family and model (a virtual machine may show only a vendor's name) and its flags of
+    :data:`CPU_FLAGS`, from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
+            break  # the first processor is enough
+    flags = set(fields.get("flags", "").split())
+    have = [name for flag, name in CPU_FLAGS.items() if flag in flags]
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; "
+            f"{', '.join(have) or 'none of ' + ', '.join(CPU_FLAGS.values())})")
+
+
 def machine(args=None) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_description()
     mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     versions = []
     for package in ("numpy", "scipy", "pyarrow", "torch", "gguf", "scikit-learn", "transformers", "safetensors"):
@@ -275,8 +295,18 @@ def write_results(path: Path, results: dict, inputs, args) -> None:
 # run's numbers miss it.
 LIMITS = {
     "quantize stage (1B, 8 schemes, Parquet and recall): <= 20 s, >= 100 M values/s per scheme pass": (
-        "quantize stage: most of it is work whose bytes are fixed (the quant files and quant.json are DVC "
-        "outputs). Profiled on the 1B, not by this run (AMD EPYC, 2 cores, OpenBLAS SkylakeX kernel): before "
+        "quantize stage: on a CPU without AVX512-BF16 or AMX (an AMD EPYC Zen 3 with AVX2, say) the neighbour "
+        "screen multiplies in float32 (pipeline/core/screen.py), about a quarter of the bfloat16 rate. On this "
+        "synthetic matrix the reference search and six schemes' full searches each multiply 1014 queries by the "
+        "128256 rows at width 2048, 0.53 TFLOP each and 3.7 TFLOP in all: at 144 GFLOP/s (the Zen 3's GEMM rate) "
+        "26 s before anything is encoded or written, more than the target. Sampled with py-spy over a whole run "
+        "of the stage on that Zen 3 (with other work on the machine, so as shares only): the float32 products 38% "
+        "of the threads' time, encoding and decoding 26%, the Parquet writer 14%, the error pass 11%. The six full "
+        "searches are what exact recall costs here: the six integer schemes move a row by 0.006 (q8_0) to 0.53 "
+        "(int8_tensor_fixed) in unit-vector distance (from quant.json's row_cosine_min), a window wider than "
+        "the reference's candidate lists (512 rows a query) reach. "
+        "Most of the stage is work whose bytes are fixed (the quant files and quant.json are DVC "
+        "outputs). Profiled on the 1B (AMD EPYC Zen 5, 2 cores, OpenBLAS SkylakeX kernel, AVX512-BF16): before "
         "the first scheme come reading the matrix (1.6 s), torch's import (1 s) and the reference search "
         "(about 3 s, once for all schemes). A coarse scheme then takes about 2.2-2.7 s, bound by its measuring "
         "thread: the exact neighbour search, whose bfloat16 product is about 1 s of it (17 GFLOP a chunk of "
@@ -295,17 +325,24 @@ LIMITS = {
         "starting a scheme while the previous one's writer and last chunk finish."
     ),
     "whole 1B pipeline <= 45 s": (
-        "whole 1B pipeline: quantize is about half of it (see its line). The stages' times also move with the "
-        "virtual machine from day to day: on this run's machine the pca stage took 6.4-6.6 s with this code and "
+        "whole 1B pipeline: quantize is about half of it on a CPU with AVX512-BF16 and about 60% on one "
+        "without (see its line); on the AMD EPYC Zen 3 every other stage also took 1.7 to 2.7 times its time on "
+        "the Zen 5, the fixed parts (interpreter, imports) included. The stages' times also move with the "
+        "virtual machine from day to day: on the Zen 5 the pca stage took 6.4-6.6 s with this code and "
         "6.7-7.9 s with the code of the previous generated run (alternating, in-process), which had measured "
         "it at 5.0 s and the whole pipeline at 43.8 s."
     ),
     "405B-shaped PCA <= 120 s": (
-        "405B-shaped PCA: reading the 3 GB file into the 8.4 GB float32 matrix takes 14-23 s (most of it the "
+        "405B-shaped PCA: on a CPU whose OpenBLAS kernel is Haswell (AVX2; an AMD EPYC Zen 3 here) the "
+        "covariance's syrk alone takes about twice the target at that machine's GEMM rate (3.4e13 FLOP at about "
+        "144 GFLOP/s: 240 s; the stage took 333 s there), so no code that forms the covariance meets it on such "
+        "a CPU. Block Lanczos on the centred matrix itself, without the covariance, would need about a third of "
+        "those FLOPs (22 products of 64 vectors each way, 1.2e13) but as thin products, which run below the "
+        "GEMM rate; not tried. On an AMD EPYC Zen 5 (SkylakeX kernel, AVX-512): reading the 3 GB file into the 8.4 GB float32 matrix takes 14-23 s (most of it the "
         "virtual machine populating fresh memory: 8 GiB took 20 s in one process and 1.9 s in the next) and the "
-        "covariance's syrk alone the GEMM-rate time on its line (3.4e13 FLOP; OpenBLAS's ssyrk ran these "
+        "covariance's syrk alone 84 s at that machine's GEMM rate (3.4e13 FLOP; OpenBLAS's ssyrk ran these "
         "8192-row blocks at 388 GFLOP/s with the SkylakeX kernel, 89 s, and at 190 with Haswell), so those two "
-        "take 103-112 s before any eigenvector. Profiled phase by phase on the same machine as this run: the "
+        "take 103-112 s before any eigenvector. Profiled phase by phase on the Zen 5: the "
         "covariance pass 92-96 s (its centring and the float64 sums of the blocks' upper triangles shared among "
         "the cores), the 51 leading eigenpairs by block Lanczos on the float32 covariance 12.5 s (22 products "
         "with 64 vectors at a time 5.6 s, bound by reading the 1 GB matrix; reorthogonalisation 1.1-2 s; "
@@ -316,8 +353,9 @@ LIMITS = {
         "blocks) and the column mean 0.7 s."
     ),
     "PCA (1B): >= 80% of the fp32 GEMM rate (the covariance's syrk)": (
-        "PCA (1B): the syrk itself runs at 350-360 GFLOP/s on 2048 columns whatever the block height (4096 to "
-        "32768 rows; SkylakeX kernel, profiled on this machine), 1.53 s of the 1.64 s the target allows, so it "
+        "PCA (1B): not profiled on the AMD EPYC Zen 3 (Haswell kernel), where the fit is 42% of the syrk's GEMM "
+        "rate as on the Zen 5 (43%). On the Zen 5 the syrk itself runs at 350-360 GFLOP/s on 2048 columns whatever "
+        "the block height (4096 to 32768 rows; SkylakeX kernel), 1.53 s of the 1.64 s the target allows, so it "
         "leaves nothing for the rest: a column-mean pass (0.08 s), the dsyevr on one thread (0.4 s; block "
         "Lanczos at this width took 4.2 s for the whole fit against 2.6 s) and two float64 refinement passes "
         "over the matrix that make the published axes kernel-independent (0.3-0.4 s). The fit alone took "
@@ -325,15 +363,20 @@ LIMITS = {
         "stage's projection of the vocabulary 0.15-0.2 s against 0.46-0.6 s."
     ),
     "neighbours, all pairs: >= 80% of the fp32 GEMM rate": (
-        "neighbours, all pairs: the tiles' products alone take the limit's time (6.2 s); profiled on this "
-        "machine, the rest was 2.9 s of single-threaded numpy: the diagonal tiles' per-row top-k (np.partition, "
-        "0.95 s), merging candidates into the running top-k (a lexsort, 0.8 s), the comparison passes of the "
-        "other tiles against the running k-th cosines (0.7 s) and the float64 rescoring of the survivors (1.2 s). "
-        "The rescoring is shared among the cores; the screen and the merges are still one core's numpy. Running "
-        "the next tile's product on a thread of its own while a tile is screened was tried and gained nothing "
-        "(OpenBLAS splits a product evenly between both cores, so a product that shares a core with the screen "
-        "waits for it), so the tiles run one after another. Next: the comparison passes and the merge as one "
-        "compiled pass over each tile."
+        "neighbours, all pairs: the tiles' products alone take the limit's time. The tiles above the diagonal are "
+        "now screened and merged by compiled kernels (pipeline/core/knn_kernels.py: one pass tests each entry "
+        "against its row's and its column's running k-th cosine, and the survivors, 6,000 to 42,000 a tile, are "
+        "inserted into the sorted top-k lists instead of lexsorted with them), with the same answer to the bit. "
+        "Profiled in process on an AMD EPYC Zen 3 (AVX2, OpenBLAS Haswell kernel, no other work): the products "
+        "18.1 s (the limit's plain matmuls 17.2-17.8 s; writing into one reused tile changed nothing), numba's "
+        "first call in the process 1.4 s (its import and loading the two cached kernels), the float64 rescoring "
+        "of the survivors 1.3 s (shared among the cores), the diagonal tiles' per-row top-k 0.6 s (np.partition, "
+        "one core), the compiled screen of the 28 other tiles 0.6 s and the merges 0.1 s. The whole search took "
+        "20.5-21.3 s with this code against 22.3-23.8 s with the previous one (alternating runs, same process "
+        "layout); single runs of the same code in this harness moved between 20.0 and 23.7 s within half an "
+        "hour, so 79% and 80% are the same result. Next: load numba on a thread while the first diagonal tiles "
+        "take the numpy path (both paths leave the same state, tests/test_knn.py checks it), which would hide "
+        "most of that 1.4 s."
     ),
     "Q4_K → float32 within 1.5x a memory copy of the output": (
         "F16, Q4_0, Q4_K, Q6_K: fused numba kernels (pipeline/formats/fused.py) read each block once and write "
