@@ -190,13 +190,27 @@ def kernels_this_cpu_runs() -> list[str]:
 
 
 # (OPENBLAS_CORETYPE, CPUs the stage may use, compute device): two kernels at least, one and
-# all CPUs, and the device code path (torch) run on the CPU, as a CUDA GPU would run it.
+# all CPUs, and the device code path (torch) run on the CPU, as a CUDA GPU would run it. Each
+# configuration once: a CPU with two kernels (AVX2 without AVX-512: Haswell and Sandybridge)
+# runs its second kernel on one CPU and on two.
 def configurations() -> list[tuple[str, int, str]]:
     kernels = kernels_this_cpu_runs()
     cpus = len(os.sched_getaffinity(0))
-    first, second = kernels[0], kernels[1] if len(kernels) > 1 else kernels[0]
-    last = kernels[-1] if len(kernels) > 2 else first
-    return [(first, cpus, "cpu"), (second, 1, "cpu"), (last, max(cpus, 2), "cpu"), (second, cpus, TORCH_ON_CPU)]
+    first, second, last = kernels[0], kernels[1] if len(kernels) > 1 else kernels[0], kernels[-1]
+    wanted = [(first, cpus, "cpu"), (second, 1, "cpu"), (last, max(cpus, 2), "cpu"), (second, cpus, TORCH_ON_CPU)]
+    return list(dict.fromkeys(wanted))
+
+
+def test_configurations_are_distinct_and_cover_two_kernels_and_one_and_all_cpus(monkeypatch):
+    # Every CPU kind this runs on: AVX-512 (three kernels), AVX2 only (two), and one CPU.
+    for kernels in (["SkylakeX", "Haswell", "Sandybridge"], ["Haswell", "Sandybridge"], ["ARMV8", "NEOVERSEN1"]):
+        for cpus in (1, 2, 8):
+            monkeypatch.setattr(sys.modules[__name__], "kernels_this_cpu_runs", lambda kernels=kernels: kernels)
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
+            found = configurations()
+            assert len(found) == len(set(found)) >= 3
+            assert {kernel for kernel, _, device in found if device == "cpu"} >= set(kernels[:2])
+            assert {1, cpus} <= {count for _, count, _ in found}
 
 
 STAGES = [
