@@ -14,7 +14,6 @@ CUDA device it stops with one line and writes nothing.
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -85,8 +84,9 @@ def machine() -> dict[str, Any]:
     import torch
     from threadpoolctl import threadpool_info
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from benchmarks.report import cpu_description
+
+    cpu = cpu_description()
     blas = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads")) for i in threadpool_info() if i.get("user_api") == "blas"]
     return {"gpu": torch.cuda.get_device_name(0), "cpu": cpu, "blas": blas, "torch": torch.__version__}
 

@@ -196,7 +196,8 @@ def kernels_this_cpu_runs() -> list[str]:
 def configurations() -> list[tuple[str, int, str]]:
     kernels = kernels_this_cpu_runs()
     cpus = len(os.sched_getaffinity(0))
-    first, second, last = kernels[0], kernels[1] if len(kernels) > 1 else kernels[0], kernels[-1]
+    first, last = kernels[0], kernels[-1]
+    second = kernels[1] if len(kernels) > 1 else first
     wanted = [(first, cpus, "cpu"), (second, 1, "cpu"), (last, max(cpus, 2), "cpu"), (second, cpus, TORCH_ON_CPU)]
     return list(dict.fromkeys(wanted))
 

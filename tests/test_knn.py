@@ -12,7 +12,6 @@ from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
 from pipeline.core import knn_kernels
-from pipeline.core.knn_kernels import tile_hits
 from pipeline.core.knn import RunningTopK, TopK, _nonzero, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
@@ -165,7 +164,7 @@ def test_tile_hits_by_hand():
     # columns 1 and 2 (0.5 counts: >=), row 1 everywhere; the columns are reached at
     # (0, 1) 0.9 >= 0.9, (0, 2) 0.5 >= 0.0, (1, 0) 0.3 >= 0.2, (1, 2) 0.0 >= 0.0.
     tile = np.array([[0.1, 0.9, 0.5], [0.3, -0.2, 0.0]], dtype=np.float32)
-    (r, c), (cr, cc) = tile_hits(tile, np.array([0.5, -np.inf], np.float32), np.array([0.2, 0.9, 0.0], np.float32))
+    (r, c), (cr, cc) = knn_kernels.tile_hits(tile, np.array([0.5, -np.inf], np.float32), np.array([0.2, 0.9, 0.0], np.float32))
     assert list(zip(r.tolist(), c.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert list(zip(cr.tolist(), cc.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 2)]
 
