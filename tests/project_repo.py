@@ -10,8 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+# series/README.md keeps series/ (a dep of `compare`) in place when params.yaml has no series.
 PROJECT_FILES = ["pipeline", "conf", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/offline-plots.html", ".dvc/.gitignore", ".dvcignore",
-                 ".gitignore", "pyproject.toml", "requirements.lock"]
+                 ".gitignore", "pyproject.toml", "requirements.lock", "series/README.md"]
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -37,6 +38,25 @@ def copy_project(repo: Path) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
+
+
+def without_the_series(repo: Path) -> None:
+    """conf/config.yaml and params.yaml in ``repo`` without the generated training run (its
+    versions and their series stage), for the tests that need the real models only; the
+    cluster tests run the series."""
+    import yaml
+
+    from pipeline.core.params import compose
+
+    config_file = repo / "conf" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    series_versions = {version for versions in config["series"].values() for version in versions}
+    config["defaults"] = [entry for entry in config["defaults"]
+                          if not (isinstance(entry, dict) and {key.removeprefix("model@models.") for key in entry} <= series_versions)]
+    config.pop("models")  # only the versions' step overrides
+    config["series"] = {}
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    (repo / "params.yaml").write_text(compose(conf_dir=repo / "conf"), encoding="utf-8")
 
 
 def readme_sql_queries(reading: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""`dvc repro` end to end in a fresh git repository on the default real model, then an
-experiment that adds a second model, compared with DVC's own tools."""
+"""`dvc repro` end to end in a fresh git repository on the real models of the default
+pipeline (the generated series is test_cluster's), then an experiment that adds a model,
+compared with DVC's own tools."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.parquet import read_provenance, read_vectors
-from project_repo import ROOT, copy_project, run
+from project_repo import ROOT, copy_project, run, without_the_series
 
 pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: minutes
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: m
 def project(tmp_path_factory) -> Path:
     """A copy of the project in a new git repo, with `dvc repro` run once."""
     repo = copy_project(tmp_path_factory.mktemp("repo"))
+    without_the_series(repo)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "repro"], repo)
@@ -36,6 +38,24 @@ def test_repro_builds_the_default_model(project):
     assert provenance["tensor_key"] == "token_embd.weight"
     assert (project / "artifacts" / "smollm2-135m" / "tokenizer.json").is_file()
     assert (project / "dvc.lock").is_file()
+
+
+def test_the_build_is_the_committed_dvc_lock_and_reports(project):
+    # The promise of a clean clone: what this machine computes is what dvc.lock and reports/
+    # hold, whatever its BLAS kernel. Every stage entry (outputs, code and params hashes: a
+    # stale dvc.lock fails here, `make repro` refreshes it) and every page, but `compare`'s:
+    # it lists every model of params.yaml, and this project leaves the series to test_cluster.
+    import yaml
+
+    def stages(lock_file: Path) -> dict:
+        return yaml.safe_load(lock_file.read_text(encoding="utf-8"))["stages"]
+
+    built, committed = stages(project / "dvc.lock"), stages(ROOT / "dvc.lock")
+    built.pop("compare")
+    assert sorted(name for name, entry in built.items() if committed.get(name) != entry) == []
+    pages = [p.relative_to(project) for p in sorted((project / "reports").rglob("*")) if p.is_file() and p.name != "index.md"]
+    assert len(pages) >= 4 * 8  # each model's report, headline and figures
+    assert [str(page) for page in pages if (project / page).read_bytes() != (ROOT / page).read_bytes()] == []
 
 
 def test_repro_compares_real_versions_of_minilm(project):
@@ -107,17 +127,28 @@ def test_readme_duckdb_queries_run_on_the_output(project, monkeypatch):
     assert [row[0] for row in duck.execute(cast).fetchall()] == [row[0] for row in nearest]
 
 
-def test_forced_rerun_of_every_stage_gives_the_same_dvc_hashes(project):
+def test_forced_rerun_of_the_default_models_stages_gives_the_same_bytes(project):
+    import hashlib
+
     import yaml
 
     def output_hashes() -> dict:
         lock = yaml.safe_load((project / "dvc.lock").read_text())
         return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
-    before = output_hashes()
+    def report_digests() -> dict:
+        folder = project / "reports" / "smollm2-135m"
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before, pages = output_hashes(), report_digests()
     assert len(before) >= 15  # every stage's outputs, figures and quantized files included
-    run(["dvc", "repro", "--force"], project)
+    # Forced, a target re-runs every stage upstream of it too: fetch to report, and the drift of
+    # its q4_0. Every stage's run-to-run bytes on other machines is what `make repro` checks.
+    result = run(["dvc", "repro", "--force", "report@smollm2-135m", "drift@smollm2-135m-q4_0"], project)
+    for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "undertrained", "report"):
+        assert f"Running stage '{stage}@smollm2-135m'" in result.stdout, stage
     assert output_hashes() == before
+    assert report_digests() == pages
 
 
 def test_report_tells_the_walkthrough_from_the_artifacts(project):
@@ -149,18 +180,6 @@ def test_report_tells_the_walkthrough_from_the_artifacts(project):
     assert namespace["vectors"].shape == tuple(int(n) for n in stated)
 
 
-def test_report_is_byte_identical_when_rendered_again(project):
-    import hashlib
-
-    def digests() -> dict:
-        folder = project / "reports" / "smollm2-135m"
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-    before = digests()
-    run(["dvc", "repro", "--force", "report@smollm2-135m"], project)
-    assert digests() == before
-
-
 def test_experiment_adding_a_model_runs_only_its_stages(project):
     import json
 
@@ -190,5 +209,5 @@ def test_experiment_adding_a_model_runs_only_its_stages(project):
     assert "[smollm2-135m](smollm2-135m/report.md)" in index and "[minilm-copy](minilm-copy/report.md)" in index
     import yaml
 
-    default_models = len(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["models"])
+    default_models = len(yaml.safe_load(run(["git", "show", "HEAD:params.yaml"], project).stdout)["models"])
     assert f"{default_models + 1} models from params.yaml" in index

