@@ -59,6 +59,29 @@ def without_the_series(repo: Path) -> None:
     (repo / "params.yaml").write_text(compose(conf_dir=repo / "conf"), encoding="utf-8")
 
 
+def assert_built_as_committed(repo: Path) -> list[Path]:
+    """``repo``'s dvc.lock entries and pages are the committed ones, which a serial `make repro`
+    wrote on some other machine: every stage entry (outputs, code and params hashes: a stale
+    dvc.lock fails here, `make repro` refreshes it) and every page under reports/. Left out, as
+    they depend on which models a project's params.yaml lists: `compare`'s entry and index.md,
+    and the series' dep on all of artifacts/. Returns the pages compared."""
+    import yaml
+
+    def stages(lock_file: Path) -> dict[str, dict]:
+        entries = yaml.safe_load(lock_file.read_text(encoding="utf-8"))["stages"]
+        entries.pop("compare", None)
+        for entry in entries.values():
+            entry["deps"] = [dep for dep in entry.get("deps", []) if dep["path"] != "artifacts"]
+        return entries
+
+    built, committed = stages(repo / "dvc.lock"), stages(ROOT / "dvc.lock")
+    differing = sorted(name for name, entry in built.items() if committed.get(name) != entry)
+    assert not differing, f"not as the committed dvc.lock records them (is it stale? `make repro`): {differing}"
+    pages = [p.relative_to(repo) for p in sorted((repo / "reports").rglob("*")) if p.is_file() and p.name != "index.md"]
+    assert [str(page) for page in pages if (repo / page).read_bytes() != (ROOT / page).read_bytes()] == []
+    return pages
+
+
 def readme_sql_queries(reading: str) -> list[str]:
     """The queries of README's one ```sql block that mentions ``reading`` (a file it queries)."""
     import re

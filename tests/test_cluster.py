@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import moto_s3
-from project_repo import ROOT, copy_project, run
+from project_repo import assert_built_as_committed, copy_project, run
 
 pytestmark = pytest.mark.slow  # a cluster, an S3 server and six small models: minutes
 
@@ -56,25 +56,6 @@ def new_project(root: Path, s3, prefix: str, versions: list[str] = VERSIONS) -> 
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "series only"], repo)
     return repo
-
-
-def assert_lock_and_pages_are_the_serial_runs(repo: Path) -> None:
-    """Every stage entry of ``repo``'s dvc.lock is the committed dvc.lock's, which a serial
-    `make repro` wrote (a stale dvc.lock fails here too), and every page the driver rendered
-    is the committed one. Left out, as they depend on which models params.yaml lists (these
-    projects run only some): `compare`, index.md, and the series' dep on all of artifacts/."""
-    def stages(lock_file: Path) -> dict[str, dict]:
-        entries = yaml.safe_load(lock_file.read_text(encoding="utf-8"))["stages"]
-        entries.pop("compare", None)
-        for entry in entries.values():
-            entry["deps"] = [dep for dep in entry.get("deps", []) if dep["path"] != "artifacts"]
-        return entries
-
-    ours, committed = stages(repo / "dvc.lock"), stages(ROOT / "dvc.lock")
-    differing = sorted(name for name, entry in ours.items() if committed.get(name) != entry)
-    assert not differing, f"not as the committed dvc.lock records them (is it stale? `make repro`): {differing}"
-    pages = [p.relative_to(repo) for p in sorted((repo / "reports").rglob("*")) if p.is_file() and p.name != "index.md"]
-    assert pages and [str(page) for page in pages if (repo / page).read_bytes() != (ROOT / page).read_bytes()] == []
 
 
 @pytest.fixture
@@ -123,7 +104,7 @@ def test_two_workers_run_every_stage_once_and_the_driver_recomputes_nothing(tmp_
     on_driver = [stage for stage in RAN.findall(driver_output) if not stage.startswith("fetch@")]
     assert sorted(on_driver) == sorted([*(f"report@{v}" for v in VERSIONS), "compare"])
     assert set(expected) <= set(RESTORED.findall(driver_output))
-    assert_lock_and_pages_are_the_serial_runs(repo)
+    assert assert_built_as_committed(repo)  # and the driver rendered pages
     # The planted movers, read from the driver's restored outputs.
     from pipeline.core.io import read_json
     from pipeline.sources.synthetic import PLANTED_MOVERS, planted_movers
@@ -165,4 +146,4 @@ def test_a_worker_killed_mid_task_costs_one_rerun(tmp_path, s3, cluster_env):
     assert starts[victim["label"]] == 2  # the killed attempt, and the rerun elsewhere
     assert all(count == 1 for label, count in starts.items() if label != victim["label"])
     assert ("done", victim["label"], victim["pid"]) not in events
-    assert_lock_and_pages_are_the_serial_runs(repo)
+    assert assert_built_as_committed(repo)  # and the driver rendered pages

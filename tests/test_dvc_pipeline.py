@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.parquet import read_provenance, read_vectors
-from project_repo import ROOT, copy_project, run, without_the_series
+from project_repo import assert_built_as_committed, copy_project, run, without_the_series
 
 pytestmark = pytest.mark.slow  # `dvc repro` end to end in a fresh repository: minutes
 
@@ -41,21 +41,10 @@ def test_repro_builds_the_default_model(project):
 
 
 def test_the_build_is_the_committed_dvc_lock_and_reports(project):
-    # The promise of a clean clone: what this machine computes is what dvc.lock and reports/
-    # hold, whatever its BLAS kernel. Every stage entry (outputs, code and params hashes: a
-    # stale dvc.lock fails here, `make repro` refreshes it) and every page, but `compare`'s:
-    # it lists every model of params.yaml, and this project leaves the series to test_cluster.
-    import yaml
-
-    def stages(lock_file: Path) -> dict:
-        return yaml.safe_load(lock_file.read_text(encoding="utf-8"))["stages"]
-
-    built, committed = stages(project / "dvc.lock"), stages(ROOT / "dvc.lock")
-    built.pop("compare")
-    assert sorted(name for name, entry in built.items() if committed.get(name) != entry) == []
-    pages = [p.relative_to(project) for p in sorted((project / "reports").rglob("*")) if p.is_file() and p.name != "index.md"]
+    # The promise of a clean clone: what this machine computes, whatever its BLAS kernel, is
+    # what dvc.lock and reports/ hold; this project leaves the series to test_cluster.
+    pages = assert_built_as_committed(project)
     assert len(pages) >= 4 * 8  # each model's report, headline and figures
-    assert [str(page) for page in pages if (project / page).read_bytes() != (ROOT / page).read_bytes()] == []
 
 
 def test_repro_compares_real_versions_of_minilm(project):
@@ -143,7 +132,7 @@ def test_forced_rerun_of_the_default_models_stages_gives_the_same_bytes(project)
     before, pages = output_hashes(), report_digests()
     assert len(before) >= 15  # every stage's outputs, figures and quantized files included
     # Forced, a target re-runs every stage upstream of it too: fetch to report, and the drift of
-    # its q4_0. Every stage's run-to-run bytes on other machines is what `make repro` checks.
+    # its q4_0. Every stage's bytes against another machine's: test_the_build_is_the_committed_dvc_lock_and_reports.
     result = run(["dvc", "repro", "--force", "report@smollm2-135m", "drift@smollm2-135m-q4_0"], project)
     for stage in ("extract", "stats", "words", "similarity", "pca", "quantize", "undertrained", "report"):
         assert f"Running stage '{stage}@smollm2-135m'" in result.stdout, stage
