@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
 from pipeline.core import knn_kernels
-from pipeline.core.knn import RunningTopK, TopK, _nonzero, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
+from pipeline.core.knn import RunningTopK, TopK, _nonzero, _tile_top, _tile_top_on_cores, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)
@@ -187,6 +187,23 @@ def test_tile_hits_equal_numpy_nonzero(data, rows, cols, capacity):
     expected_cr, expected_cc = np.nonzero(tile >= column_floor[None, :])
     assert r.tolist() == expected_r.tolist() and c.tolist() == expected_c.tolist()
     assert cr.tolist() == expected_cr.tolist() and cc.tolist() == expected_cc.tolist()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), rows=st.one_of(st.integers(1, 40), st.integers(800, 1500)), cols=st.integers(1, 40), m=st.integers(1, 45))
+def test_tile_top_on_the_cores_takes_what_one_core_takes(data, rows, cols, m):
+    # Entries on a coarse grid tie often, at the m-th too; some queries have no margin; from
+    # 512 rows on (taken from 800 and more) the rows are split among three workers.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    tile = (rng.integers(-4, 5, size=(rows, cols)) / 4).astype(np.float32)  # [rows, cols]
+    taken = np.flatnonzero(rng.random(rows) < 0.8)  # the queries with an unfilled top-k
+    margin = np.where(rng.random(taken.size) < 0.5, 0.0, 0.3)  # [taken]
+    queries = np.arange(rows) + 100
+    with mock.patch("pipeline.core.parallel.worker_count", return_value=3):
+        shared = _tile_top_on_cores(tile, queries, 7, m, taken, margin)
+    alone = _tile_top(tile, queries, 7, m, taken, margin)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
+    assert all(len(part) == len(alone[0]) for part in shared)
 
 
 @settings(max_examples=60, deadline=None)

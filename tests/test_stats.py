@@ -7,7 +7,9 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -147,7 +149,14 @@ def test_no_finite_value_gives_nulls_not_nan():
     assert "NaN" not in text
 
 
-def test_duplicates_are_exact_across_chunks():
+def one_hash_for_every_row():
+    """Zero hash weights: every row hashes to 0, so rows unequal to row 0 are told apart by their digests."""
+    return mock.patch("pipeline.stages.stats._hash_weights", lambda dim: np.zeros(dim, np.uint64))
+
+
+@pytest.mark.parametrize("colliding", [False, True], ids=["seeded hash", "one hash for every row"])
+def test_duplicates_are_exact_across_chunks(colliding):
+    weights = one_hash_for_every_row() if colliding else nullcontext()
     matrix = np.arange(40, dtype=np.float32).reshape(10, 4)  # [vocab, dim], all rows distinct
     matrix[[2, 5, 9]] = 7.0  # three equal rows in three chunks
     matrix[6] = 0.0
@@ -156,9 +165,27 @@ def test_duplicates_are_exact_across_chunks():
     matrix[1] = matrix[0]  # NaN rows with the same bits are duplicates too
     matrix[3] = np.nextafter(matrix[4], np.float32(np.inf))  # one ulp apart: not a duplicate
     # Groups {0, 1}, {2, 5, 9}, {6, 8}: every copy names its group's first row, which has none.
-    assert duplicate_of(matrix, rows_per_chunk=3).tolist() == [-1, 0, -1, -1, -1, 2, -1, -1, 6, 2]
-    rows = matrix_stats(matrix, rows_per_chunk=4).summary["rows"]
+    with weights:
+        assert duplicate_of(matrix, rows_per_chunk=3).tolist() == [-1, 0, -1, -1, -1, 2, -1, -1, 6, 2]
+        rows = matrix_stats(matrix, rows_per_chunk=4).summary["rows"]
     assert rows["duplicate"] == 7 and rows["duplicate_groups"] == 3
+
+
+def duplicates_by_brute_force(matrix: np.ndarray) -> list[int]:
+    bits = (matrix + np.float32(0.0)).view(np.uint32)  # -0.0 as 0.0
+    lowest = [next(j for j in range(len(bits)) if np.array_equal(bits[j], row)) for row in bits]
+    return [-1 if j == i else j for i, j in enumerate(lowest)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    matrix=hnp.arrays(np.float32, st.tuples(st.integers(1, 30), st.integers(1, 3)), elements=st.sampled_from([0.0, -0.0, 1.0, np.nan, -np.inf])),
+    chunk=st.integers(1, 31),
+    colliding=st.booleans(),
+)
+def test_duplicates_equal_brute_force(matrix, chunk, colliding):
+    with one_hash_for_every_row() if colliding else nullcontext():
+        assert duplicate_of(matrix, rows_per_chunk=chunk).tolist() == duplicates_by_brute_force(matrix)
 
 
 @settings(max_examples=40, deadline=None)

@@ -208,7 +208,7 @@ def _candidates_per_row(
         parts.append(_beating_worst(tile, queries, key_start, state, np.flatnonzero(full)))
     if not full.all():
         rows = np.flatnonzero(~full)
-        parts.append(_tile_top(tile, queries, key_start, state.k + slack, rows, state.margin[queries[rows]]))
+        parts.append(_tile_top_on_cores(tile, queries, key_start, state.k + slack, rows, state.margin[queries[rows]]))
     if len(parts) < 2:
         return parts[0] if parts else _no_triples()
     return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
@@ -284,6 +284,19 @@ def _tile_top(
                 keep |= _best_with_ties(sub, kth, m) & (margin == 0)[:, None]
         r, c = _nonzero(keep)
     return queries[rows[r]], c.astype(np.int64) + key_start, sub[r, c]
+
+
+def _tile_top_on_cores(
+    tile: np.ndarray, queries: np.ndarray, key_start: int, m: int, rows: np.ndarray, margin: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_tile_top`, the ``rows`` shared among the cores (each row's entries are taken
+    alone, and the parts joined in row order, so the triples are the same)."""
+    from pipeline.core.parallel import span_map
+
+    parts = span_map(lambda span: _tile_top(tile, queries, key_start, m, rows[span[0] : span[1]], margin[span[0] : span[1]]), len(rows))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
 def _best_with_ties(sub: np.ndarray, kth: np.ndarray, m: int) -> np.ndarray:

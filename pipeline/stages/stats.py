@@ -232,31 +232,72 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
     """For each row, the lowest row index holding the identical row when that is another row,
     else -1 (the group's first row, a unique row) [vocab] int64.
 
-    Rows are hashed by their bytes (after folding -0.0 into 0.0), one chunk at a time, and a
-    hash match is confirmed on the bytes, so the answer is exact without sorting the matrix.
+    Rows are compared by their bits after folding -0.0 into 0.0 (so NaN rows with the same
+    bits match too). Each row gets a 64-bit hash of those bits, computed chunk by chunk on
+    every core, and only rows that share a hash are compared: each with the lowest row of
+    its hash, all at once. A row that differs from it (two contents with one hash) is looked
+    up by a cryptographic digest of its bits and confirmed on them, so the answer is exact,
+    and a file built to make the first hash collide costs no more than digesting every row.
     """
     rows = matrix.shape[0]
     rows_per_chunk = _chunk_rows(rows_per_chunk, matrix.shape[1])
-    first = np.arange(rows, dtype=np.int64)  # [vocab]: lowest row with the same content
-    seen: dict[bytes, list[int]] = {}
+    weights = _hash_weights(matrix.shape[1])
+    hashes = np.empty(rows, np.uint64)  # [vocab]
     with progress_bar(total=rows, desc="stats: duplicate rows", unit="rows") as bar:
-        for chunk in row_chunks(rows, rows_per_chunk):
-            block = np.ascontiguousarray(matrix[chunk], dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
-            bits = block.view(np.uint32)  # [rows_per_chunk, dim]: compared as bits, so NaN rows match too
-            for offset, row in enumerate(bits):
-                index = chunk.start + offset
-                candidates = seen.setdefault(hashlib.blake2b(row, digest_size=16).digest(), [])
-                match = next((c for c in candidates if np.array_equal(_row_bits(matrix, c), row)), None)
-                if match is None:
-                    candidates.append(index)
-                else:
-                    first[index] = match
+        for chunk, chunk_hashes in _chunks_in_parallel(lambda block: _row_bits(block).astype(np.uint64) @ weights, matrix, rows_per_chunk):
+            hashes[chunk] = chunk_hashes  # the product wraps modulo 2**64, the same on every machine
             bar.update(chunk.stop - chunk.start)
+    shared, lowest = _rows_sharing_a_hash(hashes)  # [m] each
+    same = _equal_rows(matrix, shared, lowest, rows_per_chunk)  # [m]
+    first = np.arange(rows, dtype=np.int64)  # [vocab]: lowest row with the same content
+    first[shared[same]] = lowest[same]
+    _match_by_digest(matrix, np.sort(shared[~same]), hashes, first)
     return np.where(first == np.arange(rows), -1, first)
 
 
-def _row_bits(matrix: np.ndarray, index: int) -> np.ndarray:
-    return (np.asarray(matrix[index], dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+def _row_bits(rows: np.ndarray) -> np.ndarray:
+    """[n, dim] uint32: the float32 bits of ``rows`` [n, dim] (or of one row), -0.0 as 0.0."""
+    folded = np.ascontiguousarray(rows, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
+    return folded.view(np.uint32)
+
+
+def _hash_weights(dim: int) -> np.ndarray:
+    """[dim] odd uint64 weights of the row hash sum_j bits_j * w_j (mod 2**64), fixed by a seed."""
+    return np.random.default_rng(0x5EED).integers(0, 2**63, size=dim, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def _rows_sharing_a_hash(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([m] the rows whose hash another row has, [m] the lowest row with each one's hash)."""
+    order = np.argsort(hashes, kind="stable")  # [vocab]: by hash, then row
+    ordered = hashes[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # [hashes]
+    sizes = np.diff(np.r_[starts, len(ordered)])
+    lowest = np.repeat(order[starts], sizes)  # [vocab]
+    shared = np.repeat(sizes > 1, sizes)
+    return order[shared], lowest[shared]
+
+
+def _equal_rows(matrix: np.ndarray, rows: np.ndarray, others: np.ndarray, rows_per_chunk: int) -> np.ndarray:
+    """[m] bool: whether row ``rows[i]`` has the bits of row ``others[i]``."""
+    equal = np.empty(len(rows), dtype=bool)
+    for start in range(0, len(rows), rows_per_chunk):
+        stop = start + rows_per_chunk
+        equal[start:stop] = (_row_bits(matrix[rows[start:stop]]) == _row_bits(matrix[others[start:stop]])).all(axis=1)
+    return equal
+
+
+def _match_by_digest(matrix: np.ndarray, rows: np.ndarray, hashes: np.ndarray, first: np.ndarray) -> None:
+    """Set ``first`` for ``rows`` (ascending), which differ from the lowest row of their hash:
+    the lowest of them with the same bits (none of the other rows can have them)."""
+    seen: dict[tuple[int, bytes], list[int]] = {}
+    for index in rows.tolist():
+        bits = _row_bits(matrix[index])
+        candidates = seen.setdefault((int(hashes[index]), hashlib.blake2b(bits, digest_size=16).digest()), [])
+        match = next((c for c in candidates if np.array_equal(_row_bits(matrix[c]), bits)), None)
+        if match is None:
+            candidates.append(index)
+        else:
+            first[index] = match
 
 
 def norm_histogram(norms: np.ndarray, bins: int) -> list[dict[str, float | int]]:
