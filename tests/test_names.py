@@ -87,6 +87,19 @@ def test_a_name_split_at_a_space_by_dvc_says_so(monkeypatch):
         stage.main([])
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_usage_and_runs_nothing(capsys, flag):
+    called = []
+    stage = Stage("stats", "MODEL", lambda params, name: called.append(name), no_settings, lambda paths, settings: None)
+    stage.main([flag])
+    whole = Stage("compare", None, lambda params, name: called.append(name), no_settings, lambda paths, settings: None)
+    whole.main([flag])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "usage: python -m pipeline.stages.stats MODEL" and "`dvc repro stats@MODEL`" in printed[1]
+    assert printed[2] == "usage: python -m pipeline.stages.compare" and "`dvc repro compare`" in printed[3]
+    assert not called
+
+
 @pytest.mark.parametrize("name", ["", "/tmp/x", "..", "my model"])
 def test_no_stage_writes_anything_for_a_bad_name(tmp_path, name):
     """Today's failure: an empty name wrote into models/ and artifacts/ themselves, an absolute

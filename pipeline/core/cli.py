@@ -37,17 +37,25 @@ class Stage(Generic[P, S]):
     run: Callable[[P, S], object]
 
     def main(self, argv: list[str]) -> None:
+        usage = f"usage: python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
+        if any(arg in ("-h", "--help") for arg in argv):
+            print(f"{usage}\n{self._how_it_runs()}")
+            return
         expected = 0 if self.target is None else 1
         if self.target is not None and len(argv) > 1:
             # DVC splits `cmd: ... ${key}` at spaces, so a name holding one arrives as several words.
             what = "drift pair" if self.target == "PAIR" else "model"
             raise DissectError(f"{what} name {' '.join(argv)!r} holds a space; use {NAME_RULE}: rename it in conf/ and params.yaml")
         if len(argv) != expected:
-            usage = f"python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
-            raise DissectError(f"usage: {usage}")
+            raise DissectError(usage)
         target = argv[0] if argv else None
         params = load_params()
         settings = self.settings(params, target)
         use_compute_settings(params)
         self.run(self.paths(params, target), settings)
 
+    def _how_it_runs(self) -> str:
+        if self.target is None:
+            return f"Its settings come from params.yaml; `dvc repro {self.name}` runs it."
+        what = {"MODEL": "a model", "PAIR": "a drift pair", "SERIES": "a series"}.get(self.target, self.target.lower())
+        return f"{self.target}: {what} named in params.yaml, which holds the settings; `dvc repro {self.name}@{self.target}` runs it."

@@ -285,10 +285,39 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | str = "conf") -
         return out.read_text(encoding="utf-8")
 
 
+USAGE = (
+    "usage: python -m pipeline.core.params [OVERRIDE ...]\n"
+    "Compose conf/ into params.yaml as DVC does; OVERRIDEs as `dvc exp run -S` takes them "
+    "(quantize.recall_k=20, '+model@models.NAME=NAME')."
+)
+
+
 def main(argv: list[str]) -> None:
+    from hydra.errors import HydraException
+
     from pipeline.core.io import write_bytes_atomic
 
-    write_bytes_atomic(PARAMS_FILE, compose(argv).encode("utf-8"))
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return
+    try:
+        text = compose(argv)
+    except HydraException as error:
+        raise DissectError(f"cannot compose conf/ with {' '.join(argv)!r}: {_composition_fault(error)}") from None
+    write_bytes_atomic(PARAMS_FILE, text.encode("utf-8"))
+
+
+def _composition_fault(error: Exception) -> str:
+    """Hydra's error in one line: what failed, and its own fix ("To append ... use +key=value")
+    or cause where it gives one, else what an override looks like."""
+    from hydra.errors import MissingConfigException
+
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if isinstance(error, MissingConfigException):
+        return f"{lines[0]}; a config group's options are the .yaml files in its folder under conf/"
+    cause = str(error.__cause__).strip().splitlines()[:1] if error.__cause__ is not None else []
+    fix = next((line for line in lines[1:] if line.startswith("To ")), None) or next(iter(cause), None)
+    return f"{lines[0].rstrip('.')}; {fix or 'an override is key=value, +key=value to add a key, ~key to remove one'}"
 
 
 def project_paths(params: dict[str, Any], target: str | None = None) -> ProjectPaths:
