@@ -18,7 +18,7 @@ from sklearn.decomposition import PCA
 from pipeline.core.errors import DissectError
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
-from pipeline.core.pca import fit_pca
+from pipeline.core.pca import _upper_float32, fit_pca
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
 from pipeline.report.figures import label_text
@@ -341,3 +341,16 @@ def test_smollm2_end_to_end(smollm2_artifacts, tmp_path):
     hello = words[0]
     assert hello["vocab_pc1"] == pytest.approx(table.column("pc1")[19556].as_py(), abs=1e-5)
     assert hello["vocab_pc2"] == pytest.approx(table.column("pc2")[19556].as_py(), abs=1e-5)
+
+
+def test_the_float32_covariance_reuses_only_a_float32_fortran_buffer():
+    # The upper triangle of [[1, 2], [., 3]]; the lower entry is never read.
+    scatter = np.asfortranarray([[1.0, 2.0], [0.0, 3.0]])
+    buffer = np.zeros((2, 2), dtype=np.float32, order="F")
+    assert _upper_float32(scatter, buffer) is buffer and buffer.tolist() == [[1.0, 2.0], [0.0, 3.0]]
+    for unusable in (np.zeros((2, 2), order="F"), np.zeros((2, 2), dtype=np.float32), np.zeros((3, 3), np.float32, order="F"), None):
+        copied = _upper_float32(scatter, unusable)
+        assert copied is not unusable and copied.dtype == np.float32 and copied.flags.f_contiguous
+        assert copied.tolist() == [[1.0, 2.0], [0.0, 3.0]]
+        if unusable is not None:
+            assert not unusable.any()  # left as it was

@@ -79,7 +79,7 @@ def leading_eigenpairs(
                 return solved
         if not more:
             break
-        current = _next_block(basis[:, :filled], fresh, image, min(block, dim - filled))
+        current = _next_block(basis[:, :filled], fresh, min(block, dim - filled), np.linalg.norm(image, axis=0).max(initial=0.0))
     return None
 
 
@@ -114,17 +114,17 @@ def _accurate(size: np.ndarray, leading: int) -> bool:
     return bool(size.max() <= ALL_TOLERANCE and size[:leading].max(initial=0.0) <= LEADING_TOLERANCE)
 
 
-def _next_block(basis: np.ndarray, fresh: np.ndarray, image: np.ndarray, width: int) -> np.ndarray:
-    """``fresh``, the part of the last ``image`` orthogonal to ``basis``, orthonormalised (its
-    first ``width`` columns): the next basis block.
+def _next_block(basis: np.ndarray, fresh: np.ndarray, width: int, image_scale: float) -> np.ndarray:
+    """``fresh``, the part of the last image orthogonal to ``basis``, orthonormalised (its
+    first ``width`` columns): the next basis block. ``image_scale`` is the image's largest
+    column norm, what a column of ``fresh`` is small against.
 
     Where the image has no new direction left (C's range is exhausted, or two columns
     coincide) a column is replaced by a fixed pseudo-random one made orthogonal to the
     basis, so the search goes on in the rest of the space.
     """
     current, triangle = np.linalg.qr(fresh[:, :width])  # [dim, width]
-    scale = np.linalg.norm(image, axis=0).max(initial=0.0)
-    lost = np.abs(np.diag(triangle)) <= 1e-10 * max(scale, np.finfo(float).tiny)
+    lost = np.abs(np.diag(triangle)) <= 1e-10 * max(image_scale, np.finfo(float).tiny)
     if lost.any():
         rng = np.random.default_rng(START_SEED + basis.shape[1])
         kept = current[:, ~lost]

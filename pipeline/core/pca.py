@@ -163,9 +163,10 @@ def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
 
 def _upper_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
     """float32 copy, Fortran order, of the upper triangle of ``scatter`` (half the memory of float64),
-    written into ``spare`` (float32 [dim, dim], Fortran order) when given: at width 16384 a
-    fresh GiB costs the first touch of every page again."""
-    if spare is None:
+    written into ``spare`` when that is a float32 [dim, dim] Fortran-order buffer (the block
+    products' one, unless they ran in float64): at width 16384 a fresh GiB costs the first
+    touch of every page again."""
+    if spare is None or spare.dtype != np.float32 or spare.shape != scatter.shape or not spare.flags.f_contiguous:
         return np.asfortranarray(scatter, dtype=np.float32)
     np.copyto(spare, scatter, casting="same_kind")
     return spare
@@ -290,7 +291,7 @@ def _scatter(
     matrix: np.ndarray, mean: np.ndarray, block_rows: int, progress: Callable[[int], object]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The upper triangle of sum_i (x_i - mean)(x_i - mean)^T, float64 [dim, dim] in Fortran order,
-    and the float32 [dim, dim] buffer the block products used (None on a torch device), free for reuse.
+    and the [dim, dim] buffer the block products used (None on a torch device), free for reuse.
 
     Each block is centred and multiplied (a symmetric rank-k update, syrk) in the matrix's
     own precision, float32 for embeddings, at twice float64's speed, and the block products
@@ -312,7 +313,7 @@ def _scatter(
     # Centring on the rounded shift rather than the exact mean adds n * d d^T, d = mean - shift.
     offset = mean - shift.astype(np.float64)  # [dim]
     scatter = blas.dsyr(-float(n), offset, a=scatter, lower=0, overwrite_a=1)
-    return scatter, spare if spare is not None and spare.dtype == np.float32 else None
+    return scatter, spare
 
 
 def _summed_block_products(
@@ -329,17 +330,22 @@ def _summed_block_products(
     # One buffer for every block's centred rows: a fresh 64 MiB array each block costs its page faults again.
     centring = np.empty((min(block_rows, matrix.shape[0]), dim), dtype=shift.dtype)  # [block, dim]
     for _, block in iter_blocks(matrix, block_rows):
-        centred = centring[: len(block)]  # [block, dim]
-
-        def centre(span: tuple[int, int], block: np.ndarray = block, centred: np.ndarray = centred) -> None:
-            np.subtract(block[span[0] : span[1]], shift, out=centred[span[0] : span[1]], dtype=shift.dtype)
-
-        span_map(centre, len(block))  # each value's one subtraction, on every core
+        centred = _centred_on_cores(block, shift, centring[: len(block)])  # [block, dim]
         # centred.T is a Fortran-order view, so BLAS takes it without a copy.
         product = syrk(1.0, centred.T, beta=0.0, c=product, overwrite_c=1, lower=0)
         _add_upper(scatter, product)
         progress(len(block))
     return scatter, product
+
+
+def _centred_on_cores(block: np.ndarray, shift: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``block - shift`` in ``shift``'s precision, written into ``out`` (each value's one
+    subtraction, so the cores' split of the rows changes nothing)."""
+    def centre(span: tuple[int, int]) -> None:
+        np.subtract(block[span[0] : span[1]], shift, out=out[span[0] : span[1]], dtype=shift.dtype)
+
+    span_map(centre, len(block))
+    return out
 
 
 ADD_COLUMNS = 256  # columns of the upper triangle summed per task
