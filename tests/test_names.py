@@ -83,6 +83,9 @@ def test_a_name_split_at_a_space_by_dvc_says_so(monkeypatch):
     pair_stage = Stage("drift", "PAIR", lambda params, name: None, no_settings, lambda paths, settings: None)
     with pytest.raises(DissectError, match="drift pair name 'a b c' holds a space"):
         pair_stage.main(["a", "b", "c"])
+    series_stage = Stage("series", "SERIES", lambda params, name: None, no_settings, lambda paths, settings: None)
+    with pytest.raises(DissectError, match="series name 'llama 3' holds a space"):
+        series_stage.main(["llama", "3"])
     with pytest.raises(DissectError, match="usage: python -m pipeline.stages.extract MODEL"):
         stage.main([])
 

@@ -15,7 +15,10 @@ from typing import Any, Callable, Generic, TypeVar
 
 from pipeline.core.device import use_compute_settings
 from pipeline.core.errors import DissectError
-from pipeline.core.params import NAME_RULE, load_params
+from pipeline.core.params import NAME_RULE, asks_for_help, load_params
+
+# What each kind of target names, in the stage's help and in its errors.
+TARGET_NOUNS = {"MODEL": "model", "PAIR": "drift pair", "SERIES": "series"}
 
 P = TypeVar("P")
 S = TypeVar("S")
@@ -38,14 +41,13 @@ class Stage(Generic[P, S]):
 
     def main(self, argv: list[str]) -> None:
         usage = f"usage: python -m pipeline.stages.{self.name}" + (f" {self.target}" if self.target else "")
-        if any(arg in ("-h", "--help") for arg in argv):
+        if asks_for_help(argv):
             print(f"{usage}\n{self._how_it_runs()}")
             return
         expected = 0 if self.target is None else 1
         if self.target is not None and len(argv) > 1:
             # DVC splits `cmd: ... ${key}` at spaces, so a name holding one arrives as several words.
-            what = "drift pair" if self.target == "PAIR" else "model"
-            raise DissectError(f"{what} name {' '.join(argv)!r} holds a space; use {NAME_RULE}: rename it in conf/ and params.yaml")
+            raise DissectError(f"{self._target_noun()} name {' '.join(argv)!r} holds a space; use {NAME_RULE}: rename it in conf/ and params.yaml")
         if len(argv) != expected:
             raise DissectError(usage)
         target = argv[0] if argv else None
@@ -57,5 +59,7 @@ class Stage(Generic[P, S]):
     def _how_it_runs(self) -> str:
         if self.target is None:
             return f"Its settings come from params.yaml; `dvc repro {self.name}` runs it."
-        what = {"MODEL": "a model", "PAIR": "a drift pair", "SERIES": "a series"}.get(self.target, self.target.lower())
-        return f"{self.target}: {what} named in params.yaml, which holds the settings; `dvc repro {self.name}@{self.target}` runs it."
+        return f"{self.target}: a {self._target_noun()} named in params.yaml, which holds the settings; `dvc repro {self.name}@{self.target}` runs it."
+
+    def _target_noun(self) -> str:
+        return TARGET_NOUNS.get(self.target or "", (self.target or "").lower())

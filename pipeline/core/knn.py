@@ -209,6 +209,11 @@ def _candidates_per_row(
     if not full.all():
         rows = np.flatnonzero(~full)
         parts.append(_tile_top_on_cores(tile, queries, key_start, state.k + slack, rows, state.margin[queries[rows]]))
+    return _joined_triples(parts)
+
+
+def _joined_triples(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, key id, cosine) parts joined in their order into one set of triples."""
     if len(parts) < 2:
         return parts[0] if parts else _no_triples()
     return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
@@ -294,9 +299,7 @@ def _tile_top_on_cores(
     from pipeline.core.parallel import span_map
 
     parts = span_map(lambda span: _tile_top(tile, queries, key_start, m, rows[span[0] : span[1]], margin[span[0] : span[1]]), len(rows))
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+    return _joined_triples(parts)
 
 
 def _best_with_ties(sub: np.ndarray, kth: np.ndarray, m: int) -> np.ndarray:

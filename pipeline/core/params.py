@@ -292,12 +292,17 @@ USAGE = (
 )
 
 
+def asks_for_help(argv: list[str]) -> bool:
+    """Whether a command line asks for its usage (``-h`` or ``--help`` anywhere in it)."""
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
 def main(argv: list[str]) -> None:
     from hydra.errors import HydraException
 
     from pipeline.core.io import write_bytes_atomic
 
-    if any(arg in ("-h", "--help") for arg in argv):
+    if asks_for_help(argv):
         print(USAGE)
         return
     try:

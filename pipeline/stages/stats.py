@@ -251,7 +251,7 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
     same = _equal_rows(matrix, shared, lowest, rows_per_chunk)  # [m]
     first = np.arange(rows, dtype=np.int64)  # [vocab]: lowest row with the same content
     first[shared[same]] = lowest[same]
-    _match_by_digest(matrix, np.sort(shared[~same]), hashes, first)
+    _match_by_digest(matrix, np.sort(shared[~same]), first)
     return np.where(first == np.arange(rows), -1, first)
 
 
@@ -286,13 +286,15 @@ def _equal_rows(matrix: np.ndarray, rows: np.ndarray, others: np.ndarray, rows_p
     return equal
 
 
-def _match_by_digest(matrix: np.ndarray, rows: np.ndarray, hashes: np.ndarray, first: np.ndarray) -> None:
+def _match_by_digest(matrix: np.ndarray, rows: np.ndarray, first: np.ndarray) -> None:
     """Set ``first`` for ``rows`` (ascending), which differ from the lowest row of their hash:
-    the lowest of them with the same bits (none of the other rows can have them)."""
-    seen: dict[tuple[int, bytes], list[int]] = {}
+    the lowest of them with the same bits (none of the other rows can have them). Rows with
+    the same bits have the same digest, so the digest alone keys them; a digest shared by
+    different bits is told apart by comparing the bits."""
+    seen: dict[bytes, list[int]] = {}
     for index in rows.tolist():
         bits = _row_bits(matrix[index])
-        candidates = seen.setdefault((int(hashes[index]), hashlib.blake2b(bits, digest_size=16).digest()), [])
+        candidates = seen.setdefault(hashlib.blake2b(bits, digest_size=16).digest(), [])
         match = next((c for c in candidates if np.array_equal(_row_bits(matrix[c]), bits)), None)
         if match is None:
             candidates.append(index)
