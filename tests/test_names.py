@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pipeline.core.cli import Stage
 from pipeline.core.errors import DissectError
 from pipeline.core.params import NAME_PATTERN, NAME_RULE, check_names, load_params, model_paths
+from pipeline.core.paths import RESERVED_NAMES
 from pipeline.core.settings import no_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +57,28 @@ def test_models_that_is_not_a_mapping():
 
 
 @given(st.text(max_size=12))
+@example("drift")
+@example("series")
 def test_a_name_passes_exactly_when_it_matches_the_pattern(name):
     params = params_with(models=[name], exported=[name], pairs=[name])
-    if NAME_PATTERN.fullmatch(name):
+    if name in RESERVED_NAMES:  # a name, but the folder is taken: see the test below
+        with pytest.raises(DissectError, match="is reserved"):
+            check_names(params)
+    elif NAME_PATTERN.fullmatch(name):
         check_names(params)
         assert model_paths(params, name).artifacts.name == name  # a folder of its own, one level down
     else:
         with pytest.raises(DissectError, match="is not a name of letters"):
             check_names(params)
+
+
+@pytest.mark.parametrize("name", RESERVED_NAMES)
+def test_a_model_may_not_take_the_name_of_a_shared_folder(name):
+    with pytest.raises(DissectError) as error:
+        check_names(params_with(models=["ok", name]))
+    assert str(error.value) == (f"model name {name!r} in models is reserved (artifacts/{name}/ holds every {name} output); "
+                                "rename the model")
+    check_names(params_with(["ok"], pairs=[name]))  # a drift pair may share the word: it is not a folder beside the models
 
 
 def test_load_params_checks_the_names(tmp_path):
