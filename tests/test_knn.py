@@ -6,6 +6,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -187,6 +188,26 @@ def test_tile_hits_equal_numpy_nonzero(data, rows, cols, capacity):
     expected_cr, expected_cc = np.nonzero(tile >= column_floor[None, :])
     assert r.tolist() == expected_r.tolist() and c.tolist() == expected_c.tolist()
     assert cr.tolist() == expected_cr.tolist() and cc.tolist() == expected_cc.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 80), cols=st.integers(1, 300), bfloat16=st.booleans(), capacity=st.sampled_from([1, 7, 4096]))
+def test_screen_hits_equal_torch_nonzero(data, rows, cols, bfloat16, capacity):
+    # The bounded screen's scores, bfloat16 or float32, with masked (-inf) and NaN entries,
+    # against thresholds that may be -inf (a query before any top k); a small first capacity
+    # makes the pass run again with room for every hit.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    scores = torch.from_numpy((rng.integers(-4, 5, size=(rows, cols)) / 4).astype(np.float32))
+    scores[torch.from_numpy(rng.random((rows, cols)) < 0.1)] = -torch.inf
+    scores[torch.from_numpy(rng.random((rows, cols)) < 0.02)] = torch.nan
+    scores = scores.to(torch.bfloat16) if bfloat16 else scores
+    threshold = np.array(data.draw(st.lists(FLOOR_LEVELS, min_size=rows, max_size=rows)), np.float32)
+    raw = scores.view(torch.int16).numpy().view(np.uint16) if bfloat16 else scores.numpy()
+    with mock.patch.object(knn_kernels, "FIRST_CAPACITY", capacity):
+        query, column, approx = knn_kernels.screen_hits(raw, threshold)
+    where = torch.nonzero((scores >= torch.from_numpy(threshold)[:, None]) & (scores > -torch.inf))  # [m, 2]
+    assert query.tolist() == where[:, 0].tolist() and column.tolist() == where[:, 1].tolist()
+    assert approx.dtype == np.float32 and approx.tolist() == scores[where[:, 0], where[:, 1]].float().tolist()
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,6 +19,7 @@ does not change by a bit.
 from __future__ import annotations
 
 import numba
+import numba.extending
 import numpy as np
 
 from pipeline.core.parallel import span_map
@@ -106,3 +107,62 @@ def insert_candidates(scores, ids, queries, candidate_ids, candidate_scores, out
             scores[q, place], ids[q, place] = scores[q, place - 1], ids[q, place - 1]
             place -= 1
         scores[q, place], ids[q, place] = s, i
+
+
+# The bounded screen's pass over a chunk's scores (pipeline.core.screen): which (query, row)
+# pairs reach their query's threshold. torch's comparison and nonzero over the bfloat16
+# scores took longer than the product that made them.
+
+
+def widen(value):  # pragma: no cover - replaced by the overload below in compiled code
+    raise NotImplementedError
+
+
+@numba.extending.overload(widen, inline="always")
+def _widen(value):  # pragma: no cover - compiled
+    """A score as float32: a float32 as it is, a uint16 as the bfloat16 whose bits it holds (exact)."""
+    if isinstance(value, numba.types.Float):
+        return lambda value: np.float32(value)
+    if isinstance(value, numba.types.Integer):
+        return lambda value: np.uint32(np.uint32(value) << np.uint32(16)).view(np.float32)
+    return None
+
+
+@numba.njit(nogil=True, cache=True)
+def _screen_hits(scores, threshold, query, column, approx):  # pragma: no cover - compiled
+    """Write (query, column, score as float32) of the entries of ``scores`` [s, n] (float32, or
+    uint16 bfloat16 bits) that are >= their query's ``threshold`` [s] float32 and above -inf,
+    row-major, as far as the buffers reach; return how many there are."""
+    capacity = query.shape[0]
+    found = 0
+    width = scores.shape[1]
+    for i in range(scores.shape[0]):
+        floor = threshold[i]
+        for start in range(0, width, RUN):
+            stop = min(start + RUN, width)
+            hits = 0
+            for j in range(start, stop):
+                hits += widen(scores[i, j]) >= floor
+            if hits == 0:
+                continue
+            for j in range(start, stop):
+                value = widen(scores[i, j])
+                if value >= floor and value > -np.inf:
+                    if found < capacity:
+                        query[found], column[found], approx[found] = i, j, value
+                    found += 1
+    return found
+
+
+def screen_hits(scores: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([m] query, [m] column, [m] float32 score) where ``scores`` [s, n] (C-contiguous float32,
+    or uint16 holding bfloat16 bits) >= ``threshold[query]`` (float32 [s]) and is above -inf,
+    in the order of ``np.nonzero``."""
+    threshold = np.ascontiguousarray(threshold, dtype=np.float32)
+    capacity = FIRST_CAPACITY * 16
+    while True:
+        query, column, approx = np.empty(capacity, np.int64), np.empty(capacity, np.int64), np.empty(capacity, np.float32)
+        found = _screen_hits(scores, threshold, query, column, approx)
+        if found <= capacity:
+            return query[:found], column[:found], approx[:found]
+        capacity = found

@@ -259,13 +259,13 @@ class BoundedScreen:
         bound reaches L_q; ``best`` [s, k] holds each query's best exact cosines so far (-inf unfilled)."""
         import torch
 
+        from pipeline.core.knn_kernels import screen_hits
+
         lower = self._lower(screen, slack, best)  # [s] L_q
         threshold = self._score_threshold(lower - slack)  # [s]
-        where = torch.nonzero(screen >= torch.from_numpy(threshold)[:, None])  # [m, 2]
-        approx = screen[where[:, 0], where[:, 1]].float().numpy()  # [m]
-        query, column = where[:, 0].numpy(), where[:, 1].numpy()
-        real = approx > -np.inf  # excluded rows pass only while L_q is -inf
-        return query[real], column[real], approx[real]
+        scores = screen.view(torch.int16).numpy().view(np.uint16) if screen.dtype == torch.bfloat16 else screen.numpy()
+        # Excluded rows (-inf) are left out even while L_q is -inf.
+        return screen_hits(scores, threshold)
 
     def _lower(self, screen: Any, slack: np.ndarray, best: np.ndarray) -> np.ndarray:
         """float64 [s] L_q: the k-th best of the exact cosines kept (``best`` [s, k]) and
