@@ -525,10 +525,11 @@ def test_row_errors_by_hand():
 
 
 @hypothesis_settings(max_examples=40, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 11), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 70), st.integers(1, 11), st.integers(0, 2**32 - 1))
 def test_row_errors_sum_in_the_documented_order(rows, dim, seed):
-    # dims that are and are not multiples of the lanes; magnitudes far apart, so another
-    # order of the float64 additions would show in the last bits.
+    # dims that are and are not multiples of the lanes (measured many rows together, or one
+    # row at a time), rows that fill ROWS_TOGETHER more than once and less; magnitudes far
+    # apart, so another order of the float64 additions would show in the last bits.
     rng = np.random.default_rng(seed)
     original = (rng.standard_normal((rows, dim)) * 10.0 ** rng.integers(-8, 8, (rows, dim))).astype(np.float32)
     restored = (original + rng.standard_normal((rows, dim)).astype(np.float32)).astype(np.float32)
@@ -536,6 +537,20 @@ def test_row_errors_sum_in_the_documented_order(rows, dim, seed):
     dots, squares, squared_errors, largest = _sequential_lane_sums(original, restored)
     assert errors.dots.tolist() == dots and errors.squared_error.tolist() == squared_errors
     assert errors.norms.tolist() == np.sqrt(squares).tolist() and errors.largest_error.tolist() == largest
+
+
+def test_rows_measured_together_equal_one_row_at_a_time_bit_for_bit():
+    from pipeline.quant.kernels import _row_error_sums_by_row, row_error_sums
+
+    rng = np.random.default_rng(3)
+    original = rng.standard_normal((70, 64)).astype(np.float32)
+    restored = (original + rng.standard_normal(original.shape).astype(np.float32) / 100).astype(np.float32)
+    restored[5, 1], original[7, 2], restored[40, 0] = np.nan, np.inf, -np.nan
+    together, alone = ([np.empty(70) for _ in range(3)] + [np.empty(70, np.float32)] for _ in range(2))
+    row_error_sums(original, restored, *together)
+    _row_error_sums_by_row(original, restored, *alone)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(together, alone))
+    assert np.isnan(together[3][[5, 40]]).all() and together[3][7] == np.inf and np.isfinite(together[3][8])
 
 
 def test_row_errors_keep_a_nan_as_largest():
