@@ -62,7 +62,13 @@ def iter_blocks(matrix: np.ndarray, block_rows: int) -> Iterator[tuple[int, np.n
         yield start, matrix[start : start + block_rows]
 
 
-def unit_rows(matrix: np.ndarray, block_rows: int = 8192, inplace: bool = False, what: str = "the matrix") -> np.ndarray:
+# float64 bytes unit_rows widens at a time (16 rows at dim 2048): its passes over a block
+# then run in cache, at about half the time of blocks of thousands of rows. Each row's
+# norm and scaling are the same whatever the block, so no bit depends on it.
+UNIT_BLOCK_BYTES = 1 << 18
+
+
+def unit_rows(matrix: np.ndarray, block_rows: int | None = None, inplace: bool = False, what: str = "the matrix") -> np.ndarray:
     """Rows of ``matrix`` scaled to unit L2 norm (float32); zero rows stay zero.
 
     The norm is taken in float64 so tiny and huge rows normalise without under- or
@@ -71,17 +77,18 @@ def unit_rows(matrix: np.ndarray, block_rows: int = 8192, inplace: bool = False,
     """
     reuse = inplace and matrix.dtype == np.float32 and matrix.flags.writeable and matrix.flags.c_contiguous
     out = matrix if reuse else np.empty(matrix.shape, dtype=np.float32)  # [rows, dim]
+    block_rows = block_rows or max(1, UNIT_BLOCK_BYTES // (8 * max(matrix.shape[-1], 1)))
     for start, block in iter_blocks(matrix, block_rows):
-        wide = block.astype(np.float64)  # [block, dim]
-        if not np.isfinite(wide).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(wide).all(axis=1))[0])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise DissectError(
                 f"{what} has NaN or Inf in row {bad}; cosines of such rows are undefined: "
                 "re-extract the embeddings from intact weights"
             )
+        wide = block.astype(np.float64)  # [block, dim]
         norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))  # [block]
         scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        out[start : start + len(block)] = wide * scale[:, None]
+        out[start : start + len(block)] = np.multiply(wide, scale[:, None], out=wide)
     return out
 
 
@@ -554,7 +561,7 @@ def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.n
 def _unit_rows_on_cores(rows: np.ndarray) -> np.ndarray:
     from pipeline.core.parallel import split_map
 
-    parts = split_map(lambda part: unit_rows(part, block_rows=1024), rows)
+    parts = split_map(unit_rows, rows)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

@@ -78,3 +78,19 @@ def chunk_map(function: Callable[[int, int], Any], rows: int, rows_per_chunk: in
     if workers == 1:
         return [function(start, stop) for start, stop in chunks]
     return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
+
+
+def import_in_background(module: str) -> None:
+    """Start importing ``module`` on a thread of its own, for a stage that needs it only after
+    a read that leaves the GIL free most of the time (torch takes about a second to import).
+    A later ``import`` of it waits for this one; if this one fails, that one raises the error."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # the stage's own import raises it where it is needed
+            pass
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()

@@ -52,7 +52,7 @@ from pipeline.core.parquet import (
 )
 from pipeline.core.progress import progress_bar
 from pipeline.quant import SCHEMES, Encoded, Scheme, schemes_for
-from pipeline.core.parallel import chunk_map, in_order, row_chunks, span_map
+from pipeline.core.parallel import chunk_map, import_in_background, in_order, row_chunks, span_map
 from pipeline.quant.layout import ROWS_PER_CHUNK, quant_schema, quant_write_options, record_batch
 from pipeline.quant.recall import SCORE_SLACK, Queries, Reference, WordQuery, reference, sample_token_rows
 from pipeline.quant.measure import (
@@ -333,6 +333,7 @@ def quantize_scheme(
 
 def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     """The stage on one model; returns the quant.json content."""
+    import_in_background("torch")  # the screen's products, from the reference neighbours on
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     return_freed_memory()  # the reader's Arrow buffers
     vocab, dim = matrix.shape
