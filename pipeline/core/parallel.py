@@ -80,17 +80,17 @@ def chunk_map(function: Callable[[int, int], Any], rows: int, rows_per_chunk: in
     return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
 
 
-def import_in_background(module: str) -> None:
-    """Start importing ``module`` on a thread of its own, for a stage that needs it only after
-    a read that leaves the GIL free most of the time (torch takes about a second to import).
-    A later ``import`` of it waits for this one; if this one fails, that one raises the error."""
-    import importlib
+
+def start_in_background(function: Callable[[], Any], name: str) -> None:
+    """Run ``function()`` on a daemon thread of its own, its errors dropped: for work whose only
+    effect is that later work runs sooner (importing torch, numba's first compiled call), done
+    while a read leaves the GIL free. Whatever it failed at fails again where it is needed."""
     import threading
 
-    def load() -> None:
+    def run() -> None:
         try:
-            importlib.import_module(module)
-        except BaseException:  # the stage's own import raises it where it is needed
+            function()
+        except BaseException:
             pass
 
-    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()

@@ -52,7 +52,7 @@ from pipeline.core.parquet import (
 )
 from pipeline.core.progress import progress_bar
 from pipeline.quant import SCHEMES, Encoded, Scheme, schemes_for
-from pipeline.core.parallel import chunk_map, import_in_background, in_order, row_chunks, span_map
+from pipeline.core.parallel import chunk_map, in_order, row_chunks, span_map, start_in_background
 from pipeline.quant.layout import ROWS_PER_CHUNK, quant_schema, quant_write_options, record_batch
 from pipeline.quant.recall import SCORE_SLACK, Queries, Reference, WordQuery, reference, sample_token_rows
 from pipeline.quant.measure import (
@@ -331,9 +331,20 @@ def quantize_scheme(
     return run.metrics(ref, written_path(path).stat().st_size)
 
 
+def _load_libraries() -> None:
+    """What the first chunk would otherwise wait for, loaded while the matrix is read: torch
+    (the screen's products; about a second) and numba's registries, which its first compiled
+    call in a process loads (about half a second)."""
+    import torch  # noqa: F401
+
+    from pipeline.core.bfloat16 import bfloat16_bits_of
+
+    bfloat16_bits_of(np.zeros(1, np.float32), np.zeros(1, np.uint16))
+
+
 def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     """The stage on one model; returns the quant.json content."""
-    import_in_background("torch")  # the screen's products, from the reference neighbours on
+    start_in_background(_load_libraries, "load libraries")
     matrix = read_matrix(paths.embeddings)  # [vocab, dim]
     return_freed_memory()  # the reader's Arrow buffers
     vocab, dim = matrix.shape
