@@ -277,3 +277,22 @@ def test_command_line_on_minilm(minilm_artifacts, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline.stages.stats", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {Path('artifacts/nope/embeddings.parquet')} does not exist; run `dvc repro` to build it"]
+
+
+def test_compiled_row_hash_is_the_numpy_formula_on_hostile_bits():
+    from pipeline.core.row_hash import row_hashes
+    from pipeline.stages.stats import _hash_weights, _row_bits
+
+    rows = np.random.default_rng(4).standard_normal((9, 37)).astype(np.float32)
+    bits = rows.view(np.uint32)
+    rows[0, :5] = -0.0
+    rows[1, 3] = np.nan
+    bits[2, 7] = 0x7F800001  # a signaling NaN
+    bits[3, 9] = 0xFFC12345  # a negative NaN with a payload
+    rows[4] = rows[5]
+    rows[4, 0], rows[5, 0] = 0.0, -0.0  # equal rows once -0.0 is folded
+    weights = _hash_weights(37)
+    with np.errstate(invalid="ignore"):
+        expected = _row_bits(rows).astype(np.uint64) @ weights  # the sum modulo 2**64
+    hashes = row_hashes(rows, weights)
+    assert hashes.tolist() == expected.tolist() and hashes[4] == hashes[5] and len(set(hashes[[0, 1, 2, 3, 6]].tolist())) == 5

@@ -55,6 +55,7 @@ from pipeline.core.params import model_paths
 from pipeline.core.parquet import derived_provenance, read_vectors, write_table
 from pipeline.core.paths import ModelPaths
 from pipeline.core.progress import progress_bar
+from pipeline.core.row_hash import row_hashes
 from pipeline.core.settings import as_params, from_section, setting, whole_number
 
 ROWS_PER_CHUNK = 8192  # 8192 x 2048 float64 = 128 MiB per temporary, whatever the vocabulary size
@@ -244,7 +245,7 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
     weights = _hash_weights(matrix.shape[1])
     hashes = np.empty(rows, np.uint64)  # [vocab]
     with progress_bar(total=rows, desc="stats: duplicate rows", unit="rows") as bar:
-        for chunk, chunk_hashes in _chunks_in_parallel(lambda block: _row_bits(block).astype(np.uint64) @ weights, matrix, rows_per_chunk):
+        for chunk, chunk_hashes in _chunks_in_parallel(lambda block: row_hashes(block, weights), matrix, rows_per_chunk):
             hashes[chunk] = chunk_hashes  # the product wraps modulo 2**64, the same on every machine
             bar.update(chunk.stop - chunk.start)
     shared, lowest = _rows_sharing_a_hash(hashes)  # [m] each
@@ -262,7 +263,7 @@ def _row_bits(rows: np.ndarray) -> np.ndarray:
 
 
 def _hash_weights(dim: int) -> np.ndarray:
-    """[dim] odd uint64 weights of the row hash sum_j bits_j * w_j (mod 2**64), fixed by a seed."""
+    """[dim] odd uint64 weights of the row hash sum_j bits_j * w_j (mod 2**64, :mod:`pipeline.core.row_hash`), fixed by a seed."""
     return np.random.default_rng(0x5EED).integers(0, 2**63, size=dim, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
