@@ -130,7 +130,8 @@ def _encode_spans(scheme: Scheme, rows: np.ndarray, decode_into: np.ndarray | No
     codes = np.empty((n, scheme.code_width(dim)), dtype=scheme.codes_dtype)  # [n, code_width]
     block = scheme.block_for(dim) if scheme.tensor_scale is None else None
     scales = np.empty((n, dim // block), dtype=np.float32) if block else None  # [n, blocks]
-    step = max(1, BYTES_IN_CACHE // (4 * max(dim, 1)))  # rows at a time, see BYTES_IN_CACHE
+    # Rows at a time, see BYTES_IN_CACHE; encoding alone reads each value once anyway.
+    step = max(1, BYTES_IN_CACHE // (4 * max(dim, 1))) if decode_into is not None else max(n, 1)
 
     def encode(span: tuple[int, int]) -> int:
         clipped = 0
