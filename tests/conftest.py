@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
 
 from pipeline.stages.fetch import unpack_wheel_files
 
@@ -18,6 +19,12 @@ LLAMA_TOKENIZER_JSON = {
 }
 
 os.environ.setdefault("EMBEDDING_DISSECT_NO_PROGRESS", "1")
+
+# HYPOTHESIS_PROFILE=ci (what .ci/run sets): every property test draws the same examples on
+# every run, so whether a change lands never rests on a random draw. Elsewhere each run
+# draws new ones, which is how a rule a test states too loosely comes to light.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def model_conf(name: str) -> dict:

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
@@ -292,7 +293,8 @@ def test_compiled_row_hash_is_the_numpy_formula_on_hostile_bits():
     rows[4] = rows[5]
     rows[4, 0], rows[5, 0] = 0.0, -0.0  # equal rows once -0.0 is folded
     weights = _hash_weights(37)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the signaling NaN is folded without a RuntimeWarning
         expected = _row_bits(rows).astype(np.uint64) @ weights  # the sum modulo 2**64
     hashes = row_hashes(rows, weights)
     assert hashes.tolist() == expected.tolist() and hashes[4] == hashes[5] and len(set(hashes[[0, 1, 2, 3, 6]].tolist())) == 5

@@ -258,7 +258,8 @@ def duplicate_of(matrix: np.ndarray, rows_per_chunk: int = ROWS_PER_CHUNK) -> np
 
 def _row_bits(rows: np.ndarray) -> np.ndarray:
     """[n, dim] uint32: the float32 bits of ``rows`` [n, dim] (or of one row), -0.0 as 0.0."""
-    folded = np.ascontiguousarray(rows, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
+    with np.errstate(invalid="ignore"):  # a signaling NaN comes out quiet, as in the row hash, not as a warning
+        folded = np.ascontiguousarray(rows, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 == +0.0
     return folded.view(np.uint32)
 
 
