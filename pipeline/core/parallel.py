@@ -80,7 +80,6 @@ def chunk_map(function: Callable[[int, int], Any], rows: int, rows_per_chunk: in
     return list(_pool(workers).map(lambda chunk: function(*chunk), chunks))
 
 
-
 def start_in_background(function: Callable[[], Any], name: str) -> None:
     """Run ``function()`` on a daemon thread of its own, its errors dropped: for work whose only
     effect is that later work runs sooner (importing torch, numba's first compiled call), done

@@ -99,10 +99,7 @@ def _row_error_sums_by_rows(original, restored, dots, squares, errors, largest):
 
 @numba.njit(nogil=True, cache=True)
 def _row_error_sums_by_row(original, restored, dots, squares, errors, largest):  # pragma: no cover - compiled
-    """:func:`row_error_sums` one row at a time, for any width: fill, for each row i of ``original`` and ``restored`` ([n, dim] float32): ``dots[i]`` the
-    float64 sum of original * restored, ``squares[i]`` of restored ** 2, ``errors[i]`` of the
-    squared float32 difference restored - original, and ``largest[i]`` (float32) the largest
-    |difference| (NaN if one is NaN)."""
+    """:func:`row_error_sums` one row at a time, for any width."""
     n, dim = original.shape
     for i in range(n):
         d0 = d1 = d2 = d3 = 0.0
