@@ -177,3 +177,20 @@ def test_killed_extract_keeps_the_old_output_and_the_next_run_completes(tmp_path
     shutil.rmtree(out)
     assert run_stage(project, "extract", "m").returncode == 0
     assert (out / "embeddings.parquet").read_bytes() == interrupted  # equal to an uninterrupted run
+
+
+LEFT_TO_EXIT = """
+import gc, sys
+from pipeline.core.errors import run_stage
+run_stage(lambda args: None, {argv})
+print(gc.get_freeze_count())
+"""
+
+
+@pytest.mark.parametrize(("argv", "frozen"), [("None", True), ("[]", False)])
+def test_only_a_stage_run_as_its_own_process_leaves_its_objects_to_the_exit(argv, frozen):
+    # Run as a command (argv None), the garbage collector is kept off what is alive when the
+    # stage returns; a caller that passes argv (a test, a notebook) keeps collecting as before.
+    result = subprocess.run([sys.executable, "-c", LEFT_TO_EXIT.format(argv=argv)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (int(result.stdout) > 0) is frozen

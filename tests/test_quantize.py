@@ -200,6 +200,25 @@ def test_screened_candidate_lists_hold_every_row_that_can_beat_what_they_leave_o
     assert not np.isin(query_rows, top.candidate_ids[:3]).any()  # never a query's own row
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kept_lists_are_each_querys_best_screen_scores_over_every_chunk(dtype):
+    from pipeline.core.screen import BoundedScreen, ScreenPrecision
+
+    rng = np.random.default_rng(3)
+    # Scores on a coarse grid, so many tie, across a list's lowest score too; -inf marks
+    # rows a query may not return.
+    scores = np.round(rng.standard_normal((3, 700)) * 4).astype(np.float32) / 8  # [s, rows]
+    scores[0, ::7] = -np.inf
+    screen = BoundedScreen(unit_rows(rng.standard_normal((3, 8)).astype(np.float32)), 25, ScreenPrecision(dtype, dtype == torch.bfloat16, 0.0))
+    for start in range(0, 700, 64):  # the first chunk fills the lists, the others compete for them
+        screen.keep_best(torch.from_numpy(scores[:, start : start + 64]).to(dtype), start, np.full(3, 1e-3))
+    for q in range(3):
+        assert np.array_equal(np.sort(screen.kept_scores[q]), np.sort(scores[q])[-25:])  # the 25 best, ties and all
+        assert len(set(screen.kept_ids[q])) == 25
+        assert np.array_equal(scores[q, screen.kept_ids[q]], screen.kept_scores[q])  # each id with its own score
+    assert np.all(screen.kept_slack == 1e-3)
+
+
 def test_screened_topk_gives_a_query_without_direction_the_lowest_rows():
     matrix = np.random.default_rng(5).standard_normal((50, 16)).astype(np.float32)
     matrix[1, 0] = np.nan

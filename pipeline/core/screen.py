@@ -158,6 +158,14 @@ def _bfloat16_directions(rows: np.ndarray, inverse: np.ndarray, target: Any) -> 
     return bfloat16_directions(np.ascontiguousarray(rows, dtype=np.float32), inverse, bits)
 
 
+def _score_bits(screen: Any) -> np.ndarray:
+    """The screen's scores (torch [s, n]) as numpy without a copy: float32, or bfloat16 as its
+    uint16 bits, as :func:`pipeline.core.knn_kernels.screen_hits` reads them."""
+    import torch
+
+    return screen.view(torch.int16).numpy().view(np.uint16) if screen.dtype == torch.bfloat16 else screen.numpy()
+
+
 class BoundedScreen:
     """The screened queries of a search and what each chunk's screen keeps of the rows.
 
@@ -223,49 +231,51 @@ class BoundedScreen:
     def keep_best(self, screen: Any, start: int, slack: np.ndarray) -> None:
         """Merge this chunk's screen scores (torch [s, n]) into each query's ``keep`` best.
 
-        Only a score above a query's lowest kept one can enter, and once the lists are full
-        few do (about keep / chunks seen, per query), so those are gathered first and one
-        partition runs over the kept scores and them (numpy's partition is four times
-        cheaper here than torch.topk). A score equal to the lowest kept one may stay out:
-        every row left out still has a score of at most the lowest kept.
+        Only a score above a query's lowest kept one can enter, and a list with room needs
+        no more than the chunk's ``keep`` best; once the lists are full few enter (about
+        keep / chunks seen, per query). Those are gathered first and one partition runs over
+        the kept scores and them (numpy's partition is four times cheaper here than
+        torch.topk). A score equal to the lowest kept one may stay out: every row left out
+        still has a score of at most the lowest kept.
         """
-        import torch
+        from pipeline.core.knn_kernels import screen_hits
 
         lowest = self.kept_scores.min(axis=1)  # [s]; -inf while a list has room
-        if np.isneginf(lowest).any():  # the first chunks: all of them
-            new_scores = screen.float().numpy()  # [s, n]
-            new_ids = np.broadcast_to(np.arange(start, start + screen.shape[1]), new_scores.shape)
-        else:
-            # Kept scores are screen values, so the comparison is exact in the screen's type.
-            entering = torch.nonzero(screen > torch.from_numpy(lowest).to(screen.dtype)[:, None])  # [m, 2], by query
-            if not len(entering):
-                np.maximum(self.kept_slack, slack, out=self.kept_slack)
-                return
-            query, column = entering[:, 0].numpy(), entering[:, 1].numpy()
-            rank = np.arange(len(query)) - np.searchsorted(query, query)  # place among its query's entries
-            new_scores = np.full((len(lowest), int(rank.max()) + 1), -np.inf, dtype=np.float32)  # [s, width]
-            new_ids = np.full(new_scores.shape, -1, dtype=np.int64)
-            new_scores[query, rank] = screen[entering[:, 0], entering[:, 1]].float().numpy()
-            new_ids[query, rank] = column + start
-        pool_scores = np.concatenate([self.kept_scores, new_scores], axis=1)  # [s, keep + width]
+        # Kept scores are screen values, exact in float32: a score above the lowest is one at
+        # or above its float32 successor (none above +inf).
+        floor = np.where(lowest < np.inf, np.nextafter(lowest, np.float32(np.inf)), np.nan).astype(np.float32)  # [s]
+        room = np.flatnonzero(np.isneginf(lowest))
+        width = screen.shape[1]
+        if len(room) and width > self.keep:
+            import torch
+
+            rows = screen if len(room) == len(lowest) else screen[torch.from_numpy(room)]
+            kth = np.partition(rows.float().numpy(), width - self.keep, axis=1)[:, width - self.keep]  # [r] the chunk's keep-th best
+            floor[room] = np.where(np.isnan(kth), floor[room], np.maximum(kth, floor[room]))
+        query, column, scores = screen_hits(_score_bits(screen), floor)  # [m] each, by query
+        np.maximum(self.kept_slack, slack, out=self.kept_slack)
+        if not len(query):
+            return
+        rank = np.arange(len(query)) - np.searchsorted(query, query)  # place among its query's entries
+        new_scores = np.full((len(lowest), int(rank.max()) + 1), -np.inf, dtype=np.float32)  # [s, entries]
+        new_ids = np.full(new_scores.shape, -1, dtype=np.int64)
+        new_scores[query, rank] = scores
+        new_ids[query, rank] = column + start
+        pool_scores = np.concatenate([self.kept_scores, new_scores], axis=1)  # [s, keep + entries]
         best = np.argpartition(-pool_scores, self.keep - 1, axis=1)[:, : self.keep]  # [s, keep]
         ids = np.concatenate([self.kept_ids, new_ids], axis=1)
         self.kept_scores = np.take_along_axis(pool_scores, best, axis=1)
         self.kept_ids = np.where(self.kept_scores > -np.inf, np.take_along_axis(ids, best, axis=1), -1)
-        np.maximum(self.kept_slack, slack, out=self.kept_slack)
 
     def candidates(self, screen: Any, slack: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """([m] screened query, [m] column, [m] screen score) of the pairs whose score plus the
         bound reaches L_q; ``best`` [s, k] holds each query's best exact cosines so far (-inf unfilled)."""
-        import torch
-
         from pipeline.core.knn_kernels import screen_hits
 
         lower = self._lower(screen, slack, best)  # [s] L_q
         threshold = self._score_threshold(lower - slack)  # [s]
-        scores = screen.view(torch.int16).numpy().view(np.uint16) if screen.dtype == torch.bfloat16 else screen.numpy()
         # Excluded rows (-inf) are left out even while L_q is -inf.
-        return screen_hits(scores, threshold)
+        return screen_hits(_score_bits(screen), threshold)
 
     def _lower(self, screen: Any, slack: np.ndarray, best: np.ndarray) -> np.ndarray:
         """float64 [s] L_q: the k-th best of the exact cosines kept (``best`` [s, k]) and
