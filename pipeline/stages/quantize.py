@@ -363,11 +363,10 @@ def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     provenance = derived_provenance("quantize", paths.name, paths.embeddings, {"quantize": as_params(settings), "words": words_params})
     with output_set():
         metrics = {}
+        # The chunks of every scheme reuse the buffers the threads freed (kept by glibc's
+        # arenas, :func:`pipeline.core.memory.reuse_freed_memory`): handing them back between
+        # schemes cost 110 000 page faults on the 1B, half a second, for 40 MB less at the peak.
         for scheme in schemes:
-            # Between schemes, not between chunks: the chunks of a scheme reuse the buffers the
-            # threads freed (a page handed back and faulted in again costs more than the
-            # ~0.2 GB they hold over a 1B scheme), and the next scheme starts from none.
-            return_freed_memory()
             fitted = scheme.fit(matrix)
             metrics[scheme.name] = quantize_scheme(fitted, matrix, queries, ref, settings.recall_k, paths.quant_file(scheme.name), provenance, sums)
         write_json_atomic(paths.quant_metrics, metrics)
