@@ -309,3 +309,31 @@ def test_seed_needs_the_bounded_screen():
     units = unit_rows(np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="bounded screen"):
         TopK(units, 1).seed(np.array([0]), np.array([1]), lambda ids: units[ids])
+
+
+@pytest.mark.parametrize(("screen", "keep"), [("bfloat16", 0), ("bfloat16", 30), ("float32", 0)])
+def test_chunks_screened_ahead_give_what_they_give_one_at_a_time(screen, keep):
+    # add_chunks screens a chunk on its own thread while the one before is folded in: the
+    # answer, the candidate lists and their bounds are those of add() chunk by chunk.
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((900, 24)).astype(np.float32)
+    rows[5] = np.nan  # never a neighbour
+    rows[400] *= np.float32(1e-38)  # too small for a float32 inverse norm
+    rows[600] = 0.0
+    queries = unit_rows(rng.standard_normal((6, 24)).astype(np.float32))
+    exclude = excluding_own(np.array([0, 1, 2, 401, -1, -1]))
+
+    def search(add_all):
+        top = TopK(queries, 7, exclude, screen=screen, keep=keep)
+        add_all(top, [(start, rows[start : start + 128], None) for start in range(0, 900, 128)])
+        return top, top.finish()
+
+    one_by_one, expected = search(lambda top, chunks: [top.add(start, part) for start, part, _ in chunks])
+    ahead, found = search(lambda top, chunks: top.add_chunks(iter(chunks)))
+    assert np.array_equal(found.ids, expected.ids)
+    assert np.array_equal(found.cosines, expected.cosines)
+    assert not np.isin(5, found.ids)
+    if keep:
+        assert np.array_equal(ahead.candidate_ids, one_by_one.candidate_ids)
+        assert np.array_equal(ahead.candidate_scores, one_by_one.candidate_scores)
+        assert np.array_equal(ahead.candidate_slack, one_by_one.candidate_slack)

@@ -39,8 +39,9 @@ recall; :mod:`pipeline.core.screen`), with the same cosine and the same exact an
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -339,6 +340,20 @@ SCREENS = ("float32", "bfloat16")
 RESCORE_ROWS = 2048  # rows restored and normalised at a time by :func:`scored_pairs`
 
 
+@dataclass(frozen=True)
+class ScreenedChunk:
+    """A chunk of rows as the bounded screen left it, before it is folded into a search:
+    rows ``start .. start + rows``, which of them are ``broken`` (NaN or Inf) and, unless
+    nothing was screened, their ``screen`` scores (torch [s, rows], in a reused buffer) with
+    the bound's ``slack`` [s]."""
+
+    start: int
+    rows: int
+    broken: np.ndarray
+    screen: Any = None
+    slack: np.ndarray | None = None
+
+
 class TopK:
     """The k nearest rows of each query, over rows added chunk by chunk: the streaming engine.
 
@@ -480,25 +495,69 @@ class TopK:
         order = np.argsort(rows, kind="stable")
         self.excluded_rows, self.excluded_queries = rows[order], owners[order]
 
-    def _add_bounded(self, start: int, rows: np.ndarray, unit: bool, norms: np.ndarray | None) -> None:
-        import torch
+    def add_chunks(self, chunks: Iterable[tuple[int, np.ndarray, np.ndarray | None]]) -> None:
+        """:meth:`add` of each ``(start, rows, norms)`` in turn. With the bounded screen, the next
+        chunk's screen scores are computed on a thread of their own while this one is folded
+        in (the same folds in the same order, so the same answer): the product and the fold
+        each leave a core idle otherwise. Not to be called from the thread that computes them,
+        so it makes its own."""
+        if self.screen is None:
+            for start, rows, norms in chunks:
+                self.add(start, rows, norms=norms)
+            return
+        from concurrent.futures import ThreadPoolExecutor
 
+        from pipeline.core.screen import SLOTS
+
+        def fold(screened: Any, rows: np.ndarray) -> None:
+            self._fold_chunk(screened.result(), rows, unit=False)
+            self.bar.update(len(rows))
+
+        ahead = None  # (the future of a chunk's screen, its rows)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="screen") as screening:
+            for slot, (start, rows, norms) in zip(itertools.cycle(range(SLOTS)), chunks):
+                # A slot's scores are folded in before the slot is screened into again.
+                following = screening.submit(self._screened_chunk, start, rows, norms, slot)
+                if ahead is not None:
+                    fold(*ahead)
+                ahead = (following, rows)
+            if ahead is not None:
+                fold(*ahead)
+
+    def _add_bounded(self, start: int, rows: np.ndarray, unit: bool, norms: np.ndarray | None) -> None:
+        self._fold_chunk(self._screened_chunk(start, rows, norms, 0), rows, unit)
+
+    def _screened_chunk(self, start: int, rows: np.ndarray, norms: np.ndarray | None, slot: int) -> ScreenedChunk:
+        """What the bounded screen makes of rows ``start .. start + n`` [n, dim], the search's state
+        untouched (so it can run ahead of :meth:`_fold_chunk`), in ``slot``'s buffers."""
         from pipeline.core.determinism import row_norms
         from pipeline.core.screen import inverse_norms
 
         n = len(rows)
-        self.rows_seen = max(self.rows_seen, start + n)
         if not n or not len(self.queries):
-            return
+            return ScreenedChunk(start, n, np.zeros(n, bool))
         norms = row_norms(rows) if norms is None else norms  # [n]
         broken = ~np.isfinite(norms)  # a value that is NaN or Inf: never a neighbour
-        if broken.any():
-            self.broken_rows.append(np.flatnonzero(broken) + start)
         if not len(self.screen.screened):
-            return
+            return ScreenedChunk(start, n, broken)
         _, unscaled = inverse_norms(norms)
         tiny = np.flatnonzero(unscaled & ~broken)  # too small for a float32 inverse: scaled in float64
-        screen, slack = self.screen.scores(rows, norms, dict(zip(tiny.tolist(), unit_rows(rows[tiny]))))  # [s, n], [s]
+        screen, slack = self.screen.scores(rows, norms, dict(zip(tiny.tolist(), unit_rows(rows[tiny]))), slot)  # [s, n], [s]
+        return ScreenedChunk(start, n, broken, screen, slack)
+
+    def _fold_chunk(self, chunk: ScreenedChunk, rows: np.ndarray, unit: bool) -> None:
+        """Fold a screened chunk of ``rows`` [n, dim] into the running top k (and the candidate lists)."""
+        import torch
+
+        from pipeline.core.determinism import top_k_pairs
+
+        start, n, broken = chunk.start, chunk.rows, chunk.broken
+        self.rows_seen = max(self.rows_seen, start + n)
+        if broken.any():
+            self.broken_rows.append(np.flatnonzero(broken) + start)
+        if chunk.screen is None:
+            return
+        screen, slack = chunk.screen, chunk.slack
         lo, hi = np.searchsorted(self.excluded_rows, [start, start + n])
         masked = self.excluded_queries[lo:hi], self.excluded_rows[lo:hi] - start
         screen[torch.from_numpy(masked[0]), torch.from_numpy(masked[1])] = -torch.inf
@@ -511,8 +570,6 @@ class TopK:
         keys = rows[unique] if unit else _unit_rows_on_cores(rows[unique])  # [u, dim]
         exact = _cosines_on_cores(self.queries, self.screen.screened[query], keys, where)  # [m] float64
         self.screen.check(approx, exact, slack[query])
-        from pipeline.core.determinism import top_k_pairs
-
         held = self.best_ids >= 0  # [s, k]
         self.best_ids, self.best_scores = top_k_pairs(
             np.concatenate([np.nonzero(held)[0], query]),

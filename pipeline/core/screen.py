@@ -58,6 +58,7 @@ FLOAT32_UNIT = 2.0**-24
 SCALING = 2.0**-22  # |r * inv - w'| / |w| for float32 inv and products, and w' - w, with margin
 TINY = 1e-30  # flushed subnormal products and inputs: at most dim * 2^-126 in all
 DIRECTION_ROWS = 512  # rows scaled and rounded at a time: 4 MB of float32 at dim 2048
+SLOTS = 2  # chunks whose screen scores can be held at once
 
 
 def native_bfloat16(device: str | None = None) -> bool:
@@ -188,24 +189,26 @@ class BoundedScreen:
         self.rounded_on_device = None if self.device is None else self.rounded.to(self.device)  # [s, dim]
         self.bound_held = True
         self.keep = keep
-        # Reused by every chunk, so no chunk leaves freed copies in the allocator.
-        self._directions = torch.empty(0, dtype=self.precision.dtype)
-        self._screen = torch.empty(0, dtype=self.precision.dtype)
+        # Reused by every chunk, so no chunk leaves freed copies in the allocator: one
+        # (directions, screen) pair per slot, two so a chunk can be screened while the
+        # previous one's scores are still read (TopK.add_chunks).
+        self._slots = [[torch.empty(0, dtype=self.precision.dtype), torch.empty(0, dtype=self.precision.dtype)] for _ in range(SLOTS)]
         s = len(self.screened)
         self.kept_ids = np.full((s, keep), -1, dtype=np.int64)  # [s, keep]
         self.kept_scores = np.full((s, keep), -np.inf, dtype=np.float32)  # [s, keep] screen scores
         self.kept_slack = np.zeros(s)  # [s]: the largest E of the chunks
 
-    def _buffers(self, n: int, dim: int) -> tuple[Any, Any]:
-        """(directions [n, dim], screen [s, n]) views of the reused buffers, grown when needed."""
+    def _buffers(self, n: int, dim: int, slot: int) -> tuple[Any, Any]:
+        """(directions [n, dim], screen [s, n]) views of ``slot``'s reused buffers, grown when needed."""
         import torch
 
         s = len(self.screened)
-        if self._directions.numel() < n * dim:
-            self._directions = torch.empty(n * dim, dtype=self.precision.dtype)
-        if self._screen.numel() < s * n:
-            self._screen = torch.empty(s * n, dtype=self.precision.dtype)
-        return self._directions[: n * dim].view(n, dim), self._screen[: s * n].view(s, n)
+        buffers = self._slots[slot]
+        if buffers[0].numel() < n * dim:
+            buffers[0] = torch.empty(n * dim, dtype=self.precision.dtype)
+        if buffers[1].numel() < s * n:
+            buffers[1] = torch.empty(s * n, dtype=self.precision.dtype)
+        return buffers[0][: n * dim].view(n, dim), buffers[1][: s * n].view(s, n)
 
     def slack(self, row_residual: float, dim: int) -> np.ndarray:
         """E [s] of the bound for a chunk whose largest row residual is ``row_residual`` (module docstring)."""
@@ -215,12 +218,13 @@ class BoundedScreen:
         slack = e * (1 + f) + u * f + gamma * (u + e) * (1 + f) + TINY
         return slack * (1 + 1e-12)  # the float64 rounding of the terms above
 
-    def scores(self, rows: np.ndarray, norms: np.ndarray, exact: dict[int, np.ndarray]) -> tuple[Any, np.ndarray]:
-        """(screen scores torch [s, n], E [s]) of a chunk of rows [n, dim] with float64 ``norms`` [n]."""
+    def scores(self, rows: np.ndarray, norms: np.ndarray, exact: dict[int, np.ndarray], slot: int = 0) -> tuple[Any, np.ndarray]:
+        """(screen scores torch [s, n], E [s]) of a chunk of rows [n, dim] with float64 ``norms`` [n],
+        in ``slot``'s buffers (valid until that slot is screened into again)."""
         import torch
 
         inverse, _ = inverse_norms(norms)
-        directions, screen = self._buffers(len(rows), rows.shape[1])  # [n, dim], [s, n]
+        directions, screen = self._buffers(len(rows), rows.shape[1], slot)  # [n, dim], [s, n]
         residual = rounded_directions(rows, inverse, self.precision, directions, exact)
         if self.rounded_on_device is None:
             torch.matmul(self.rounded, directions.T, out=screen)

@@ -113,8 +113,10 @@ def reference(
         units, k, excluding_own(queries.self_rows), "neighbours (original)", matrix.shape[0],
         screen="bfloat16", keep=keep if prune else 0,
     )
-    for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK)):
-        top.add(start, matrix[start:stop], norms=sums[index].norms if sums is not None else None)
+    top.add_chunks(
+        (start, matrix[start:stop], sums[index].norms if sums is not None else None)
+        for index, (start, stop) in enumerate(row_chunks(matrix.shape[0], ROWS_PER_CHUNK))
+    )
     found = top.finish()
     if not top.bound_held:
         return reference_float32(matrix, units, queries.self_rows, k, keep if prune else k, similarity, bits)
