@@ -498,6 +498,45 @@ def test_background_writer_raises_write_errors_without_hanging(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_start_writing_returns_with_the_writer_still_on_its_queue(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline.core import parquet
+
+    path, release = tmp_path / "out.parquet", threading.Event()
+    write_batches = parquet.write_batches
+
+    def held_writer(*args, **kwargs):  # a writer that starts only when released
+        release.wait(timeout=30)
+        write_batches(*args, **kwargs)
+
+    monkeypatch.setattr(parquet, "write_batches", held_writer)
+    # Three batches and the end mark wait in the queue for the held writer.
+    finish = parquet.start_writing(path, pa.schema([pa.field("x", pa.int32())]), int_batches(3), queued=4)
+    assert not release.is_set() and not path.exists()  # every batch produced, nothing written yet
+    release.set()
+    finish()
+    assert pq.read_table(path).column("x").to_pylist() == [i for i in range(3) for _ in range(2)]
+
+
+def test_a_scheme_that_fails_leaves_the_outputs_as_they_were_and_no_writer_running(tmp_path, monkeypatch):
+    import threading
+
+    rng = np.random.default_rng(2)
+    model_dir = synthetic_model(tmp_path, rng.standard_normal((300, 64)).astype(np.float32))
+    quantize_run(model_dir, settings(schemes=["fp16", "int8_row"]))
+    before = {p.name: p.read_bytes() for p in (model_dir / "quant").iterdir()}
+
+    def failing(self, rows):
+        raise RuntimeError("encoding failed")
+
+    monkeypatch.setattr(quantize.SCHEMES["int8_row"], "encode", failing)
+    with pytest.raises(RuntimeError, match="encoding failed"):  # fp16's writer was still on its file
+        quantize_run(model_dir, settings(schemes=["fp16", "int8_row"]))
+    assert not [t for t in threading.enumerate() if t.name.startswith("write ")]
+    assert {p.name: p.read_bytes() for p in (model_dir / "quant").iterdir()} == before
+
+
 @pytest.mark.parametrize("pooling, expected", [("first", [1.0, 2.0]), ("last", [5.0, 6.0]), ("mean", [3.0, 4.0])])
 def test_words_are_pooled_like_the_words_stage(pooling, expected):
     from pipeline.quant.recall import pool_rows

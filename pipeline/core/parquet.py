@@ -62,7 +62,7 @@ import json
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -266,7 +266,16 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
     it does; pyarrow releases the GIL while it writes, so the two overlap.
     If producing fails, the writer abandons its temporary file and the error is raised here.
     """
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)  # bounded: one chunk waits while one is written
+    start_writing(path, schema, batches, **options)()
+
+
+def start_writing(
+    path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], queued: int = 1, **options: Any
+) -> Callable[[], None]:
+    """:func:`write_in_background`, returning once every batch is produced, with the writer still
+    on up to ``queued`` + 1 of them: the returned call waits for it (and raises its error),
+    so the caller can start on other work meanwhile. The batches waiting are held in memory."""
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=queued)  # bounded: what waits while one is written
     finished, failed = object(), object()
     ended = threading.Event()
     errors: list[BaseException] = []
@@ -290,17 +299,23 @@ def write_in_background(path: Path, schema: pa.Schema, batches: Iterable[pa.Reco
                 if is_end(handoff.get()):
                     ended.set()
 
+    def wait() -> None:
+        writer.join()
+        if errors:
+            raise errors[0]
+
     writer = threading.Thread(target=write, name=f"write {path.name}", daemon=True)
     writer.start()
-    end = failed
     try:
         for batch in batches:
             if errors:
                 break
             handoff.put(batch)
-        end = finished
-    finally:
-        handoff.put(end)
+    except BaseException:
+        handoff.put(failed)
         writer.join()
+        raise
+    handoff.put(finished)
     if errors:
-        raise errors[0]
+        wait()
+    return wait
