@@ -316,20 +316,6 @@ class SchemeRun:
         }
 
 
-def quantize_scheme(
-    scheme: Scheme,
-    matrix: np.ndarray,
-    queries: Queries,
-    ref: Reference,
-    k: int,
-    path: Path,
-    provenance: dict,
-    sums: list[OriginalSums] | None = None,
-) -> dict[str, Any]:
-    """Write ``path`` for ``scheme`` (already fitted) and return its metrics; ``sums`` as :attr:`SchemeRun.sums`."""
-    return start_scheme(scheme, matrix, queries, ref, k, path, provenance, sums)()
-
-
 # Row groups of a quant file that may wait for its writer: the 16-bit schemes write slower
 # than they encode, so their encoding runs ahead and the next scheme starts while the
 # writer catches up (32 MiB of fp16 codes on the 1B; four gained no more).
@@ -346,8 +332,10 @@ def start_scheme(
     provenance: dict,
     sums: list[OriginalSums] | None = None,
 ) -> Callable[[], dict[str, Any]]:
-    """:func:`quantize_scheme`, returning once every chunk is encoded and measured, with the
-    writer still finishing the file: the returned call waits for it and gives the metrics."""
+    """Start writing ``path`` for ``scheme`` (already fitted); ``sums`` as :attr:`SchemeRun.sums`.
+
+    Returns once every chunk is encoded and measured, with the writer still finishing the
+    file: the returned call waits for it and gives the scheme's metrics."""
     dim = matrix.shape[1]
     record = {**provenance, "scheme": scheme.name, "shape": list(matrix.shape), "dequantize": scheme.recipe(dim)}
     schema = with_provenance(quant_schema(scheme, dim), record)
