@@ -439,3 +439,18 @@ def test_float_casts_take_read_only_arrays_without_a_warning(recwarn):
         codes.flags.writeable = False
         assert np.array_equal(scheme.decode(Encoded(codes, None, 0)), scheme.round(x.copy()))
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+
+def test_torchs_deprecation_of_quantize_per_tensor_stays_filtered_after_an_encode():
+    # The stage encodes on a thread per core and torch warns once, on whichever thread calls
+    # first: a filter set inside warnings.catch_warnings() around the call (not thread-safe)
+    # is gone again when another thread leaves its own, so the filter must outlive the call.
+    import warnings
+
+    rows = np.random.default_rng(4).standard_normal((4, 8)).astype(np.float32)
+    SCHEMES["int8_tensor_fixed"]().fit(rows).encode(rows)  # the scheme that calls torch's quantize_per_tensor
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("torch.quantize_per_tensor, torch.quantize_per_channel ... are deprecated", UserWarning)
+        warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["another warning"]

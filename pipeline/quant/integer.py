@@ -42,10 +42,12 @@ class Int8TensorFixed(Scheme):
 
         # torch warns on read-only arrays (a memory-mapped matrix); a chunk copy is cheap.
         source = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
-        with warnings.catch_warnings():
-            # torch 2.13 marks quantized tensors deprecated; this scheme reproduces the tutorial's call.
-            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-            quantized = torch.quantize_per_tensor(source, self.scale, self.zero_point, torch.qint8)
+        # torch 2.13 marks quantized tensors deprecated; this scheme reproduces the tutorial's
+        # call. Filtered for the process, not inside warnings.catch_warnings(), which is not
+        # thread-safe: another encoding thread leaving it restores the filters without this
+        # one, and torch warns once, on whichever thread calls first.
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        quantized = torch.quantize_per_tensor(source, self.scale, self.zero_point, torch.qint8)
         codes = quantized.int_repr().numpy()  # [n, dim] int8
         return Encoded(codes=codes, scales=None, clipped=self.beyond_range(rows))
 
