@@ -454,3 +454,14 @@ def test_torchs_deprecation_of_quantize_per_tensor_stays_filtered_after_an_encod
         warnings.warn("torch.quantize_per_tensor, torch.quantize_per_channel ... are deprecated", UserWarning)
         warnings.warn("another warning", UserWarning)
     assert [str(w.message) for w in caught] == ["another warning"]
+
+
+def test_int8_tensors_peak_is_found_across_chunks_on_the_cores():
+    from pipeline.quant.integer import _absmax_by_chunks
+
+    matrix = np.array([[0.5, -0.25], [1.0, 0.0], [0.1, -3.0], [2.0, 2.0], [np.nan, 9.0], [0.0, 0.0]], np.float32)
+    # Chunks of two rows: peaks 1, 3 (from -3.0), and NaN, which leaves the peak as it was.
+    assert _absmax_by_chunks(matrix, rows_per_chunk=2) == np.float32(3.0)
+    assert _absmax_by_chunks(matrix[:4], rows_per_chunk=1) == np.float32(3.0)
+    assert _absmax_by_chunks(matrix[:0]) == np.float32(0.0)
+    assert SCHEMES["int8_tensor"]().fit(np.repeat(matrix[:4], 300, axis=0)).absmax == 3.0

@@ -138,9 +138,16 @@ def absmax_int8(rows: np.ndarray, absmax: np.ndarray) -> np.ndarray:
 
 
 def _absmax_by_chunks(matrix: np.ndarray, rows_per_chunk: int = 8192) -> np.float32:
+    """The largest |value| of ``matrix`` [vocab, dim], its chunks' extremes found on the cores
+    and folded in chunk order (a chunk holding NaN leaves the peak as it was)."""
+    from pipeline.core.parallel import chunk_map
+
+    def extremes(start: int, stop: int) -> tuple[np.float32, np.float32] | None:
+        chunk = matrix[start:stop]
+        return (np.float32(chunk.max()), -np.float32(chunk.min())) if chunk.size else None
+
     peak = np.float32(0)
-    for start in range(0, matrix.shape[0], rows_per_chunk):
-        chunk = matrix[start : start + rows_per_chunk]
-        if chunk.size:
-            peak = max(peak, np.float32(chunk.max()), -np.float32(chunk.min()))
+    for found in chunk_map(extremes, matrix.shape[0], rows_per_chunk):
+        if found is not None:
+            peak = max(peak, *found)
     return np.float32(peak)
