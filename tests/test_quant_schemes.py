@@ -441,7 +441,6 @@ def test_float_casts_take_read_only_arrays_without_a_warning(recwarn):
     assert not [w for w in recwarn if "not writable" in str(w.message)]
 
 
-
 def test_torchs_deprecation_of_quantize_per_tensor_stays_filtered_after_an_encode():
     # The stage encodes on a thread per core and torch warns once, on whichever thread calls
     # first: a filter set inside warnings.catch_warnings() around the call (not thread-safe)

@@ -21,9 +21,9 @@ near one float32 copy of the matrix. Each core encodes, decodes and measures the
 span of a chunk, a cache's worth of rows at a time (the scheme kernels and the error pass of
 :mod:`pipeline.quant.kernels`); the codes are written by a second thread (as raw bytes, see
 :mod:`pipeline.quant.layout`), which may finish a scheme's file while the next scheme is
-encoded, and a chunk's neighbours are searched while the next is
-encoded, by the engine's bfloat16 screen (:class:`pipeline.core.knn.TopK`, started from the
-original's neighbours), whose result is exact.
+encoded, and a chunk's neighbours are searched while the next chunk is encoded, by the
+engine's bfloat16 screen (:class:`pipeline.core.knn.TopK`, started from the original's
+neighbours), whose result is exact.
 """
 
 from __future__ import annotations
