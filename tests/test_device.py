@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.device import (
+    cpu_product,
     DEVICE_ENV,
     Resident,
     compute_device,
@@ -90,6 +91,42 @@ def test_resident_products_by_hand():
             assert (resident.on_device is None) == (device is None)
             assert resident.times_rows(slice(0, 3), slice(2, 3)).tolist() == [[1], [1], [2]]
             assert resident.times(keys).tolist() == [[2], [3], [5]]
+
+
+def test_cpu_product_by_hand_along_either_side():
+    # Rows e1, e2, e1 + e2 against (2, 3): the longer side is split, whichever it is.
+    matrix = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)  # [3, 2]
+    keys = np.array([[2, 3]], dtype=np.float32)  # [1, 2]
+    assert cpu_product(matrix, keys).tolist() == [[2], [3], [5]]
+    assert cpu_product(keys, matrix).tolist() == [[2, 3, 5]]
+
+
+@pytest.mark.parametrize("shape", [(600, 5), (5, 600), (700, 650)])
+def test_cpu_product_spans_equal_one_product(shape):
+    # Small integers: every product is exact in float32, so the spans must give the same numbers.
+    rng = np.random.default_rng(1)
+    left = rng.integers(-3, 4, size=(shape[0], 16)).astype(np.float32)
+    right = rng.integers(-3, 4, size=(shape[1], 16)).astype(np.float32)
+    expected = left.astype(np.int64) @ right.T.astype(np.int64)
+    assert np.array_equal(cpu_product(left, right), expected)
+
+
+def test_cpu_product_writes_into_the_scratch_buffer_when_it_fits():
+    left = np.arange(8, dtype=np.float32).reshape(4, 2)  # [4, 2]
+    scratch = np.full(20, np.nan, dtype=np.float32)
+    out = cpu_product(left, left[:3], scratch)
+    assert out.shape == (4, 3) and np.shares_memory(out, scratch) and out.flags.c_contiguous
+    assert np.array_equal(out, left @ left[:3].T)
+    small = np.empty(11, dtype=np.float32)
+    assert not np.shares_memory(cpu_product(left, left[:3], small), small)
+
+
+def test_cpu_product_leaves_the_blas_thread_count_as_it_was():
+    from threadpoolctl import threadpool_info
+
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    cpu_product(np.ones((600, 4), np.float32), np.ones((3, 4), np.float32))
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.core.errors import DissectError
-from pipeline.core import knn_kernels
-from pipeline.core.knn import RunningTopK, TopK, _nonzero, _tile_top, _tile_top_on_cores, brute_force_neighbors, excluding_own, knn_graph, nearest_keys, unit_rows
+from pipeline.core import knn, knn_kernels
+from pipeline.core.knn import RunningTopK, TopK, _nonzero, _tile_top, _tile_top_on_cores, brute_force_neighbors, diagonal_parts, excluding_own, knn_graph, nearest_keys, unit_rows
 
 # Rows 0..3 of a 4x3 matrix, worked out by hand:
 #   r0 = (1, 0, 0)  unit (1, 0, 0)
@@ -107,6 +107,69 @@ def test_graph_equals_brute_force_exactly(matrix, k, block_rows):
     assert np.array_equal(got.ids[:, :width], expected.ids)
     assert np.array_equal(got.cosines[:, :width], expected.cosines)
     assert (got.ids[:, width:] == -1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrix=exact_matrices(), k=st.integers(1, 12), block_rows=st.sampled_from([2, 5, 16, 64]))
+def test_graph_with_cut_diagonal_tiles_equals_brute_force_exactly(matrix, k, block_rows):
+    # Parts of a single row upward: diagonal tiles cut into up to 4 x 4 sub-tiles, some of
+    # them too small to fill a top k, with exact ties everywhere.
+    unit = unit_rows(matrix)
+    expected = brute_force_neighbors(unit, k)
+    with mock.patch.object(knn, "MIN_PART_ROWS", 1):
+        got = knn_graph(unit, k, block_rows)
+    width = expected.ids.shape[1]
+    assert np.array_equal(got.ids[:, :width], expected.ids)
+    assert np.array_equal(got.cosines[:, :width], expected.cosines)
+    assert (got.ids[:, width:] == -1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dim=st.integers(1, 40), pairs=st.integers(0, 30), wide=st.booleans())
+def test_pair_dots_are_row_dots_bit_for_bit(seed, dim, pairs, wide):
+    # Random floats of mixed scale: any other order of the additions shows in the last bits.
+    from pipeline.core.determinism import row_dots_at
+
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if wide else np.float32
+    a = (rng.standard_normal((7, dim)) * rng.choice([1e-3, 1.0, 1e3], size=(7, dim))).astype(dtype)
+    b = (rng.standard_normal((5, dim)) * rng.choice([1e-3, 1.0, 1e3], size=(5, dim))).astype(dtype)
+    a_rows, b_rows = rng.integers(0, 7, pairs), rng.integers(0, 5, pairs)
+    got = np.empty(pairs)
+    knn_kernels.pair_dots(a, a_rows, b, b_rows, got)
+    assert got.tobytes() == row_dots_at(a, a_rows, b, b_rows).tobytes()
+
+
+@pytest.mark.parametrize("dim", [576, 2048, 2051])
+def test_compiled_cosines_are_the_engines_at_model_widths(dim):
+    rng = np.random.default_rng(dim)
+    unit = unit_rows(rng.standard_normal((300, dim)).astype(np.float32))
+    query, key = rng.integers(0, 300, 1001), rng.integers(0, 300, 1001)
+    assert knn._cosines(unit, query, unit, key, compiled=True).tobytes() == knn._cosines(unit, query, unit, key).tobytes()
+
+
+def test_diagonal_parts_by_hand():
+    # 4096 rows, k = 10: four parts of 1024; 1000 rows: one (two would be under 512 rows);
+    # 2048 rows with k = 700: two, each with more than k rows.
+    assert [len(part) for part in diagonal_parts(np.arange(4096), 10)] == [1024] * 4
+    assert [len(part) for part in diagonal_parts(np.arange(1000), 10)] == [1000]
+    assert [len(part) for part in diagonal_parts(np.arange(2048), 700)] == [1024, 1024]
+    assert np.concatenate(diagonal_parts(np.arange(5, 4101), 3)).tolist() == list(range(5, 4101))
+
+
+def test_graph_with_diagonal_tiles_cut_as_in_a_vocabulary_is_the_uncut_graph():
+    # 1100 clustered rows with duplicates and a zero row: blocks of 1100 are cut in two parts
+    # of 550 (MIN_PART_ROWS as it is), blocks of 256 are not cut; the answer is the same to the byte.
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((20, 8))
+    rows = (centres[rng.integers(0, 20, 1100)] + 0.05 * rng.standard_normal((1100, 8))).astype(np.float32)
+    rows[100:110] = rows[7]
+    rows[500] = 0.0
+    unit = unit_rows(rows)
+    assert len(diagonal_parts(np.arange(1100), 6)) == 2
+    cut, uncut = knn_graph(unit, 6, 1100), knn_graph(unit, 6, 256)
+    assert np.array_equal(cut.ids, uncut.ids) and cut.cosines.tobytes() == uncut.cosines.tobytes()
+    assert np.array_equal(cut.ids, brute_force_neighbors(unit, 6).ids)
 
 
 @settings(max_examples=40, deadline=None)

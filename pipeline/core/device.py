@@ -138,8 +138,9 @@ def strict_float32() -> None:
 class Resident:
     """A float32 matrix [n, dim] kept where the products run, copied there once.
 
-    On the CPU it is the array itself and products are numpy's BLAS; on a torch device it is
-    a copy on that device, and each product comes back as a float32 numpy array.
+    On the CPU it is the array itself and products are numpy's BLAS (:func:`cpu_product`); on
+    a torch device it is a copy on that device, and each product comes back as a float32
+    numpy array.
     """
 
     def __init__(self, matrix: np.ndarray):
@@ -151,17 +152,65 @@ class Resident:
 
             self.on_device = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).to(self.device)  # [n, dim]
 
-    def times_rows(self, a: slice, b: slice) -> np.ndarray:
-        """float32 [a rows, b rows]: rows ``a`` times rows ``b`` of the matrix, transposed."""
+    def times_rows(self, a: slice, b: slice, scratch: np.ndarray | None = None) -> np.ndarray:
+        """float32 [a rows, b rows]: rows ``a`` times rows ``b`` of the matrix, transposed; on the
+        CPU written into the front of ``scratch`` (flat float32, reused) when it is given."""
         if self.on_device is None:
-            return self.matrix[a] @ self.matrix[b].T
+            return cpu_product(self.matrix[a], self.matrix[b], scratch)
         return (self.on_device[a] @ self.on_device[b].T).cpu().numpy()
 
     def times(self, keys: np.ndarray) -> np.ndarray:
         """float32 [n, m]: the matrix times ``keys`` [m, dim] (host rows), transposed."""
         if self.on_device is None:
-            return self.matrix @ keys.T
+            return cpu_product(self.matrix, keys)
         import torch
 
         moved = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)).to(self.device)  # [m, dim]
         return (self.on_device @ moved.T).cpu().numpy()
+
+
+def cpu_product(left: np.ndarray, right: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """float32 [l, r]: ``left`` [l, dim] times ``right`` [r, dim] transposed, by numpy's BLAS
+    on one thread per core, each core multiplying its own span of the longer side's rows;
+    written into the front of ``scratch`` (a flat buffer of at least l * r) when given: a
+    fresh array of a tile's size is mapped afresh by the allocator, and every one of its
+    pages is then faulted in again.
+
+    OpenBLAS's own threads keep spinning for a while after a product returns, and the
+    compiled passes that read the product next then share the cores with them: on two cores
+    a 4096 x 4096 tile's pass took 60 ms after a threaded product against 34 ms after this
+    one, and the product itself was no slower (0.17-0.19 s against 0.20 s). Every element
+    is one dot product whichever span holds it; the engines bound any summation order anyway.
+    """
+    from pipeline.core.parallel import span_map
+
+    shape = (left.shape[0], right.shape[0])
+    dtype = np.result_type(left, right)
+    fits = scratch is not None and scratch.dtype == dtype and scratch.size >= shape[0] * shape[1]
+    out = scratch[: shape[0] * shape[1]].reshape(shape) if fits else np.empty(shape, dtype=dtype)  # [l, r]
+    by_rows = left.shape[0] >= right.shape[0]
+
+    def span_product(span: tuple[int, int]) -> None:
+        part = slice(*span)
+        if by_rows:
+            np.matmul(left[part], right.T, out=out[part])
+        else:
+            np.matmul(left, right[part].T, out=out[:, part])
+
+    with one_blas_thread():
+        span_map(span_product, max(left.shape[0], right.shape[0]))
+    return out
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on the calling thread alone inside the block (as before after it)."""
+    if not _BLAS_CONTROL:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROL.append(ThreadpoolController())  # finding the loaded libraries once: 0.3 ms a call otherwise
+    with _BLAS_CONTROL[0].limit(limits=1, user_api="blas"):
+        yield
+
+
+_BLAS_CONTROL: list = []

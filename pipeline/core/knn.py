@@ -23,10 +23,13 @@ How the search stays fast: the cosines are computed tile by tile (``block_rows``
 entry can only enter the top-k if it beats that worst entry, so after the first tile
 most of a tile is discarded by one comparison pass, and only the few survivors are
 sorted. For the kNN graph of a whole vocabulary the cosine matrix is symmetric, so only
-the tiles on and above the diagonal are multiplied and each serves both its rows and its
-columns, which halves the matmul work; there one compiled pass tests each entry against
-its row's and its column's worst, and the survivors are inserted into the sorted lists
-one by one (:mod:`pipeline.core.knn_kernels`), with the same result as the numpy path.
+the tiles on and above the diagonal are multiplied (and of a diagonal tile only its
+sub-tiles on and above its own diagonal) and each serves both its rows and its columns,
+which halves the matmul work; there one compiled pass tests each entry against its row's
+and its column's worst, and the survivors are inserted into the sorted lists one by one
+(:mod:`pipeline.core.knn_kernels`), with the same result as the numpy path. Each product
+runs on one BLAS thread per core (:func:`pipeline.core.device.cpu_product`), so no BLAS
+thread is left spinning while those passes run.
 
 The entry points: :class:`TopK` streams keys chunk by chunk (raw or unit rows) against fixed
 queries, :func:`nearest_keys` is one pass of it over a matrix, and :func:`knn_graph` is the
@@ -568,7 +571,7 @@ class TopK:
         query, column, approx = self.screen.candidates(screen, slack, self.best_scores)
         unique, where = np.unique(column, return_inverse=True)
         keys = rows[unique] if unit else _unit_rows_on_cores(rows[unique])  # [u, dim]
-        exact = _cosines_on_cores(self.queries, self.screen.screened[query], keys, where)  # [m] float64
+        exact = _cosines_on_cores(self.queries, self.screen.screened[query], keys, where, compiled=True)  # [m] float64
         self.screen.check(approx, exact, slack[query])
         held = self.best_ids >= 0  # [s, k]
         self.best_ids, self.best_scores = top_k_pairs(
@@ -603,12 +606,26 @@ class TopK:
         return _published(ids, self.scores)
 
 
-def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray) -> np.ndarray:
+def _cosines(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray, compiled: bool = False) -> np.ndarray:
     """float64 [m]: the cosine of unit rows ``queries[query]`` and ``keys[key]``, the engine's one
-    formula: their float64 dot in a fixed order (no BLAS), clipped to [-1, 1]."""
+    formula: their float64 dot in a fixed order (no BLAS), clipped to [-1, 1].
+
+    ``compiled``: by :func:`pipeline.core.knn_kernels.pair_dots`, the same numbers twice as fast,
+    for searches that have loaded numba already (float32 rows; others take numpy's loop).
+    """
     from pipeline.core.determinism import row_dots_at
 
-    return np.clip(row_dots_at(queries, query, keys, key), -1.0, 1.0)
+    if compiled and queries.dtype == keys.dtype == np.float32 and len(query):
+        from pipeline.core.knn_kernels import pair_dots
+
+        dots = np.empty(len(query))  # [m]
+        pair_dots(
+            np.ascontiguousarray(queries), np.ascontiguousarray(query, np.int64),
+            np.ascontiguousarray(keys), np.ascontiguousarray(key, np.int64), dots,
+        )
+    else:
+        dots = row_dots_at(queries, query, keys, key)
+    return np.clip(dots, -1.0, 1.0, out=dots)
 
 
 # The rescoring of a chunk's candidates is numpy that runs on one core at a time; each row
@@ -622,10 +639,10 @@ def _unit_rows_on_cores(rows: np.ndarray) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def _cosines_on_cores(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray) -> np.ndarray:
+def _cosines_on_cores(queries: np.ndarray, query: np.ndarray, keys: np.ndarray, key: np.ndarray, compiled: bool = False) -> np.ndarray:
     from pipeline.core.parallel import span_map
 
-    parts = span_map(lambda span: _cosines(queries, query[span[0] : span[1]], keys, key[span[0] : span[1]]), len(query))
+    parts = span_map(lambda span: _cosines(queries, query[span[0] : span[1]], keys, key[span[0] : span[1]], compiled), len(query))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -667,7 +684,7 @@ def scored_pairs(
         keys = _unit_rows_on_cores(np.where(finite[:, None], raw, 0))  # [b, dim]
         pairs = order[lo:hi]
         scored = pairs[finite[where[pairs] - first]]
-        cosine[scored] = _cosines(queries, query[scored], keys, where[scored] - first)
+        cosine[scored] = _cosines(queries, query[scored], keys, where[scored] - first, compiled=True)
     kept = ~np.isnan(cosine)
     return query[kept], row[kept], cosine[kept]
 
@@ -714,10 +731,11 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     """The k nearest other rows of every row of ``unit`` [n, dim] (unit rows), self excluded.
 
     Tiles ``block_rows`` x ``block_rows`` on and above the diagonal are each multiplied
-    once; a tile offers candidates to the queries of its rows and of its columns. Diagonal
-    tiles go first so every row has a full top-k (a threshold) before the off-diagonal
-    tiles, which are then mostly discarded by one comparison. With a ``desc`` the search
-    shows a progress bar of that name, in tiles.
+    once; a tile offers candidates to the queries of its rows and of its columns. A tile on
+    the diagonal is itself cut into sub-tiles (:func:`diagonal_parts`), of which only those
+    on and above its diagonal are multiplied. The diagonal sub-tiles go first so every row
+    has a full top-k (a threshold) before the rest, which are then mostly discarded by one
+    comparison. With a ``desc`` the search shows a progress bar of that name, in tiles.
     """
     n = unit.shape[0]
     state = RunningTopK(n, k, screen_margin(unit), compiled=True)
@@ -725,11 +743,18 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     starts = list(range(0, n, block_rows))
     not_self: Excluder = lambda q, ids: q == ids  # noqa: E731
     spans = [np.arange(start, min(start + block_rows, n)) for start in starts]
-    # Diagonal tiles first, then the ones above the diagonal, row of tiles by row of tiles.
-    pairs = [(rows, rows) for rows in spans] + [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :]]
+    parts = [diagonal_parts(rows, k) for rows in spans]
+    scratch = np.empty(min(block_rows, n) ** 2, np.float32)  # every tile's products, in turn
+    # Diagonal sub-tiles first, then the others inside the diagonal tiles, then the tiles above
+    # the diagonal, row of tiles by row of tiles.
+    pairs = (
+        [(rows, rows) for cut in parts for rows in cut]
+        + [(a, b) for cut in parts for i, a in enumerate(cut) for b in cut[i + 1 :]]
+        + [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :]]
+    )
     with progress_bar(total=len(pairs), desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
         for rows_a, rows_b in pairs:
-            tile = _product(resident, rows_a, rows_b)  # [a rows, b rows], entries not yet clipped
+            tile = _product(resident, rows_a, rows_b, scratch)  # [a rows, b rows], entries not yet clipped
             if rows_a[0] == rows_b[0]:
                 _merge_excluding(state, _candidates_per_row(_clipped(tile), rows_a, rows_a[0], state, 1), not_self)
             else:
@@ -738,8 +763,26 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     return exact_top_k(state, unit, unit)
 
 
-def _product(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
-    return unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1))  # [a, b] float32
+# A diagonal tile is multiplied as the sub-tiles on and above the diagonal of its
+# DIAGONAL_PARTS x DIAGONAL_PARTS grid: 10 of 16 for 4, where the whole square would compute
+# every pair twice. Parts keep at least MIN_PART_ROWS rows (and more than k), so each diagonal
+# sub-tile still fills its rows' top k and the products stay large enough to run at the GEMM
+# rate. On the first 32768 rows of the 1B (k = 10, blocks of 4096; Intel Xeon, OpenBLAS
+# SkylakeX, 2 cores) a diagonal tile's products took 0.13-0.14 s against 0.18-0.24 s whole, and
+# the per-row selection of the eight diagonal tiles 0.07 s against 0.46-0.51 s (a row's best of
+# 1024 entries instead of 4096).
+DIAGONAL_PARTS = 4
+MIN_PART_ROWS = 512
+
+
+def diagonal_parts(rows: np.ndarray, k: int) -> list[np.ndarray]:
+    """The row spans a diagonal tile over ``rows`` is cut into: up to DIAGONAL_PARTS equal ones."""
+    count = max(1, min(DIAGONAL_PARTS, len(rows) // max(MIN_PART_ROWS, k + 1)))
+    return np.array_split(rows, count)
+
+
+def _product(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    return unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1), scratch)  # [a, b] float32
 
 
 def _merge_off_diagonal(state: RunningTopK, tile: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
@@ -816,5 +859,5 @@ def exact_top_k(state: RunningTopK, queries: np.ndarray, keys: np.ndarray) -> Ne
     from pipeline.core.determinism import top_k_pairs
 
     query, found = state.candidates()
-    ids, cosines = top_k_pairs(query, found, _cosines_on_cores(queries, query, keys, found), len(state.ids), state.k)
+    ids, cosines = top_k_pairs(query, found, _cosines_on_cores(queries, query, keys, found, compiled=True), len(state.ids), state.k)
     return _published(ids, cosines)

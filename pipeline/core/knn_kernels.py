@@ -1,5 +1,6 @@
-"""The all-pairs search's inner loops, compiled with numba: finding a tile's candidates and
-merging them into the running top-k.
+"""The neighbour searches' inner loops, compiled with numba: finding a tile's candidates,
+merging them into the running top-k, screening a chunk's scores and scoring candidate pairs
+in float64 (:func:`pair_dots`, the engine's cosine to the bit).
 
 :func:`pipeline.core.knn.knn_graph` offers each tile above the diagonal to the queries of its
 rows and to those of its columns. Once every query holds a top-k, few entries reach either
@@ -28,6 +29,24 @@ RUN = 64  # entries tested together before any is looked at alone
 FIRST_CAPACITY = 1 << 12  # hits a band's buffers hold before the band is scanned again, larger
 
 
+# The test of a whole run is a sum of 0.0s and 1.0s that may be added in any order (every
+# partial sum is exact), so the compiler may vectorise it: tile_hits on a 4096 x 4096 tile of
+# the 1B took 14-16 ms on two cores against 34 ms with a count of booleans (Intel Xeon,
+# AVX-512). Nothing else is reordered: "reassoc" and "nsz" only, no assumption that values
+# are finite (the floors may be -inf, the values NaN).
+RUN_TEST = {"reassoc", "nsz"}
+
+
+@numba.njit(nogil=True, cache=True, fastmath=RUN_TEST)
+def _run_reaches(row, start, stop, floor, column_floor):  # pragma: no cover - compiled
+    """Whether any of ``row[start:stop]`` (float32) reaches ``floor`` or its column's ``column_floor``."""
+    found = np.float32(0.0)
+    for j in range(start, stop):
+        value = row[j]
+        found += np.float32(value >= floor) + np.float32(value >= column_floor[j])
+    return found != 0
+
+
 @numba.njit(nogil=True, cache=True)
 def _band_hits(tile, row_floor, column_floor, first, last, row_r, row_c, column_r, column_c):  # pragma: no cover - compiled
     """Scan rows ``first`` to ``last`` of ``tile`` [a, b] float32; write (row, column) of the entries
@@ -40,16 +59,13 @@ def _band_hits(tile, row_floor, column_floor, first, last, row_r, row_c, column_
     width = tile.shape[1]
     for i in range(first, last):
         floor = row_floor[i]
+        row = tile[i]
         for start in range(0, width, RUN):
             stop = min(start + RUN, width)
-            found = 0
-            for j in range(start, stop):
-                value = tile[i, j]
-                found += (value >= floor) | (value >= column_floor[j])
-            if found == 0:
+            if not _run_reaches(row, start, stop, floor, column_floor):
                 continue
             for j in range(start, stop):
-                value = tile[i, j]
+                value = row[j]
                 if value >= floor:
                     if rows_found < capacity:
                         row_r[rows_found] = i
@@ -166,3 +182,72 @@ def screen_hits(scores: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, 
         if found <= capacity:
             return query[:found], column[:found], approx[:found]
         capacity = found
+
+
+# The engine's float64 cosine of candidate pairs (pipeline.core.determinism.row_dots_at), reading
+# the rows in place. row_dots is numpy's einsum "ij,ij->i", whose loop for two contiguous float64
+# operands adds in one fixed order at numpy's 128-bit baseline, on every x86 CPU: two lanes (even
+# and odd terms), each updated per eight terms as t0 + (t2 + (t4 + (t6 + lane))), the last terms
+# two at a time (a missing odd one counts +0.0), then 0.0 + (even + odd). The kernel below adds
+# in exactly that order (a test holds it to row_dots bit for bit), so the cosines are the same
+# numbers; it runs four pairs side by side, whose chains do not wait for one another, and gathers
+# no rows: on the 327 680 pairs of the 1B's first 32768 rows (k = 10) one core took 0.41 s
+# against 0.83 s for row_dots_at.
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _term(x, y, i):  # pragma: no cover - compiled
+    return np.float64(x[i]) * np.float64(y[i])
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _lane_step(x, y, i, lane):  # pragma: no cover - compiled
+    """One lane's update over terms i, i + 2, i + 4, i + 6."""
+    return _term(x, y, i) + (_term(x, y, i + 2) + (_term(x, y, i + 4) + (_term(x, y, i + 6) + lane)))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _lanes_end(x, y, i, even, odd):  # pragma: no cover - compiled
+    """The terms from i on, two at a time, then the two lanes added."""
+    n = x.shape[0]
+    while i < n:
+        even = _term(x, y, i) + even
+        odd = (_term(x, y, i + 1) if i + 1 < n else 0.0) + odd
+        i += 2
+    return 0.0 + (even + odd)
+
+
+@numba.njit(nogil=True, cache=True)
+def pair_dots(a, a_rows, b, b_rows, out):  # pragma: no cover - compiled
+    """``out[p]`` = the dot of ``a[a_rows[p]]`` and ``b[b_rows[p]]`` in float64 ([m] each; rows
+    float32 or float64 of one width), in row_dots' order."""
+    m = a_rows.shape[0]
+    n = a.shape[1]
+    p = 0
+    while m - p >= 4:
+        x0, y0 = a[a_rows[p]], b[b_rows[p]]
+        x1, y1 = a[a_rows[p + 1]], b[b_rows[p + 1]]
+        x2, y2 = a[a_rows[p + 2]], b[b_rows[p + 2]]
+        x3, y3 = a[a_rows[p + 3]], b[b_rows[p + 3]]
+        e0 = o0 = e1 = o1 = e2 = o2 = e3 = o3 = 0.0
+        i = 0
+        while n - i >= 8:
+            e0, o0 = _lane_step(x0, y0, i, e0), _lane_step(x0, y0, i + 1, o0)
+            e1, o1 = _lane_step(x1, y1, i, e1), _lane_step(x1, y1, i + 1, o1)
+            e2, o2 = _lane_step(x2, y2, i, e2), _lane_step(x2, y2, i + 1, o2)
+            e3, o3 = _lane_step(x3, y3, i, e3), _lane_step(x3, y3, i + 1, o3)
+            i += 8
+        out[p] = _lanes_end(x0, y0, i, e0, o0)
+        out[p + 1] = _lanes_end(x1, y1, i, e1, o1)
+        out[p + 2] = _lanes_end(x2, y2, i, e2, o2)
+        out[p + 3] = _lanes_end(x3, y3, i, e3, o3)
+        p += 4
+    while p < m:
+        x, y = a[a_rows[p]], b[b_rows[p]]
+        even = odd = 0.0
+        i = 0
+        while n - i >= 8:
+            even, odd = _lane_step(x, y, i, even), _lane_step(x, y, i + 1, odd)
+            i += 8
+        out[p] = _lanes_end(x, y, i, even, odd)
+        p += 1
