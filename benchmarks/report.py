@@ -355,7 +355,13 @@ LIMITS = {
         "matrix in 16-row blocks, 1.75 s each where 64-row blocks took 3.2-3.4 s, and conjugate-gradient solves "
         "on the covariance, 3.4-4 s: a step's ssymv reads the 0.5 GB triangle at about 31 GB/s on one thread, "
         "so solving both axes at once on two threads gained nothing), the projection 1.1-1.4 s (3.5 s in 32 MiB "
-        "blocks) and the column mean 0.7 s."
+        "blocks) and the column mean 0.7 s. On an Intel Xeon (family 6 model 167, AVX-512, SkylakeX kernel), "
+        "profiled in process (2026-12-04): 146 s, of which reading the matrix 18.9 s, the covariance pass 97 s "
+        "(ssyrk 92.7 s, 96% of the GEMM rate; the float64 sums of the blocks' upper triangles 3.5 s, the "
+        "centring 0.9 s), block Lanczos 16.2 s, the refinement 9.2 s (two passes 3.6 s, conjugate gradients "
+        "5.5 s), the two projections 2.7 s and the column mean 0.6 s: the syrk leaves 27 s of the target's "
+        "120 s, and the rest takes 53 s. Panels of sgemm instead of the syrk ran slower at this width (4096-row "
+        "blocks: 3.2-4.1 s against 2.95 s)."
     ),
     "PCA (1B): >= 80% of the fp32 GEMM rate (the covariance's syrk)": (
         "PCA (1B): on the AMD EPYC Zen 3 (Haswell kernel) the fit came to 42% and 51% of the syrk's GEMM rate in "

@@ -3,15 +3,18 @@ gives the numpy path's bytes, run here on the CPU as a CUDA GPU would run it."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
+from pipeline.core import knn
 from pipeline.core.device import (
-    cpu_product,
     DEVICE_ENV,
     Resident,
     compute_device,
     computing_on,
+    cpu_product,
     resolve_device,
     use_compute_settings,
 )
@@ -151,6 +154,17 @@ def test_knn_graph_on_the_device_path_is_the_numpy_graph(clustered_rows):
     with computing_on("cpu"):
         assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
         assert same_neighbours(knn_graph(unit, 7, block_rows=600), expected)
+
+
+def test_knn_graph_with_cut_diagonal_tiles_on_the_device_path_is_the_numpy_graph(clustered_rows):
+    # Parts of 32 rows: each 128-row diagonal tile is multiplied as 10 sub-tiles, on the device path too.
+    unit = unit_rows(clustered_rows)
+    expected = knn_graph(unit, 7, block_rows=128)
+    with mock.patch.object(knn, "MIN_PART_ROWS", 32):
+        assert len(knn.diagonal_parts(np.arange(128), 7)) == 4
+        assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
+        with computing_on("cpu"):
+            assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
 
 
 def test_nearest_keys_on_the_device_path_are_the_numpy_ones(clustered_rows):
