@@ -124,6 +124,28 @@ def test_cpu_product_writes_into_the_scratch_buffer_when_it_fits():
     assert not np.shares_memory(cpu_product(left, left[:3], small), small)
 
 
+def test_cpu_product_in_another_thread_is_right_and_leaves_the_count_as_it_was():
+    # The main thread controls OpenBLAS's count (threadpoolctl): a product in a worker thread
+    # runs without the limit, with the same numbers, and changes nothing for the main thread.
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    left = np.arange(1200, dtype=np.float32).reshape(600, 2) % 7  # [600, 2]
+    right = np.array([[1, 2], [3, 4]], dtype=np.float32)  # [2, 2]
+    cpu_product(left, right)  # the main thread sets a limit first
+    before = blas_threads()
+    got = []
+    worker = threading.Thread(target=lambda: got.append(cpu_product(left, right)))
+    worker.start()
+    worker.join()
+    assert np.array_equal(got[0], left.astype(np.int64) @ right.T.astype(np.int64))
+    assert blas_threads() == before
+
+
 def test_cpu_product_leaves_the_blas_thread_count_as_it_was():
     from threadpoolctl import threadpool_info
 

@@ -204,7 +204,13 @@ def cpu_product(left: np.ndarray, right: np.ndarray, scratch: np.ndarray | None 
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS on the calling thread alone inside the block (as before after it)."""
+    """numpy's BLAS on the calling thread alone inside the block (as before after it).
+
+    OpenBLAS's thread count is process-wide, and threadpoolctl lets one thread change it: the
+    first to set a limit (a stage's main thread) while it lives. A block opened in another
+    thread then changes nothing, and its products run on the BLAS's own threads as well: the
+    same numbers, only more threads than cores.
+    """
     if not _BLAS_CONTROL:
         from threadpoolctl import ThreadpoolController
 
