@@ -205,9 +205,12 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     Filled row group by row group into one array, so the peak is the matrix plus a group
     per thread (reading the whole table first would hold the Arrow copy and the numpy copy
     at once). The row groups are decoded by a thread per core, each writing its own rows:
-    decompression and the copy release the GIL.
+    decompression and the copy release the GIL. What the reader freed is then handed back
+    (:func:`pipeline.core.memory.return_freed_memory`): kept by Arrow's allocator and glibc's
+    arenas, it stayed under the stage's own chunk buffers (the stats stage on the 1B peaked at
+    1.94-1.97 GB with it and 1.62-1.65 GB without).
     """
-    from pipeline.core.memory import empty_float32, reuse_freed_memory, worker_count
+    from pipeline.core.memory import empty_float32, return_freed_memory, reuse_freed_memory, worker_count
 
     reuse_freed_memory()
     try:
@@ -231,6 +234,7 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
 
     if workers <= 1:
         read_groups(range(file.num_row_groups), file)
+        return_freed_memory()
         return token_ids, matrix
     from concurrent.futures import ThreadPoolExecutor
 
@@ -240,6 +244,7 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
                    for w in range(workers)]
         for future in futures:
             future.result()
+    return_freed_memory()
     return token_ids, matrix
 
 
