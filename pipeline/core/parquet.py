@@ -234,16 +234,15 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
 
     if workers <= 1:
         read_groups(range(file.num_row_groups), file)
-        return_freed_memory()
-        return token_ids, matrix
-    from concurrent.futures import ThreadPoolExecutor
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        # Interleaved groups, so the threads move through the file together.
-        futures = [pool.submit(read_groups, list(range(w, file.num_row_groups, workers)), pq.ParquetFile(path))
-                   for w in range(workers)]
-        for future in futures:
-            future.result()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # Interleaved groups, so the threads move through the file together.
+            futures = [pool.submit(read_groups, list(range(w, file.num_row_groups, workers)), pq.ParquetFile(path))
+                       for w in range(workers)]
+            for future in futures:
+                future.result()
     return_freed_memory()
     return token_ids, matrix
 

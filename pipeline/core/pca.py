@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.core.device import compute_device
+from pipeline.core.device import compute_device, one_blas_thread
 from pipeline.core.errors import DissectError
 from pipeline.core.knn import iter_blocks
 from pipeline.core.parallel import chunk_map, span_map
@@ -196,9 +196,7 @@ def refine_axes(
     next_value = values[r] if len(values) > r else 0.0
     if not values[r - 1] - next_value > 1e-6 * values[0]:
         return values[:r], vectors
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):  # thin products: one thread is faster, and steady
+    with one_blas_thread():  # thin products: one thread is faster, and steady
         return _refined(matrix, mean, screen, values[:r], vectors, cache_block_rows(dim))
 
 
@@ -419,10 +417,9 @@ def _top_eigh(covariance_upper: np.ndarray, keep: int) -> tuple[np.ndarray, np.n
     The input is overwritten.
     """
     from scipy.linalg import eigh
-    from threadpoolctl import threadpool_limits
 
     dim = covariance_upper.shape[0]
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         values, vectors = eigh(
             covariance_upper, lower=False, subset_by_index=[dim - keep, dim - 1], driver="evr",
             overwrite_a=True, check_finite=False,

@@ -400,8 +400,7 @@ def _load_libraries() -> None:
 def run(paths: ModelPaths, settings: QuantizeSettings) -> dict[str, Any]:
     """The stage on one model; returns the quant.json content."""
     start_in_background(_load_libraries, "load libraries")
-    matrix = read_matrix(paths.embeddings)  # [vocab, dim]
-    return_freed_memory()  # the reader's Arrow buffers
+    matrix = read_matrix(paths.embeddings)  # [vocab, dim]; the reader hands back what it freed
     vocab, dim = matrix.shape
     if settings.recall_k >= vocab:
         raise DissectError(f"quantize.recall_k is {settings.recall_k} but {paths.name} has only {vocab} tokens; lower it")
