@@ -199,12 +199,21 @@ def write_table(
     write_batches(path, schema, [table], row_group_size, compression_level)
 
 
+# Rows decoded at a time by a reader thread, as bytes of float32: buffers this small are reused
+# by Arrow's allocator from batch to batch, where a whole row group's (268 MB at width 16384)
+# were mapped afresh each time and every page faulted in again. On the 2-core Intel machine
+# of RESULTS-intel.md, by whole row groups against 1 MiB batches: the 405B-shaped matrix
+# 11.9 s and a 10.5 GB peak against 7.8-8.6 s and 8.6 GB; the 1B 1.2-1.8 s and 1.5 GB
+# against 1.07-1.13 s and 1.2 GB.
+READ_BATCH_BYTES = 1 << 20
+
+
 def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """``(token_ids [rows] int32, matrix [rows, dim] float32)`` from a vector Parquet file.
 
-    Filled row group by row group into one array, so the peak is the matrix plus a group
-    per thread (reading the whole table first would hold the Arrow copy and the numpy copy
-    at once). The row groups are decoded by a thread per core, each writing its own rows:
+    Filled batch by batch (READ_BATCH_BYTES) into one array, so the peak is the matrix plus
+    a batch or so per thread (reading the whole table first would hold the Arrow copy and the
+    numpy copy at once). The row groups are decoded by a thread per core, each writing its own rows:
     decompression and the copy release the GIL. What the reader freed is then handed back
     (:func:`pipeline.core.memory.return_freed_memory`): kept by Arrow's allocator and glibc's
     arenas, it stayed under the stage's own chunk buffers (the stats stage on the 1B peaked at
@@ -224,13 +233,18 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     starts = np.concatenate([[0], np.cumsum([metadata.row_group(g).num_rows for g in range(file.num_row_groups)])])
     workers = min(worker_count(), file.num_row_groups)
 
+    batch_rows = max(1, READ_BATCH_BYTES // max(4 * matrix.shape[1], 1))
+
     def read_groups(groups: range | list[int], handle: pq.ParquetFile) -> None:
         for group in groups:
-            table = handle.read_row_group(group, columns=["token_id", "vector"], use_threads=workers <= 1)
-            start, stop = int(starts[group]), int(starts[group + 1])
-            token_ids[start:stop] = table.column("token_id").to_numpy()
-            matrix[start:stop] = vectors_to_numpy(table.column("vector"))
-            del table  # before the next group is read, so one group per thread is alive at a time
+            start = int(starts[group])
+            batches = handle.iter_batches(batch_rows, row_groups=[group], columns=["token_id", "vector"],
+                                          use_threads=workers <= 1)
+            for batch in batches:
+                stop = start + batch.num_rows
+                token_ids[start:stop] = batch.column("token_id").to_numpy()
+                matrix[start:stop] = vectors_to_numpy(batch.column("vector"))
+                start = stop
 
     if workers <= 1:
         read_groups(range(file.num_row_groups), file)
