@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from pipeline.core import parquet
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.io import atomic_path, write_json_atomic
 from pipeline.core.parquet import read_provenance, read_vectors, vector_array, vectors_to_numpy, write_table
@@ -27,11 +30,14 @@ def vectors_table(matrix: np.ndarray) -> pa.Table:
         elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
     ),
     row_group_size=st.integers(1, 16),
+    read_batch_bytes=st.one_of(st.integers(1, 80), st.just(parquet.READ_BATCH_BYTES)),
 )
-def test_round_trip_is_bit_exact(tmp_path_factory, matrix, row_group_size):
+def test_round_trip_is_bit_exact(tmp_path_factory, matrix, row_group_size, read_batch_bytes):
     path = tmp_path_factory.mktemp("rt") / "m.parquet"
     write_table(path, vectors_table(matrix), {"stage": "test"}, row_group_size=row_group_size)
-    token_ids, back = read_vectors(path)
+    # Small batches split the row groups (1 to 20 rows of up to 9 values, or one row per batch).
+    with mock.patch.object(parquet, "READ_BATCH_BYTES", read_batch_bytes):
+        token_ids, back = read_vectors(path)
     assert np.array_equal(token_ids, np.arange(len(matrix)))
     # Compare bits, so NaN payloads and -0.0 count too.
     assert np.array_equal(back.view(np.uint32), matrix.view(np.uint32))
