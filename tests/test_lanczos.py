@@ -93,3 +93,39 @@ def test_returned_pairs_are_eigenpairs_within_the_tolerance(seed, dim, keep):
     assert (residual <= lanczos.ALL_TOLERANCE * dense[0]).all()
     # Each Ritz value is within its residual of an eigenvalue, and these are the leading ones.
     assert np.allclose(values, dense[:keep], rtol=0, atol=lanczos.ALL_TOLERANCE * dense[0])
+
+
+def test_orthonormal_columns_by_hand():
+    # Columns (3, 4, 0) and (1, 0, 0): norms 5; the second's part orthogonal to the first is
+    # (1, 0, 0) - (3/25)(3, 4, 0) = (16, -12, 0) / 25, of norm 4/5.
+    block = np.array([[3.0, 1.0], [4.0, 0.0], [0.0, 0.0]])
+    q, r = lanczos.orthonormal_columns(block)
+    assert np.allclose(q, [[0.6, 0.8], [0.8, -0.6], [0.0, 0.0]], atol=1e-15)
+    assert np.allclose(r, [[5.0, 0.6], [0.0, 0.8]], atol=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(8, 200), columns=st.integers(1, 8), scale=st.floats(0, 6),
+       spread=st.floats(-5, 0))
+def test_orthonormal_columns_is_a_qr_of_the_block(seed, rows, columns, scale, spread):
+    rng = np.random.default_rng(seed)
+    # Columns of very different lengths, as an image's are, and nearly parallel ones (all within
+    # 10^spread of a common direction): condition numbers up to ~1e5, where one Cholesky pass
+    # alone would leave the columns orthogonal to only ~1e-6.
+    directions = rng.standard_normal((rows, 1)) + 10.0**spread * rng.standard_normal((rows, columns))
+    block = directions * 10.0 ** rng.uniform(-scale, scale, columns)
+    q, r = lanczos.orthonormal_columns(block)
+    assert np.allclose(q.T @ q, np.eye(columns), rtol=0, atol=1e-12)
+    assert np.allclose(q @ r, block, rtol=0, atol=1e-12 * np.abs(block).max())
+    assert np.array_equal(r, np.triu(r))
+
+
+def test_orthonormal_columns_falls_back_to_householder_on_dependent_columns():
+    # The third column is the sum of the first two: the Gram matrix is singular, so Cholesky fails
+    # (or leaves a tiny pivot) and Householder QR answers, with a zero on R's diagonal.
+    first, second = np.arange(1.0, 7.0), np.array([1.0, 0.0, 2.0, 0.0, 3.0, 0.0])
+    block = np.column_stack([first, second, first + second])
+    q, r = lanczos.orthonormal_columns(block)
+    householder_q, householder_r = np.linalg.qr(block)
+    assert np.array_equal(q, householder_q) and np.array_equal(r, householder_r)
+    assert abs(r[2, 2]) <= 1e-12 * abs(r[0, 0])

@@ -18,7 +18,7 @@ from sklearn.decomposition import PCA
 from pipeline.core.errors import DissectError
 from pipeline.core.hashing import matrix_sha256
 from pipeline.core.parquet import read_provenance, read_vectors, vector_array, write_table
-from pipeline.core.pca import _upper_float32, fit_pca
+from pipeline.core.pca import _symmetric_float32, fit_pca
 from pipeline.core.paths import ModelPaths
 from pipeline.core.settings import read_section
 from pipeline.report.figures import label_text
@@ -156,7 +156,7 @@ def test_covariance_has_the_same_bits_on_any_number_of_cores(monkeypatch):
         monkeypatch.setattr(parallel, "worker_count", lambda workers=workers: workers)
         mean = pca_module._column_mean(matrix, 600)
         scatter, spare = pca_module._scatter(matrix, mean, 600, lambda rows: None)
-        found.append((mean, scatter, pca_module._upper_float32(scatter, spare)))
+        found.append((mean, scatter, pca_module._symmetric_float32(scatter, spare)))
     for mean, scatter, screen in found[1:]:
         assert np.array_equal(mean, found[0][0])
         assert np.array_equal(scatter, found[0][1])
@@ -345,12 +345,23 @@ def test_smollm2_end_to_end(smollm2_artifacts, tmp_path):
 
 def test_the_float32_covariance_reuses_only_a_float32_fortran_buffer():
     # The upper triangle of [[1, 2], [., 3]]; the lower entry is never read.
-    scatter = np.asfortranarray([[1.0, 2.0], [0.0, 3.0]])
+    scatter = np.asfortranarray([[1.0, 2.0], [-7.0, 3.0]])
     buffer = np.zeros((2, 2), dtype=np.float32, order="F")
-    assert _upper_float32(scatter, buffer) is buffer and buffer.tolist() == [[1.0, 2.0], [0.0, 3.0]]
+    assert _symmetric_float32(scatter, buffer) is buffer and buffer.tolist() == [[1.0, 2.0], [2.0, 3.0]]
     for unusable in (np.zeros((2, 2), order="F"), np.zeros((2, 2), dtype=np.float32), np.zeros((3, 3), np.float32, order="F"), None):
-        copied = _upper_float32(scatter, unusable)
+        copied = _symmetric_float32(scatter, unusable)
         assert copied is not unusable and copied.dtype == np.float32 and copied.flags.f_contiguous
-        assert copied.tolist() == [[1.0, 2.0], [0.0, 3.0]]
+        assert copied.tolist() == [[1.0, 2.0], [2.0, 3.0]]
         if unusable is not None:
             assert not unusable.any()  # left as it was
+
+
+def test_the_float32_covariance_mirrors_the_upper_triangle_across_panels(monkeypatch):
+    import pipeline.core.pca as pca_module
+
+    # 7 columns in panels of 3: two whole panels and one of a single column, each with its diagonal square.
+    monkeypatch.setattr(pca_module, "SYMMETRIC_PANEL_COLUMNS", 3)
+    upper = np.triu(np.arange(1.0, 50.0).reshape(7, 7))
+    scatter = np.asfortranarray(upper - np.tril(np.full((7, 7), 99.0), -1))  # the lower triangle is junk
+    symmetric = _symmetric_float32(scatter)
+    assert np.array_equal(symmetric, (upper + np.triu(upper, 1).T).astype(np.float32))

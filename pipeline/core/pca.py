@@ -30,6 +30,16 @@ from pipeline.core.parallel import chunk_map, span_map
 from pipeline.core.progress import progress_bar
 
 BLOCK_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB per block; fewer, larger products keep syrk near its peak
+
+
+def covariance_block_rows(dim: int) -> int:
+    """Rows per block of the covariance pass: BLOCK_ROWS, or the width when that is larger.
+
+    Each block's product is added into the float64 [dim, dim] triangle, one memory-bound pass
+    over it; from width 16384 on that triangle is a GiB and more, and 8192-row blocks spent
+    3.5-4.9 s of the 405B-shaped fit in those additions (16 of them).
+    """
+    return max(BLOCK_ROWS, dim)
 # Values converted to float64 at a time where rows are centred for a thin product (the
 # projection, the refinement's passes): 2 MiB, so a block stays in cache between its
 # conversion and its products. 32 MiB blocks took three times as long (0.65 s against 0.2 s
@@ -87,7 +97,7 @@ def fix_signs(components: np.ndarray) -> np.ndarray:
 def fit_pca(
     matrix: np.ndarray,
     n_components: int | None = None,
-    block_rows: int = BLOCK_ROWS,
+    block_rows: int | None = None,
     show_progress: bool = False,
 ) -> Pca:
     """Exact PCA of the rows of ``matrix`` [n, dim], centred on their mean.
@@ -95,7 +105,8 @@ def fit_pca(
     Keeps the first ``n_components`` axes (all of them when None or more than dim); their
     explained variance ratios are fractions of the total variance over all dim axes. One
     row has no variance: its fit has a single axis of variance 0. ``show_progress`` puts a
-    bar on stderr for each of the two long steps.
+    bar on stderr for each of the two long steps. ``block_rows``: rows per block of the
+    mean and the covariance pass (BLOCK_ROWS and :func:`covariance_block_rows` when None).
     """
     n, dim = matrix.shape
     if n == 0:
@@ -103,12 +114,12 @@ def fit_pca(
     keep = dim if n_components is None else max(1, min(n_components, dim))
     if n < dim:
         return _first_axes(_fit_by_svd(matrix), keep)
-    mean = _column_mean(matrix, block_rows)
+    mean = _column_mean(matrix, block_rows or BLOCK_ROWS)
     with progress_bar(total=n, desc="PCA covariance", unit="rows", enabled=show_progress) as bar:
-        scatter, spare = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
+        scatter, spare = _scatter(matrix, mean, block_rows or covariance_block_rows(dim), bar.update)  # [dim, dim], upper triangle
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
-    screen = _upper_float32(scatter, spare)  # [dim, dim]: the covariance as the refinement below solves with it
+    screen = _symmetric_float32(scatter, spare)  # [dim, dim]: the covariance as Lanczos and the refinement use it
     # One more axis than refined, so the refinement knows the gap below the last refined one.
     solved = min(dim, max(keep, REFINED_AXES + 1))
     refined = min(REFINED_AXES, keep)
@@ -161,15 +172,33 @@ def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
     return np.column_stack([first, rest])
 
 
-def _upper_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
-    """float32 copy, Fortran order, of the upper triangle of ``scatter`` (half the memory of float64),
-    written into ``spare`` when that is a float32 [dim, dim] Fortran-order buffer (the block
-    products' one, unless they ran in float64): at width 16384 a fresh GiB costs the first
-    touch of every page again."""
+def _symmetric_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy, Fortran order, of the symmetric matrix whose upper triangle ``scatter``
+    holds (half the memory of float64), both triangles filled, written into ``spare`` when
+    that is a float32 [dim, dim] Fortran-order buffer (the block products' one, unless they
+    ran in float64): at width 16384 a fresh GiB costs the first touch of every page again.
+
+    Both triangles, so that Lanczos multiplies it with a plain GEMM: OpenBLAS's ssymm took
+    0.24-0.28 s for 64 vectors at width 16384, the GEMM 0.15-0.17 s (the 2-core Intel
+    machine of RESULTS-intel.md). Column panels are copied on every core; each value is
+    copied, never computed, so the split changes no bit.
+    """
     if spare is None or spare.dtype != np.float32 or spare.shape != scatter.shape or not spare.flags.f_contiguous:
-        return np.asfortranarray(scatter, dtype=np.float32)
-    np.copyto(spare, scatter, casting="same_kind")
+        spare = np.empty(scatter.shape, dtype=np.float32, order="F")
+
+    def copy_panel(start: int, stop: int) -> None:
+        # Column panel [start, stop): the upper part from scatter's columns, the rest (below the
+        # diagonal) from scatter's rows start..stop, transposed.
+        spare[:stop, start:stop] = scatter[:stop, start:stop]
+        spare[stop:, start:stop] = scatter[start:stop, stop:].T
+        square = spare[start:stop, start:stop]
+        square[np.tril_indices(stop - start, -1)] = square.T[np.tril_indices(stop - start, -1)]
+
+    chunk_map(copy_panel, scatter.shape[1], SYMMETRIC_PANEL_COLUMNS)
     return spare
+
+
+SYMMETRIC_PANEL_COLUMNS = 512  # columns per copy task: the transposed reads stay within cache-sized tiles
 
 
 def refine_axes(
@@ -177,14 +206,14 @@ def refine_axes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The leading eigenpairs of the covariance to float64 precision: ([r] variances, [dim, r] axes).
 
-    ``vectors`` [dim, r] come from the covariance accumulated in float32 (``screen``, its
-    upper triangle), whose last bits, and so the axes' last ~7 digits, depend on the BLAS
-    kernel and thread count. Each pass over the matrix computes C V exactly enough in
-    float64 (the centred rows in float64, 2 MiB of them at a time so they stay in cache, two
-    thin products per block, on one BLAS thread), a Rayleigh-Ritz step
-    in span(V) and the residuals R = C V - V diag(mu); the correction t of each axis solves
-    (mu - screen) t = r orthogonally to V (conjugate gradients on the float32 covariance:
-    an error of 1e-7 there only slows convergence by that factor). The error shrinks by
+    ``vectors`` [dim, r] come from the covariance accumulated in float32 (``screen``),
+    whose last bits, and so the axes' last ~7 digits, depend on the BLAS kernel and thread
+    count. Each pass over the matrix computes C V exactly enough in float64 (the centred
+    rows in float64, 2 MiB of them at a time so they stay in cache, two thin products per
+    block, on one BLAS thread per core), a Rayleigh-Ritz step in span(V) and the residuals
+    R = C V - V diag(mu); the correction t of each axis solves (mu - screen) t = r
+    orthogonally to V (conjugate gradients on the float32 covariance: an error of 1e-7
+    there only slows convergence by that factor). The error shrinks by
     ~1e-7 / (relative eigengap) per pass, so two or three passes leave only float64
     rounding, ~1e-15, which the published values are rounded well above. Axes whose
     variance is not separated from the next one cannot be pinned down and are left as they are.
@@ -196,7 +225,7 @@ def refine_axes(
     next_value = values[r] if len(values) > r else 0.0
     if not values[r - 1] - next_value > 1e-6 * values[0]:
         return values[:r], vectors
-    with one_blas_thread():  # thin products: one thread is faster, and steady
+    with one_blas_thread():  # thin products, and conjugate gradients' memory-bound symv: one thread is faster, and steady
         return _refined(matrix, mean, screen, values[:r], vectors, cache_block_rows(dim))
 
 
@@ -248,7 +277,7 @@ def _covariance_times(matrix: np.ndarray, mean: np.ndarray, axes: np.ndarray, bl
 
 
 def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """t orthogonal to ``axes`` with (shift - C) t = rhs there; C the symmetric upper-stored ``screen``.
+    """t orthogonal to ``axes`` with (shift - C) t = rhs there; C the symmetric ``screen`` (its upper triangle is read).
 
     Positive definite on that complement when shift lies above the covariance's other
     eigenvalues; conjugate gradients stop at CG_TOLERANCE or on a direction of no curvature.
@@ -378,16 +407,15 @@ def _summed_block_products_on(
 
 
 def _top_eigh_wide(screen: np.ndarray, keep: int, leading: int, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_top_eigh` for a wide float32 covariance ``screen`` (upper triangle, Fortran
+    """:func:`_top_eigh` for a wide float32 covariance ``screen`` (both triangles, Fortran
     order, not overwritten): block Lanczos, or the dense solve where Lanczos does not converge."""
-    from scipy.linalg import blas
-
     from pipeline.core.lanczos import leading_eigenpairs
 
     dim = screen.shape[0]
 
     def product(block: np.ndarray) -> np.ndarray:  # [dim, b] -> [dim, b]
-        return blas.ssymm(1.0, screen, np.asfortranarray(block, dtype=np.float32), side=0, lower=0).astype(np.float64)
+        # screen is symmetric with both triangles filled: its transpose, a C-order view, is the same matrix.
+        return np.matmul(screen.T, np.ascontiguousarray(block, dtype=np.float32)).astype(np.float64)
 
     max_columns = int(dim * LANCZOS_MAX_SHARE)
     desc = f"PCA eigenvectors ({keep} of {dim}, Lanczos basis)"
