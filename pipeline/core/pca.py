@@ -31,15 +31,6 @@ from pipeline.core.progress import progress_bar
 
 BLOCK_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB per block; fewer, larger products keep syrk near its peak
 
-
-def covariance_block_rows(dim: int) -> int:
-    """Rows per block of the covariance pass: BLOCK_ROWS, or the width when that is larger.
-
-    Each block's product is added into the float64 [dim, dim] triangle, one memory-bound pass
-    over it; from width 16384 on that triangle is a GiB and more, and 8192-row blocks spent
-    3.5-4.9 s of the 405B-shaped fit in those additions (16 of them).
-    """
-    return max(BLOCK_ROWS, dim)
 # Values converted to float64 at a time where rows are centred for a thin product (the
 # projection, the refinement's passes): 2 MiB, so a block stays in cache between its
 # conversion and its products. 32 MiB blocks took three times as long (0.65 s against 0.2 s
@@ -97,7 +88,7 @@ def fix_signs(components: np.ndarray) -> np.ndarray:
 def fit_pca(
     matrix: np.ndarray,
     n_components: int | None = None,
-    block_rows: int | None = None,
+    block_rows: int = BLOCK_ROWS,
     show_progress: bool = False,
 ) -> Pca:
     """Exact PCA of the rows of ``matrix`` [n, dim], centred on their mean.
@@ -105,8 +96,7 @@ def fit_pca(
     Keeps the first ``n_components`` axes (all of them when None or more than dim); their
     explained variance ratios are fractions of the total variance over all dim axes. One
     row has no variance: its fit has a single axis of variance 0. ``show_progress`` puts a
-    bar on stderr for each of the two long steps. ``block_rows``: rows per block of the
-    mean and the covariance pass (BLOCK_ROWS and :func:`covariance_block_rows` when None).
+    bar on stderr for each of the two long steps.
     """
     n, dim = matrix.shape
     if n == 0:
@@ -114,9 +104,9 @@ def fit_pca(
     keep = dim if n_components is None else max(1, min(n_components, dim))
     if n < dim:
         return _first_axes(_fit_by_svd(matrix), keep)
-    mean = _column_mean(matrix, block_rows or BLOCK_ROWS)
+    mean = _column_mean(matrix, block_rows)
     with progress_bar(total=n, desc="PCA covariance", unit="rows", enabled=show_progress) as bar:
-        scatter, spare = _scatter(matrix, mean, block_rows or covariance_block_rows(dim), bar.update)  # [dim, dim], upper triangle
+        scatter, spare = _scatter(matrix, mean, block_rows, bar.update)  # [dim, dim], upper triangle
     scatter /= max(n - 1, 1)  # the covariance, in place: at dim 16384 a copy is 2 GiB
     total = float(np.trace(scatter))
     screen = _symmetric_float32(scatter, spare)  # [dim, dim]: the covariance as Lanczos and the refinement use it
