@@ -30,7 +30,6 @@ from pipeline.core.parallel import chunk_map, span_map
 from pipeline.core.progress import progress_bar
 
 BLOCK_ROWS = 8192  # 8192 x 2048 float32 = 64 MiB per block; fewer, larger products keep syrk near its peak
-
 # Values converted to float64 at a time where rows are centred for a thin product (the
 # projection, the refinement's passes): 2 MiB, so a block stays in cache between its
 # conversion and its products. 32 MiB blocks took three times as long (0.65 s against 0.2 s
