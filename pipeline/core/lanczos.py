@@ -150,8 +150,9 @@ def orthonormal_columns(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     once more on the result), which restores orthogonality to float64 rounding for any block
     whose condition number is below ~1e7; Householder QR (LAPACK's, through numpy) takes over
     where the Gram matrix is not safely positive definite (a lost or nearly repeated
-    direction). At [16384, 64] Householder QR took 0.07-0.1 s, the Cholesky route ~0.01 s:
-    the latter's work is three products of the block, at the BLAS's GEMM rate.
+    direction). At [16384, 64] Householder QR took 0.07-0.1 s, the Cholesky route 0.02 s
+    (a Gram product and a triangular solve of the block per pass, both level-3 BLAS; the
+    2-core Intel machine of RESULTS-intel.md).
     """
     from scipy.linalg import LinAlgError, cholesky, solve_triangular
 

@@ -232,8 +232,7 @@ def read_vectors(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     matrix = empty_float32((rows, file.schema_arrow.field("vector").type.list_size))  # [rows, dim]
     starts = np.concatenate([[0], np.cumsum([metadata.row_group(g).num_rows for g in range(file.num_row_groups)])])
     workers = min(worker_count(), file.num_row_groups)
-
-    batch_rows = max(1, READ_BATCH_BYTES // max(4 * matrix.shape[1], 1))
+    batch_rows = max(1, READ_BATCH_BYTES // max(matrix.itemsize * matrix.shape[1], 1))
 
     def read_groups(groups: range | list[int], handle: pq.ParquetFile) -> None:
         for group in groups:

@@ -161,6 +161,9 @@ def _orthogonal_rest(axes: np.ndarray, refined: int) -> np.ndarray:
     return np.column_stack([first, rest])
 
 
+SYMMETRIC_PANEL_COLUMNS = 512  # columns per copy task: the transposed reads stay within cache-sized tiles
+
+
 def _symmetric_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
     """float32 copy, Fortran order, of the symmetric matrix whose upper triangle ``scatter``
     holds (half the memory of float64), both triangles filled, written into ``spare`` when
@@ -181,13 +184,11 @@ def _symmetric_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> 
         spare[:stop, start:stop] = scatter[:stop, start:stop]
         spare[stop:, start:stop] = scatter[start:stop, stop:].T
         square = spare[start:stop, start:stop]
-        square[np.tril_indices(stop - start, -1)] = square.T[np.tril_indices(stop - start, -1)]
+        below = np.tril_indices(stop - start, -1)
+        square[below] = square.T[below]
 
     chunk_map(copy_panel, scatter.shape[1], SYMMETRIC_PANEL_COLUMNS)
     return spare
-
-
-SYMMETRIC_PANEL_COLUMNS = 512  # columns per copy task: the transposed reads stay within cache-sized tiles
 
 
 def refine_axes(
