@@ -67,12 +67,13 @@ def leading_eigenpairs(
         basis[:, filled : filled + width] = current
         images[:, filled : filled + width] = image
         filled += width
-        projected[:filled, filled - width : filled] = basis[:, :filled].T @ image
+        along = basis[:, :filled].T @ image  # [filled, width]: the image's coordinates in the basis
+        projected[:filled, filled - width : filled] = along
         progress(width)
         more = filled < dim and filled + min(block, dim - filled) <= columns
         # What the last block's image adds outside the basis: the next block's directions, and
         # (times a Ritz vector's last coefficients) that vector's residual in exact arithmetic.
-        fresh = _orthogonalised(basis[:, :filled], image) if more else None  # [dim, width]
+        fresh = _orthogonalised(basis[:, :filled], image, along) if more else None  # [dim, width]
         if filled >= keep + block:
             solved = _ritz_pairs(basis[:, :filled], images[:, :filled], projected[:filled, :filled], keep, leading, fresh)
             if solved is not None:
@@ -135,11 +136,14 @@ def _next_block(basis: np.ndarray, fresh: np.ndarray, width: int, image_scale: f
     return current
 
 
-def _orthogonalised(basis: np.ndarray, block: np.ndarray) -> np.ndarray:
+def _orthogonalised(basis: np.ndarray, block: np.ndarray, along: np.ndarray | None = None) -> np.ndarray:
     """``block`` with its components along the orthonormal ``basis`` removed, twice (one
-    classical Gram-Schmidt pass loses orthogonality in proportion to the block's growth)."""
-    for _ in range(2):
-        block = block - basis @ (basis.T @ block)
+    classical Gram-Schmidt pass loses orthogonality in proportion to the block's growth).
+    ``along``: ``basis.T @ block`` where the caller has it already (the projected matrix's
+    new columns), so the first pass does not compute it again."""
+    for done in range(2):
+        coordinates = along if done == 0 and along is not None else basis.T @ block
+        block = block - basis @ coordinates
     return block
 
 

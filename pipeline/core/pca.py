@@ -119,7 +119,7 @@ def fit_pca(
         eigenvalues, eigenvectors = _top_eigh_shown(scatter, solved, f"PCA eigenvectors ({keep} of {dim})", show_progress)
         del scatter
     eigenvalues[:refined], eigenvectors[:, :refined] = refine_axes(
-        matrix, mean, screen, eigenvalues, eigenvectors[:, :refined]
+        matrix, mean, screen, eigenvalues, eigenvectors[:, :refined], others=eigenvectors[:, refined:solved]
     )
     axes = _orthogonal_rest(eigenvectors[:, :keep], refined)
     variance = np.clip(eigenvalues[:keep], 0.0, None)  # rounding can leave tiny negatives
@@ -192,7 +192,8 @@ def _symmetric_float32(scatter: np.ndarray, spare: np.ndarray | None = None) -> 
 
 
 def refine_axes(
-    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray
+    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray,
+    others: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The leading eigenpairs of the covariance to float64 precision: ([r] variances, [dim, r] axes).
 
@@ -207,6 +208,9 @@ def refine_axes(
     ~1e-7 / (relative eigengap) per pass, so two or three passes leave only float64
     rounding, ~1e-15, which the published values are rounded well above. Axes whose
     variance is not separated from the next one cannot be pinned down and are left as they are.
+
+    ``others`` [dim, m]: the eigensolver's next axes, whose variances are ``values[r:r + m]``;
+    they precondition the conjugate gradients (:class:`_Deflation`).
     """
     n, dim = matrix.shape
     r = vectors.shape[1]
@@ -216,11 +220,13 @@ def refine_axes(
     if not values[r - 1] - next_value > 1e-6 * values[0]:
         return values[:r], vectors
     with one_blas_thread():  # thin products, and conjugate gradients' memory-bound symv: one thread is faster, and steady
-        return _refined(matrix, mean, screen, values[:r], vectors, cache_block_rows(dim))
+        deflation = _Deflation.of(others, values[r:])
+        return _refined(matrix, mean, screen, values[:r], vectors, cache_block_rows(dim), deflation)
 
 
 def _refined(
-    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray, block_rows: int
+    matrix: np.ndarray, mean: np.ndarray, screen: np.ndarray, values: np.ndarray, vectors: np.ndarray, block_rows: int,
+    deflation: _Deflation | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`refine_axes` once the axes are known to be separated: the passes themselves."""
     axes = vectors.copy()
@@ -235,7 +241,7 @@ def _refined(
             return values, vectors
         small = float(np.abs(residual).max()) <= CONVERGED * mu[0]
         correction = np.column_stack([
-            _solve_shifted(screen, value, axes, residual[:, j]) for j, value in enumerate(mu)
+            _solve_shifted(screen, value, axes, residual[:, j], deflation) for j, value in enumerate(mu)
         ])
         axes, _ = np.linalg.qr(axes + correction)
         if small:
@@ -266,11 +272,54 @@ def _covariance_times(matrix: np.ndarray, mean: np.ndarray, axes: np.ndarray, bl
     return sum(parts[1:], parts[0]) / max(matrix.shape[0] - 1, 1)
 
 
-def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class _Deflation:
+    """Axes the eigensolver found below the refined ones, with their variances: a preconditioner
+    for the refinement's conjugate gradients.
+
+    CG on (shift - C) needs about sqrt(condition) steps, and the condition is set by the
+    variances nearest the shift: on a flat spectrum (the 405B-shaped matrix, the 1B) the next
+    axis lies within a fraction of a per cent of it. With these axes W and variances theta,
+    M = W diag(1 / (shift - theta)) W^T + (I - W W^T) / (shift - theta_last) undoes (shift - C)
+    on span(W) and scales the rest, whose variances lie below theta_last, into [1, condition of
+    the rest]. It is applied as I / (shift - theta_last) + W diag(1 / (shift - theta) - 1 /
+    (shift - theta_last)) W^T, the same for orthonormal W and positive definite for any W (a
+    positive multiple of I plus a semi-definite term), so CG's answer is the same; only its
+    steps are fewer. W need not be exact: the eigensolver's residuals (1e-4 at most) leave the
+    preconditioned operator near the identity there.
+    """
+
+    vectors: np.ndarray  # [dim, m] float64
+    values: np.ndarray  # [m] descending
+
+    @staticmethod
+    def of(vectors: np.ndarray | None, values: np.ndarray) -> _Deflation | None:
+        if vectors is None or vectors.shape[1] == 0 or len(values) < vectors.shape[1]:
+            return None
+        return _Deflation(np.asarray(vectors, dtype=np.float64), np.asarray(values[: vectors.shape[1]], dtype=np.float64))
+
+    def preconditioner(self, shift: float) -> Callable[[np.ndarray], np.ndarray] | None:
+        """x -> M x for ``shift`` (None where the shift is not above every one of these variances)."""
+        gaps = shift - self.values  # [m], increasing
+        if not np.all(gaps > 0):
+            return None
+        rest = gaps[-1]  # shift - theta for any axis not in W is at least this
+        extra = 1.0 / gaps - 1.0 / rest  # [m] >= 0
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            return x / rest + self.vectors @ (extra * (self.vectors.T @ x))
+
+        return apply
+
+
+def _solve_shifted(
+    screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.ndarray, deflation: _Deflation | None = None
+) -> np.ndarray:
     """t orthogonal to ``axes`` with (shift - C) t = rhs there; C the symmetric ``screen`` (its upper triangle is read).
 
     Positive definite on that complement when shift lies above the covariance's other
-    eigenvalues; conjugate gradients stop at CG_TOLERANCE or on a direction of no curvature.
+    eigenvalues; conjugate gradients (preconditioned by ``deflation`` when given) stop at
+    CG_TOLERANCE or on a direction of no curvature.
     """
     from scipy.linalg import blas
 
@@ -283,24 +332,32 @@ def _solve_shifted(screen: np.ndarray, shift: float, axes: np.ndarray, rhs: np.n
         y = symv(1.0, screen, x.astype(screen.dtype), lower=0).astype(np.float64)
         return project(shift * x - y)
 
+    scaled = deflation.preconditioner(shift) if deflation is not None else None
+
+    def precondition(x: np.ndarray) -> np.ndarray:
+        return x if scaled is None else project(scaled(x))
+
     b = project(rhs)
     x = np.zeros_like(b)
-    r, p = b.copy(), b.copy()
-    rr = float(r @ r)
-    stop = (CG_TOLERANCE * np.sqrt(rr)) ** 2
+    r = b.copy()
+    z = precondition(r)
+    p = z.copy()
+    rz = float(r @ z)
+    stop = (CG_TOLERANCE * np.sqrt(float(r @ r))) ** 2
     for _ in range(CG_STEPS):
-        if rr <= stop:
+        if float(r @ r) <= stop:
             break
         q = apply(p)
         curvature = float(p @ q)
         if not curvature > 0:
             break
-        step = rr / curvature
+        step = rz / curvature
         x += step * p
         r -= step * q
-        rr_next = float(r @ r)
-        p = r + (rr_next / rr) * p
-        rr = rr_next
+        z = precondition(r)
+        rz_next = float(r @ z)
+        p = z + (rz_next / rz) * p
+        rz = rz_next
     return project(x)
 
 
