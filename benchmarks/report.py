@@ -327,7 +327,11 @@ LIMITS = {
         "rows), started from the original's neighbours. About a fifth of the two cores' time stays idle "
         "within a scheme (the encoding waits for its slowest span, the writer and the measuring thread "
         "take turns); rerunning the stage in place adds 0.4-0.7 s for removing the previous quant files "
-        "when the new ones replace them. Next: overlapping the reference search with the read."
+        "when the new ones replace them. Next: overlapping the reference search with the read. The "
+        "same stage code took 19.75 s in the generated run of 2026-12-04 13:02-13:14 UTC and 22.9 s in the one "
+        "of 15:56-16:09 UTC on that Intel machine, and every row moved with it (the GEMM rate 321 -> 296 "
+        "GFLOP/s, the memory copy 0.33 -> 0.36 s, the extract stage 6.8 -> 8.0 s, the report stage 1.22 -> "
+        "1.43 s): there the stage sits at the target, within the machine's swing from hour to hour."
     ),
     "whole 1B pipeline <= 45 s": (
         "whole 1B pipeline: quantize is about half of it on a CPU with AVX512-BF16 and about 60% on one "
@@ -335,7 +339,9 @@ LIMITS = {
         "the Zen 5, the fixed parts (interpreter, imports) included. The stages' times also move with the "
         "virtual machine from day to day: on the Zen 5 the pca stage took 6.4-6.6 s with this code and "
         "6.7-7.9 s with the code of the previous generated run (alternating, in-process), which had measured "
-        "it at 5.0 s and the whole pipeline at 43.8 s."
+        "it at 5.0 s and the whole pipeline at 43.8 s. On the Intel Xeon (SkylakeX kernel) the whole pipeline took "
+        "41.9 s and 48.2 s in two generated runs three hours apart on 2026-12-04, with the same code in every "
+        "stage but pca's refinement, as the machine slowed (see the quantize line)."
     ),
     "405B-shaped PCA <= 120 s": (
         "405B-shaped PCA: on a CPU whose OpenBLAS kernel is Haswell (AVX2; an AMD EPYC Zen 3 here) the "
