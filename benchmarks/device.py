@@ -1,19 +1,22 @@
 """The products on a CUDA GPU (``compute.device: cuda``) against numpy on the CPU, on a
-1B-shaped matrix: the time of each engine and whether its answer is the same bytes.
+1B-shaped matrix (and, with ``--405b``, PCA on a 405B-shaped one): the time of each engine
+and whether its answer is the same bytes.
 
-    .venv/bin/python -m benchmarks.device [--rows N]
+    .venv/bin/python -m benchmarks.device [--rows N] [--405b] [--out PATH]
 
 Three engines, called as the stages call them: the all-pairs neighbour search
 (:func:`pipeline.core.knn.knn_graph`, first 32768 rows, k = 10), PCA (:func:`pipeline.core.pca.fit_pca`,
 50 components, the published coordinates compared) and the bfloat16-screened search of
 quantize's recall (:class:`pipeline.core.knn.TopK`, 1000 query rows against every row). The
 matrix is seeded numpy (a few strong directions plus noise, like an embedding), so nothing
-needs building or downloading. Writes DEVICE.md beside this file; on a machine without a
-CUDA device it stops with one line and writes nothing.
+needs building or downloading. Writes DEVICE.md beside this file (or ``--out``), again after
+each engine, so a run cut short keeps the rows it finished; on a machine without a CUDA
+device it stops with one line and writes nothing.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,18 +27,28 @@ import numpy as np
 
 OUT = Path(__file__).resolve().parent / "DEVICE.md"
 VOCAB, DIM = 128256, 2048
+DIM_405B = 16384  # Llama 3.1 405B's width
+GENERATED_ROWS = 8192  # rows drawn per seeded chunk
 KNN_ROWS, K, BLOCK = 32768, 10, 4096
 PCA_COMPONENTS = 50
 QUERIES, CHUNK_ROWS = 1000, 4096
 
 
 def embedding_like(rows: int, dim: int, seed: int = 0) -> np.ndarray:
-    """[rows, dim] float32: 64 directions of decaying scale plus isotropic noise and an offset."""
-    rng = np.random.default_rng(seed)
-    basis = rng.standard_normal((64, dim)) / np.sqrt(dim)  # [64, dim]
-    weights = rng.standard_normal((rows, 64)) * (0.9 ** np.arange(64))  # [rows, 64]
-    noise = 0.02 * rng.standard_normal((rows, dim))
-    return (weights @ basis + noise + 0.01).astype(np.float32)
+    """[rows, dim] float32: 64 directions of decaying scale plus isotropic noise and an offset,
+    drawn in float32 chunks of :data:`GENERATED_ROWS` rows, each from its own seeded stream (a
+    405B-shaped matrix in float64 would need four times its 8.4 GB)."""
+    basis = (np.random.default_rng([seed, 0]).standard_normal((64, dim)) / np.sqrt(dim)).astype(np.float32)  # [64, dim]
+    scales = (0.9 ** np.arange(64)).astype(np.float32)  # [64]
+    matrix = np.empty((rows, dim), dtype=np.float32)  # [rows, dim]
+    for chunk, start in enumerate(range(0, rows, GENERATED_ROWS)):
+        rng = np.random.default_rng([seed, 1 + chunk])
+        part = matrix[start : start + GENERATED_ROWS]  # [chunk rows, dim]
+        rng.standard_normal(part.shape, dtype=np.float32, out=part)
+        part *= 0.02
+        part += (rng.standard_normal((len(part), 64), dtype=np.float32) * scales) @ basis
+        part += 0.01
+    return matrix
 
 
 def knn(matrix: np.ndarray) -> bytes:
@@ -64,11 +77,14 @@ def screened_recall(matrix: np.ndarray) -> bytes:
     return found.ids.tobytes() + found.cosines.tobytes() + bytes([top.bound_held])
 
 
-ENGINES: dict[str, Callable[[np.ndarray], bytes]] = {
+ENGINES_1B: dict[str, Callable[[np.ndarray], bytes]] = {
     f"all-pairs neighbours ({KNN_ROWS} rows, k={K})": knn,
     f"PCA ({PCA_COMPONENTS} components)": pca,
     f"bfloat16-screened search ({QUERIES} queries, k={K})": screened_recall,
 }
+
+
+ENGINES_405B: dict[str, Callable[[np.ndarray], bytes]] = {f"PCA ({PCA_COMPONENTS} components)": pca}
 
 
 def timed(engine: Callable[[np.ndarray], bytes], matrix: np.ndarray, device: str | None) -> tuple[float, bytes]:
@@ -88,7 +104,16 @@ def machine() -> dict[str, Any]:
 
     cpu = cpu_description()
     blas = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads")) for i in threadpool_info() if i.get("user_api") == "blas"]
-    return {"gpu": torch.cuda.get_device_name(0), "cpu": cpu, "blas": blas, "torch": torch.__version__}
+    return {
+        "gpu": f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}",
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "blas": blas,
+        "versions": f"torch {torch.__version__}, numpy {np.__version__}",
+    }
+
+
+def option(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv else default
 
 
 def main(argv: list[str]) -> None:
@@ -96,8 +121,8 @@ def main(argv: list[str]) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("benchmarks.device needs a CUDA device and a CUDA build of torch; this machine has neither")
-    rows = int(argv[argv.index("--rows") + 1]) if "--rows" in argv else VOCAB
-    matrix = embedding_like(rows, DIM)
+    rows = int(option(argv, "--rows", str(VOCAB)))
+    out = Path(option(argv, "--out", str(OUT)))
     from pipeline.core.device import use_device
 
     use_device("cuda")
@@ -109,17 +134,24 @@ def main(argv: list[str]) -> None:
         f"Generated by `benchmarks/device.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; do not edit by hand.",
         "",
         *(f"- {key}: {value}" for key, value in machine().items()),
-        f"- matrix: seeded, [{rows}, {DIM}] float32",
+        "- matrices: seeded float32 (`embedding_like` in benchmarks/device.py), made on the CPU; each CUDA time includes copying the matrix to the GPU",
         "",
-        "| engine | CPU (numpy) | CUDA | CPU ÷ CUDA | same bytes |",
-        "|---|---|---|---|---|",
+        "| matrix | engine | CPU (numpy) | CUDA | CPU ÷ CUDA | same bytes |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, engine in ENGINES.items():
-        cpu_seconds, cpu_answer = timed(engine, matrix, None)
-        gpu_seconds, gpu_answer = timed(engine, matrix, "cuda")
-        lines.append(f"| {name} | {cpu_seconds:.2f} s | {gpu_seconds:.2f} s | {cpu_seconds / gpu_seconds:.1f}x | {cpu_answer == gpu_answer} |")
-        print(lines[-1], file=sys.stderr)
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shapes = [(rows, DIM, ENGINES_1B)] + ([(rows, DIM_405B, ENGINES_405B)] if "--405b" in argv else [])
+    for shape_rows, dim, engines in shapes:
+        matrix = embedding_like(shape_rows, dim)
+        for name, engine in engines.items():
+            cpu_seconds, cpu_answer = timed(engine, matrix, None)
+            gpu_seconds, gpu_answer = timed(engine, matrix, "cuda")
+            lines.append(
+                f"| [{shape_rows}, {dim}] | {name} | {cpu_seconds:.2f} s | {gpu_seconds:.2f} s | "
+                f"{cpu_seconds / gpu_seconds:.1f}x | {cpu_answer == gpu_answer} |"
+            )
+            print(lines[-1], file=sys.stderr)
+            out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        del matrix
 
 
 if __name__ == "__main__":

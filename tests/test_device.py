@@ -1,8 +1,13 @@
 """compute.device: which device a choice resolves to, and that the device code path (torch)
-gives the numpy path's bytes, run here on the CPU as a CUDA GPU would run it."""
+gives the numpy path's bytes.
+
+The device path runs on torch's CPU device by default, as a CUDA GPU would run it; on a
+machine with a GPU, ``EMBEDDING_DISSECT_TEST_DEVICE=cuda pytest tests/test_device.py`` runs
+the same checks on the GPU itself."""
 
 from __future__ import annotations
 
+import os
 from unittest import mock
 
 import numpy as np
@@ -21,6 +26,9 @@ from pipeline.core.device import (
 from pipeline.core.errors import DissectError
 from pipeline.core.knn import TopK, excluding_own, knn_graph, nearest_keys, unit_rows
 from pipeline.core.pca import fit_pca
+
+# The torch device the device-path tests run on: "cpu" (torch's CPU code) unless set.
+DEVICE_UNDER_TEST = os.environ.get("EMBEDDING_DISSECT_TEST_DEVICE", "cpu")
 
 
 def never() -> bool:
@@ -88,7 +96,7 @@ def test_resident_products_by_hand():
     # Rows e1, e2, e1 + e2 of a 3x2 matrix: their products are small integers, exact in float32.
     matrix = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)  # [3, 2]
     keys = np.array([[2, 3]], dtype=np.float32)  # [1, 2]
-    for device in (None, "cpu"):
+    for device in (None, DEVICE_UNDER_TEST):
         with computing_on(device):
             resident = Resident(matrix)
             assert (resident.on_device is None) == (device is None)
@@ -173,7 +181,7 @@ def same_neighbours(a, b) -> bool:
 def test_knn_graph_on_the_device_path_is_the_numpy_graph(clustered_rows):
     unit = unit_rows(clustered_rows)
     expected = knn_graph(unit, 7, block_rows=128)
-    with computing_on("cpu"):
+    with computing_on(DEVICE_UNDER_TEST):
         assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
         assert same_neighbours(knn_graph(unit, 7, block_rows=600), expected)
 
@@ -185,7 +193,7 @@ def test_knn_graph_with_cut_diagonal_tiles_on_the_device_path_is_the_numpy_graph
     with mock.patch.object(knn, "MIN_PART_ROWS", 32):
         assert len(knn.diagonal_parts(np.arange(128), 7)) == 4
         assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
-        with computing_on("cpu"):
+        with computing_on(DEVICE_UNDER_TEST):
             assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
 
 
@@ -193,7 +201,7 @@ def test_nearest_keys_on_the_device_path_are_the_numpy_ones(clustered_rows):
     unit = unit_rows(clustered_rows)
     queries, exclude = unit[:40], excluding_own(np.arange(40))
     expected = nearest_keys(queries, unit, 5, block_rows=100, exclude=exclude)
-    with computing_on("cpu"):
+    with computing_on(DEVICE_UNDER_TEST):
         assert same_neighbours(nearest_keys(queries, unit, 5, block_rows=100, exclude=exclude), expected)
 
 
@@ -207,7 +215,7 @@ def test_bounded_screen_on_the_device_path_is_the_numpy_answer(clustered_rows):
         return top, top.finish()
 
     top_cpu, expected = search()
-    with computing_on("cpu"):
+    with computing_on(DEVICE_UNDER_TEST):
         top_device, found = search()
     assert top_device.screen.rounded_on_device is not None and top_cpu.screen.rounded_on_device is None
     assert top_device.bound_held and same_neighbours(found, expected)
@@ -221,7 +229,7 @@ def test_pca_on_the_device_path_publishes_the_numpy_coordinates():
     scales = 1.5 ** -np.arange(48)
     matrix = (rng.standard_normal((6000, 48)) * scales + rng.standard_normal(48)).astype(np.float32)  # [6000, 48]
     expected = fit_pca(matrix, n_components=10, block_rows=1000)
-    with computing_on("cpu"):
+    with computing_on(DEVICE_UNDER_TEST):
         found = fit_pca(matrix, n_components=10, block_rows=1000)
     assert found.transform(matrix).tobytes() == expected.transform(matrix).tobytes()
     assert np.allclose(found.explained_variance, expected.explained_variance, rtol=1e-6, atol=0)
