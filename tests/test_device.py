@@ -104,6 +104,18 @@ def test_resident_products_by_hand():
             assert resident.times(keys).tolist() == [[2], [3], [5]]
 
 
+def test_hits_between_by_hand():
+    # Rows 0-1 (e1, e2) times rows 2-3 (e1 + e2, -e1): the product [[1, -1], [1, 0]], exact.
+    matrix = np.array([[1, 0], [0, 1], [1, 1], [-1, 0]], dtype=np.float32)  # [4, 2]
+    row_floor = np.array([1, 2], dtype=np.float32)  # row 0 keeps its 1; row 1 has nothing at 2
+    column_floor = np.array([1, -1], dtype=np.float32)  # column 0 keeps both 1s; column 1 all
+    with computing_on(DEVICE_UNDER_TEST):
+        (r, c, value), (column_r, column_c, column_value) = Resident(matrix).hits_between(slice(0, 2), slice(2, 4), row_floor, column_floor)
+    assert (r.tolist(), c.tolist(), value.tolist()) == ([0], [0], [1.0])
+    assert (column_r.tolist(), column_c.tolist(), column_value.tolist()) == ([0, 0, 1, 1], [0, 1, 0, 1], [1.0, -1.0, 1.0, 0.0])
+    assert r.dtype == column_c.dtype == np.int64 and value.dtype == np.float32
+
+
 def test_cpu_product_by_hand_along_either_side():
     # Rows e1, e2, e1 + e2 against (2, 3): the longer side is split, whichever it is.
     matrix = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)  # [3, 2]

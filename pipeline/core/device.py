@@ -8,7 +8,9 @@
 * ``cuda``: the first CUDA device; a machine without one stops the stage with one line.
 
 Three products move to the device: the float32 tiles of the exact neighbour search
-(:func:`pipeline.core.knn.knn_graph`, :class:`pipeline.core.knn.TopK`), the bfloat16 screen of the
+(:func:`pipeline.core.knn.knn_graph`, whose tiles above the diagonal stay there and send back
+only the entries that reach a query's threshold (:meth:`Resident.hits_between`);
+:class:`pipeline.core.knn.TopK`), the bfloat16 screen of the
 quantize stage's recall (:mod:`pipeline.core.screen`) and the block products of PCA's
 covariance (:mod:`pipeline.core.pca`). None of them is published as it comes out: each engine
 bounds the rounding error of its products for any summation order and decides what it
@@ -158,6 +160,29 @@ class Resident:
         if self.on_device is None:
             return cpu_product(self.matrix[a], self.matrix[b], scratch)
         return (self.on_device[a] @ self.on_device[b].T).cpu().numpy()
+
+    def hits_between(
+        self, a: slice, b: slice, row_floor: np.ndarray, column_floor: np.ndarray
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """On a torch device: rows ``a`` times rows ``b`` transposed, kept there, and only the
+        entries that reach a floor brought back: ((r, c, value) where ``product >= row_floor[:, None]``,
+        (r, c, value) where ``product >= column_floor[None, :]``), each in row-major order as
+        ``np.nonzero`` lists them (int64, int64, float32), for float32 floors [a] and [b].
+
+        The whole product would cross to the host as a 64 MiB tile of 4096 x 4096; once every
+        query holds a top-k, a few thousand of its 16.8 M entries reach a floor."""
+        import torch
+
+        product = self.on_device[a] @ self.on_device[b].T  # [a rows, b rows] float32, on the device
+        floors = (
+            torch.from_numpy(np.ascontiguousarray(row_floor, np.float32)).to(self.device)[:, None],  # [a, 1]
+            torch.from_numpy(np.ascontiguousarray(column_floor, np.float32)).to(self.device)[None, :],  # [1, b]
+        )
+        found = []
+        for floor in floors:
+            r, c = torch.nonzero(product >= floor, as_tuple=True)  # row-major
+            found.append((r.cpu().numpy(), c.cpu().numpy(), product[r, c].cpu().numpy()))
+        return found[0], found[1]
 
     def times(self, keys: np.ndarray) -> np.ndarray:
         """float32 [n, m]: the matrix times ``keys`` [m, dim] (host rows), transposed."""

@@ -754,11 +754,11 @@ def knn_graph(unit: np.ndarray, k: int, block_rows: int = 4096, desc: str | None
     )
     with progress_bar(total=len(pairs), desc=desc or "", unit="tiles", enabled=desc is not None) as bar:
         for rows_a, rows_b in pairs:
-            tile = _product(resident, rows_a, rows_b, scratch)  # [a rows, b rows], entries not yet clipped
             if rows_a[0] == rows_b[0]:
+                tile = _product(resident, rows_a, rows_b, scratch)  # [a rows, b rows], entries not yet clipped
                 _merge_excluding(state, _candidates_per_row(_clipped(tile), rows_a, rows_a[0], state, 1), not_self)
             else:
-                _merge_off_diagonal(state, tile, rows_a, rows_b)
+                _merge_off_diagonal(state, resident, rows_a, rows_b, scratch)
             bar.update(1)
     return exact_top_k(state, unit, unit)
 
@@ -785,20 +785,29 @@ def _product(unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, scratch: np
     return unit.times_rows(slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1), scratch)  # [a, b] float32
 
 
-def _merge_off_diagonal(state: RunningTopK, tile: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
-    """Offer a tile above the diagonal (entries not yet clipped) to the queries of its rows, then
-    to those of its columns (the two sets are disjoint, so neither offer moves the other's thresholds)."""
+def _merge_off_diagonal(state: RunningTopK, unit: Resident, rows_a: np.ndarray, rows_b: np.ndarray, scratch: np.ndarray) -> None:
+    """Offer the tile of ``rows_a`` times ``rows_b`` (above the diagonal) to the queries of its rows,
+    then to those of its columns (the two sets are disjoint, so neither offer moves the other's
+    thresholds). On a torch device only the entries that reach a threshold leave it."""
     worst_a, worst_b = state.worst_score[rows_a], state.worst_score[rows_b]
     if not ((worst_a > -np.inf).all() and (worst_b > -np.inf).all()):
         # Only with blocks smaller than k + 1 rows: some top-k is still unfilled.
+        tile = _product(unit, rows_a, rows_b, scratch)  # [a rows, b rows], entries not yet clipped
         state.merge(*_candidates_per_row(tile, rows_a, int(rows_b[0]), state, 0))
         state.merge(*_candidates_per_column(tile, int(rows_a[0]), rows_b, state))
         return
-    from pipeline.core.knn_kernels import tile_hits
+    floors = _unclipped_threshold(worst_a), _unclipped_threshold(worst_b)
+    if unit.on_device is not None:
+        span_a, span_b = slice(rows_a[0], rows_a[-1] + 1), slice(rows_b[0], rows_b[-1] + 1)
+        (r, c, value), (column_r, column_c, column_value) = unit.hits_between(span_a, span_b, *floors)
+    else:
+        from pipeline.core.knn_kernels import tile_hits
 
-    (r, c), (column_r, column_c) = tile_hits(tile, _unclipped_threshold(worst_a), _unclipped_threshold(worst_b))
-    state.merge(*_beating(state, rows_a[r], c + int(rows_b[0]), _clipped(tile[r, c])))
-    state.merge(*_beating(state, rows_b[column_c], column_r + int(rows_a[0]), _clipped(tile[column_r, column_c])))
+        tile = _product(unit, rows_a, rows_b, scratch)  # [a rows, b rows], entries not yet clipped
+        (r, c), (column_r, column_c) = tile_hits(tile, *floors)
+        value, column_value = tile[r, c], tile[column_r, column_c]
+    state.merge(*_beating(state, rows_a[r], c + int(rows_b[0]), _clipped(value)))
+    state.merge(*_beating(state, rows_b[column_c], column_r + int(rows_a[0]), _clipped(column_value)))
 
 
 def _candidates_per_column(
