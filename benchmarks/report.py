@@ -333,7 +333,15 @@ LIMITS = {
         "GFLOP/s, the memory copy 0.33 -> 0.36 s, the extract stage 6.8 -> 8.0 s, the report stage 1.22 -> "
         "1.43 s): there the stage sits at the target, within the machine's swing from hour to hour. On "
         "an AMD EPYC of family 25, model 17 (Zen 4: AVX-512 and AVX512-BF16, OpenBLAS SkylakeX kernel; RESULTS-amd-zen4.md, 2026-12-04 18:14-18:29 UTC) the stage took 26.6 s and 42.9 CPU-seconds, "
-        "so even with both cores busy throughout it could not end under 21.5 s."
+        "so even with both cores busy throughout it could not end under 21.5 s. There the bfloat16 products "
+        "dominate: torch's bfloat16 matmul of a chunk, [1014, 2048] by [2048, 4096] on two threads, takes 41 ms "
+        "(412 GFLOP/s; float32 89 ms, 191 GFLOP/s), and the reference search and the six full searches make 224 "
+        "of them, 9.3 s of both cores (on the Intel Xeon's AMX, about 1.8 s). Sampled with py-spy on that Zen 4 "
+        "(wall-clock samples, 2026-12-04): the measuring thread was busy 15.8 s of the profiled run's 31 s, 12.2 s of it "
+        "in that product; the three core-pool threads 6.2-8.9 s each (the error pass 0.8-1.3 s, the encoders "
+        "the rest); the Parquet writers 0.4-1.7 s a file. The stage also spends 5.9-6.1 s in the kernel, about "
+        "470 000 first-touch page faults (the matrix alone is 256 000); Arrow's system allocator instead of "
+        "mimalloc changed neither."
     ),
     "whole 1B pipeline <= 45 s": (
         "whole 1B pipeline: quantize is about half of it on a CPU with AVX512-BF16 and about 60% on one "
