@@ -194,7 +194,9 @@ def test_knn_graph_on_the_device_path_is_the_numpy_graph(clustered_rows):
     unit = unit_rows(clustered_rows)
     expected = knn_graph(unit, 7, block_rows=128)
     with computing_on(DEVICE_UNDER_TEST):
-        assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
+        with mock.patch.object(Resident, "hits_between", autospec=True, side_effect=Resident.hits_between) as hits:
+            assert same_neighbours(knn_graph(unit, 7, block_rows=128), expected)
+        assert hits.call_count == 10  # the tiles above the diagonal of a 5 x 5 grid screened on the device
         assert same_neighbours(knn_graph(unit, 7, block_rows=600), expected)
 
 
