@@ -439,7 +439,7 @@ LIMITS = {
         "1.2 to 2.5 times its copy (F16 the most: each value is computed three ways, normal, subnormal and "
         "inf/NaN, and one is selected), small beside those faults. On this two-core machine shared with other "
         "work, single runs move by half or more: a run over 1.5x is that noise (rerun and take the best; on the "
-        "Zen 4 of RESULTS-amd-zen4.md, three runs of each case right after its full run took 0.34-1.68 s for "
+        "Zen 4 of RESULTS-amd-zen4.md, repeated runs of each case right after its full run took 0.34-1.68 s for "
         "Q4_0, 0.38-0.85 s for Q6_K and 0.77-1.59 s for the memory copy itself). Not "
         "in the row: the first call in a process imports numba and loads the compiled kernels (about 0.7 s "
         "with numba's cache filled, more when it compiles; the rows below the conversions), which a 1B-sized "
