@@ -487,7 +487,7 @@ def _runs(results: dict, name: str) -> list[float]:
     return list(entry.get("runs_seconds") or ([entry["seconds"]] if entry.get("seconds") else []))
 
 
-def conversion_bound(results: dict, name: str, copy: float) -> str:
+def conversion_bound(results: dict, name: str, copy: float) -> str | None:
     """Whether a conversion that missed 1.5x the copy is within the copy's own swing in this run."""
     ours, copies = _runs(results, name), _runs(results, "limit_copy")
     if not ours or not copies:
@@ -601,7 +601,7 @@ def targets(results: dict, f32: int, lim: Limits, cores: int) -> tuple[list[str]
             limit = lim.gemm(syrk_flops(128256, 16384))
             rate = lim.gemm_rate
             syrk = (f"the covariance's syrk alone: {_fmt_s(limit)} at this run's fp32 GEMM rate ({rate / 1e9:.0f} GFLOP/s), "
-                    f"{'more than' if limit and limit > 120 else 'most of'} the 120 s; the rest of the stage "
+                    f"{'more than' if limit > 120 else 'most of'} the 120 s; the rest of the stage "
                     f"{_fmt_s(pca_big['seconds'] - limit)}") if limit else None
             out.append(check("405B-shaped PCA <= 120 s", pca_big["seconds"] <= 120 and not pca_big.get("timeout"),
                              f"{_fmt_s(pca_big['seconds'])} (its syrk at the GEMM rate: {_fmt_s(limit)})", syrk))
